@@ -1,0 +1,94 @@
+"""The one decode of a source video that every analysis shares.
+
+`decode_for_analysis` opens the file with PyAV once, decodes with codec threads, scales each frame
+straight to the analysis size in swscale (`to_ndarray(width=, height=)`: no full-size RGB copy),
+rotates it to display orientation, and hands it to every consumer's `process_frame(index, rgb)`
+in order (shot detector, motion, blur, brightness, text, ...). Every `thumb_every_s` seconds it also
+keeps a JPEG at CLIP resolution, so embeddings and report thumbnails never need a second decode.
+"""
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import av
+import cv2
+import numpy as np
+
+
+class FrameConsumer(Protocol):
+    def process_frame(self, index: int, frame: np.ndarray) -> None: ...
+
+
+@dataclass
+class Decoded:
+    """What one pass over a video produced. Frame indices are 0-based decode order."""
+    num_frames: int = 0
+    pts_s: list[float] = field(default_factory=list)   # presentation time (s) of each frame
+    thumbs: dict[int, bytes] = field(default_factory=dict)  # frame index -> JPEG at thumb size
+    analysis_size: tuple[int, int] = (0, 0)            # (width, height) after rotation
+    error: str | None = None                           # decode error that ended the pass early
+
+
+def scaled_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """(w, h) with the short side at `short_side` (never upscaled), both even, aspect kept."""
+    scale = min(1.0, short_side / max(1, min(width, height)))
+    return max(2, int(round(width * scale / 2)) * 2), max(2, int(round(height * scale / 2)) * 2)
+
+
+def _rotate(img: np.ndarray, rotation: int) -> np.ndarray:
+    # rotation is the display matrix's counter-clockwise angle; np.rot90 turns counter-clockwise too.
+    k = (rotation // 90) % 4
+    return np.ascontiguousarray(np.rot90(img, k)) if k else img
+
+
+def decode_for_analysis(path: str, consumers: list[FrameConsumer], *, rotation: int = 0,
+                        short_side: int = 144, thumb_side: int = 224, thumb_every_s: float = 0.25,
+                        threads: int = 0, timeout_s: float = 600.0) -> Decoded:
+    """Decode `path` once; feed each frame (RGB uint8, display orientation, analysis size) to consumers.
+
+    Raises TimeoutError past `timeout_s`; a decode error mid-stream ends the pass and is recorded in
+    `Decoded.error` (the frames before it stay usable, as a truncated file's would be).
+    """
+    out = Decoded()
+    t0 = time.monotonic()
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        if threads:
+            stream.codec_context.thread_count = threads
+        cw, ch = stream.codec_context.width, stream.codec_context.height
+        aw, ah = scaled_size(cw, ch, short_side)
+        tw, th = scaled_size(cw, ch, thumb_side)
+        tb = float(stream.time_base) if stream.time_base else 0.0
+        next_thumb = 0.0
+        try:
+            for frame in container.decode(stream):
+                i = out.num_frames
+                t = float(frame.pts * tb) if frame.pts is not None and tb else (out.pts_s[-1] if out.pts_s else 0.0)
+                rgb = _rotate(frame.to_ndarray(width=aw, height=ah, format="rgb24"), rotation)
+                for c in consumers:
+                    c.process_frame(i, rgb)
+                if t >= next_thumb or i == 0:
+                    thumb = _rotate(frame.to_ndarray(width=tw, height=th, format="bgr24"), rotation)
+                    out.thumbs[i] = cv2.imencode(".jpg", thumb, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+                    next_thumb = t + thumb_every_s
+                out.pts_s.append(t)
+                out.num_frames += 1
+                if time.monotonic() - t0 > timeout_s:
+                    raise TimeoutError(f"analysis exceeded {timeout_s:.0f}s at frame {i}")
+        except av.error.FFmpegError as e:
+            out.error = f"decode error after {out.num_frames} frames: {e}"
+        out.analysis_size = (ah, aw) if (rotation // 90) % 2 else (aw, ah)
+    return out
+
+
+def pick_frames(thumbs: dict[int, bytes], start: int, end: int, k: int) -> list[bytes]:
+    """k thumbnails spread over source frames [start, end): nearest kept thumb to each target."""
+    if not thumbs:
+        return []
+    keys = np.array(sorted(thumbs))
+    inside = keys[(keys >= start) & (keys < end)]
+    pool = inside if len(inside) else keys
+    targets = start + (np.arange(k) + 0.5) * (end - start) / k
+    chosen = sorted({int(pool[np.abs(pool - t).argmin()]) for t in targets})
+    return [thumbs[i] for i in chosen]

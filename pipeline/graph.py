@@ -1,0 +1,325 @@
+"""The curation graph: sources -> Ray Data streaming stages -> one Delta commit.
+
+    sources ─► AnalyzeSource (actor pool, CPU):  probe → sha256 → ONE decode feeding the shot detector
+               and every scorer → clips planned from shots → all clips of the source cut in one ffmpeg pass
+            ─► ClipEmbedder (actor pool, GPU when the spec asks): CLIP embedding + aesthetic per clip
+            ─► driver: rows of a finished source are staged (atomic parquet) → at the end filter,
+               dedup against the committed table, append as one Delta commit, clear staging.
+
+Resume: a source whose sha256 is committed or staged is skipped inside the analysis stage (after
+hashing, before decoding). A run killed at any point leaves only staged sources and media files;
+the rerun reuses them and commits exactly the clip set of an uninterrupted run.
+"""
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline import store
+from pipeline.clips import clip_id, media_path, plan_clips, reference_uri, transcode_clips
+from pipeline.decode import decode_for_analysis, pick_frames
+from pipeline.shots import ShotDetector, shots_from_boundaries
+from pipeline.sources import Source, expand_sources
+from pipeline.spec import DatasetSpec
+
+log = logging.getLogger("spacetime.curate")
+
+
+def _uri_key(uri: str) -> str:
+    return "uri-" + hashlib.sha256(uri.encode("utf-8", "surrogateescape")).hexdigest()[:24]
+
+
+def rejected_row(uri: str, reason: str, sha: Optional[str] = None, **probe_fields) -> dict:
+    return {"source_uri": uri, "source_sha256": sha, "status": "rejected", "reason": reason,
+            "_key": sha or _uri_key(uri), **probe_fields}
+
+
+ROW_TEMPLATE = {**{name: None for name in store.CLIPS_SCHEMA.names},
+                "frames": [], "thumbnail": None, "_key": None, "_skip": False, "_n": 1}
+
+
+class AnalyzeSource:
+    """flat_map stage: one source path -> its clip rows (or one rejected row, or one skip marker)."""
+
+    def __init__(self, root: str, spec: dict, done_shas: set, done_rejected: set):
+        self.root, self.spec = root, DatasetSpec.model_validate(spec)
+        self.done_shas, self.done_rejected = done_shas, done_rejected
+
+    def __call__(self, item: dict) -> list[dict]:
+        uri = item["source_uri"]
+        if item.get("source_reject"):
+            rows = [rejected_row(uri, item["source_reject"])]
+        else:
+            try:
+                rows = self._analyze(uri)
+            except Exception as e:  # errors are data: the source becomes a row, the run goes on
+                log.exception("analysis failed for %s", uri)
+                rows = [rejected_row(uri, f"analysis failed: {type(e).__name__}: {e}"[:500])]
+        # Same keys on every row (Ray builds blocks from them); `_n` lets the driver know when a
+        # source is complete.
+        return [{**ROW_TEMPLATE, **r, "_n": len(rows)} for r in rows]
+
+    def _analyze(self, uri: str) -> list[dict]:
+        from pipeline.probe import probe, sha256_file
+        from pipeline.scores import clip_scores, default_analyzers
+
+        spec = self.spec
+        info = probe(uri, timeout_s=min(60.0, spec.analysis.timeout_s))
+        if not info.ok:
+            if uri in self.done_rejected:
+                return [{"_skip": True, "source_uri": uri}]
+            sha = sha256_file(uri) if Path(uri).is_file() and info.reason != "missing file" else None
+            if sha and sha in self.done_shas:
+                return [{"_skip": True, "source_uri": uri}]
+            return [rejected_row(uri, info.reason, sha)]
+        sha = sha256_file(uri)
+        if sha in self.done_shas:
+            return [{"_skip": True, "source_uri": uri}]
+        shot_detector = ShotDetector(info.fps, spec.shots.content_threshold, spec.shots.adaptive_threshold,
+                                     spec.shots.fade_threshold, spec.shots.min_shot_frames)
+        scorers = default_analyzers()
+        dec = decode_for_analysis(uri, [shot_detector, *scorers], rotation=info.rotation,
+                                  short_side=spec.analysis.short_side, threads=spec.analysis.threads,
+                                  timeout_s=spec.analysis.timeout_s)
+        if dec.num_frames < 2:
+            return [rejected_row(uri, dec.error or f"only {dec.num_frames} decodable frame(s)", sha)]
+        fps = info.fps if info.fps and info.fps > 0 else dec.num_frames / max(dec.pts_s[-1], 1e-6)
+        shots = shots_from_boundaries(shot_detector.boundaries(), dec.num_frames)
+        plans = plan_clips(shots, fps, spec.clips.max_seconds, spec.clips.trim_frames)
+        ids = [clip_id(sha, p.start_frame, p.end_frame) for p in plans]
+
+        if spec.clips.mode == "transcode":
+            jobs = [(p.start_frame, p.end_frame, media_path(self.root, cid)) for p, cid in zip(plans, ids)]
+            errors = transcode_clips(uri, jobs, spec.clips.crf, spec.clips.preset, spec.analysis.timeout_s)
+            uris = [(str(out), errors[out]) for _, _, out in jobs]
+        else:
+            uris = [(reference_uri(uri, p.start_frame, p.end_frame), None) for p in plans]
+
+        rows = []
+        for p, cid, (curi, err) in zip(plans, ids, uris):
+            t0 = dec.pts_s[p.start_frame] if p.start_frame < len(dec.pts_s) else p.start_frame / fps
+            frames = pick_frames(dec.thumbs, p.start_frame, p.end_frame, spec.embedding.frames_per_clip)
+            row = {"clip_id": cid, "source_uri": uri, "source_sha256": sha, "_key": sha,
+                   "start_frame": p.start_frame, "end_frame": p.end_frame,
+                   "shot_start_frame": p.shot_start_frame, "shot_end_frame": p.shot_end_frame,
+                   "start_s": t0, "end_s": t0 + (p.end_frame - p.start_frame) / fps, "fps": fps,
+                   "width": info.width, "height": info.height, "rotation": info.rotation,
+                   "clip_uri": None if err else curi, "frames": frames,
+                   "thumbnail": frames[len(frames) // 2] if frames else None,
+                   **clip_scores(scorers, p.start_frame, p.end_frame)}
+            if err:
+                row.update(status="rejected", reason=f"transcode failed: {err}")
+            rows.append(row)
+        return rows
+
+
+@dataclass
+class CurateResult:
+    version: Optional[int]
+    counts: dict                       # status -> rows written by this run
+    sources: int                       # sources given
+    skipped: int                       # already committed (or staged) sources
+    new_rows: int
+    rejected: list = field(default_factory=list)   # (source_uri, reason) of this run
+
+
+def _done_sets(root: str) -> tuple[set, set]:
+    t = store.read_clips(root, columns=["source_sha256", "source_uri", "status"])
+    shas = {s for s in t["source_sha256"].to_pylist() if s}
+    rej = pc.filter(t, pc.and_(pc.equal(t["status"], "rejected"), pc.is_null(t["source_sha256"])))
+    return shas, set(rej["source_uri"].to_pylist())
+
+
+def import_captions(table: pa.Table, captions_file: str) -> pa.Table:
+    """Fill caption_teacher_short/dense from a JSON/CSV list of {source, start_frame, end_frame, ...}.
+
+    A caption applies to the clip of the same source (matched by path, else by file name) whose frame
+    range it overlaps most, if it covers at least half the clip.
+    """
+    import csv
+
+    p = Path(captions_file)
+    if p.suffix.lower() == ".csv":
+        with p.open(newline="") as f:
+            entries = list(csv.DictReader(f))
+    else:
+        entries = json.loads(p.read_text())
+    by_src: dict[str, list] = {}
+    for e in entries:
+        src = str(e["source"])
+        for key in {str(Path(src).resolve()) if Path(src).is_absolute() else src, Path(src).name}:
+            by_src.setdefault(key, []).append(e)
+    short, dense = table["caption_teacher_short"].to_pylist(), table["caption_teacher_dense"].to_pylist()
+    for i, r in enumerate(table.select(["source_uri", "start_frame", "end_frame", "clip_id"]).to_pylist()):
+        if not r["clip_id"]:
+            continue
+        cands = by_src.get(str(Path(r["source_uri"]).resolve())) or by_src.get(Path(r["source_uri"]).name) or []
+        best, best_ov = None, 0
+        for e in cands:
+            ov = min(r["end_frame"], int(e["end_frame"])) - max(r["start_frame"], int(e["start_frame"]))
+            if ov > best_ov:
+                best, best_ov = e, ov
+        if best is not None and best_ov >= 0.5 * (r["end_frame"] - r["start_frame"]):
+            short[i], dense[i] = best.get("caption_short"), best.get("caption_dense")
+    table = table.set_column(table.schema.get_field_index("caption_teacher_short"), "caption_teacher_short",
+                             pa.array(short, pa.string()))
+    return table.set_column(table.schema.get_field_index("caption_teacher_dense"), "caption_teacher_dense",
+                            pa.array(dense, pa.string()))
+
+
+def decide(new: pa.Table, committed: pa.Table, spec: DatasetSpec) -> pa.Table:
+    """Filter by the spec's thresholds, then mark near-duplicates (of new or already-kept clips)."""
+    from pipeline.dedup import find_duplicates
+    from pipeline.filters import apply_filters
+
+    new = apply_filters(new, spec.filters, spec.clips.min_seconds, spec.clips.max_seconds)
+    kept_new = pc.and_(pc.equal(new["status"], "kept"), pc.invert(pc.is_null(new["embedding"])))
+    cand = new.filter(kept_new)
+    fixed = committed.filter(pc.and_(pc.equal(committed["status"], "kept"),
+                                     pc.invert(pc.is_null(committed["embedding"])))) if committed.num_rows else None
+    if cand.num_rows == 0:
+        return new
+    ids = cand["clip_id"].to_pylist()
+    emb = np.asarray(cand["embedding"].to_pylist(), dtype=np.float32)
+    aes = np.asarray([a if a is not None else -np.inf for a in cand["aesthetic"].to_pylist()], dtype=np.float32)
+    fixed_ids, fixed_emb = [], None
+    if fixed is not None and fixed.num_rows:
+        fixed_ids = fixed["clip_id"].to_pylist()
+        fixed_emb = np.asarray(fixed["embedding"].to_pylist(), dtype=np.float32)
+    dups = find_duplicates(ids, emb, aes, spec.dedup.threshold, method=spec.dedup.method,
+                           exact_max=spec.dedup.exact_max, fixed_ids=fixed_ids, fixed_embeddings=fixed_emb)
+    if not dups:
+        return new
+    status, reason, dup_of = (new[c].to_pylist() for c in ("status", "reason", "dup_of"))
+    for i, cid in enumerate(new["clip_id"].to_pylist()):
+        if cid in dups:
+            status[i], dup_of[i] = "duplicate", dups[cid]
+            reason[i] = f"near-duplicate of {dups[cid]} (cosine >= {spec.dedup.threshold})"
+    for name, vals in (("status", status), ("reason", reason), ("dup_of", dup_of)):
+        new = new.set_column(new.schema.get_field_index(name), name, pa.array(vals, pa.string()))
+    return new
+
+
+def _rows_to_table(rows: list[dict]) -> pa.Table:
+    drop = {"frames", "_key", "_skip", "_n", "embed_error"}
+    clean = [{k: v for k, v in r.items() if k not in drop} for r in rows]
+    extra = {"thumbnail": pa.binary()}
+    keys = {k for r in clean for k in r}
+    arrays, names = [], []
+    for f in store.CLIPS_SCHEMA:
+        arrays.append(pa.array([r.get(f.name) for r in clean], f.type))
+        names.append(f.name)
+    for k in sorted(keys - set(names)):
+        arrays.append(pa.array([r.get(k) for r in clean], extra.get(k)))
+        names.append(k)
+    return pa.Table.from_arrays(arrays, names=names)
+
+
+def curate(source_args: list[str], root: str, spec: DatasetSpec, captions: Optional[str] = None,
+           progress: Optional[Callable[[int, int, str], None]] = None, ray_address: Optional[str] = None) -> CurateResult:
+    """Curate sources into the `clips` table under `root`; returns what this run wrote."""
+    import ray
+
+    from pipeline.embed import ClipEmbedder
+
+    started = time.time()
+    root = str(Path(root).resolve())
+    Path(root).mkdir(parents=True, exist_ok=True)
+    sources: list[Source] = expand_sources(source_args)
+    done_shas, done_rejected = _done_sets(root)
+    staged = store.load_staged(root)
+    done_shas |= set(staged)
+    committed = store.read_clips(root)
+
+    if not ray.is_initialized():
+        ray.init(address=ray_address, ignore_reinit_error=True, log_to_driver=False,
+                 include_dashboard=False, configure_logging=False)
+    res = spec.resources
+    skipped = 0
+    pending: dict[str, list] = {}
+    if sources:
+        items = [{"source_uri": s.uri, "source_reject": s.reject} for s in sources]
+        ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+        ds = ds.flat_map(AnalyzeSource, fn_constructor_kwargs=dict(
+            root=root, spec=spec.model_dump(mode="json"), done_shas=done_shas, done_rejected=done_rejected),
+            concurrency=res.analyze.concurrency, num_cpus=res.analyze.num_cpus)
+        ds = ds.map_batches(ClipEmbedder, fn_constructor_kwargs=dict(
+            model_name=spec.embedding.model, pretrained=spec.embedding.pretrained,
+            aesthetic_weights=spec.embedding.aesthetic_weights),
+            batch_size=res.embed.batch_size, concurrency=res.embed.concurrency,
+            num_cpus=res.embed.num_cpus, num_gpus=res.embed.num_gpus, batch_format="numpy")
+        finished = 0
+        for row in ds.iter_rows():
+            row = dict(row)
+            if row.get("_skip"):
+                skipped += 1
+                finished += 1
+                if progress:
+                    progress(finished, len(sources), f"skip {Path(row['source_uri']).name} (already committed)")
+                continue
+            # Clips of one source arrive together from flat_map, but batches may split them: stage a
+            # source once all its rows are here (the analysis stage tags each with the row count).
+            key = row["_key"]
+            pending.setdefault(key, []).append(row)
+            if len(pending[key]) == int(row["_n"]):
+                staged[key] = _rows_to_table(pending.pop(key))
+                store.stage(root, key, staged[key])
+                finished += 1
+                if progress:
+                    progress(finished, len(sources), Path(row["source_uri"]).name)
+    for key, rows in pending.items():  # should not happen; never lose rows silently
+        log.warning("source %s ended with %d partial rows; staging what arrived", key, len(rows))
+        staged[key] = _rows_to_table(rows)
+
+    if not staged:
+        return CurateResult(None, {}, len(sources), skipped, 0)
+    new = pa.concat_tables([store.conform(t) for t in staged.values()], promote_options="permissive")
+    new = new.sort_by([("source_uri", "ascending"), ("start_frame", "ascending")])
+    if captions:
+        new = import_captions(new, captions)
+    new = decide(new, committed, spec)
+    counts = store.status_counts(new)
+    version = store.commit(root, new, "append", {
+        "operation": "curate", "spec_hash": spec.spec_hash(), "spec_name": spec.name,
+        "sources": len(sources), "sources_skipped": skipped, "new_counts": counts,
+        "embedding_model": spec.embedding.model, "embedding_weights": spec.embedding.pretrained,
+        "captions_imported": captions})
+    store.clear_staging(root)
+    store.collect_garbage(root, older_than=started)
+    rej = pc.filter(new, pc.equal(new["status"], "rejected")).select(["source_uri", "reason"]).to_pylist()
+    return CurateResult(version, counts, len(sources), skipped, new.num_rows,
+                        [(r["source_uri"], r["reason"]) for r in rej])
+
+
+def refilter(root: str, spec: DatasetSpec) -> tuple[int, dict]:
+    """Re-decide every clip's status from cached scores under new thresholds; one overwrite commit.
+
+    No video is opened: statuses are a pure function of the stored score columns and embeddings.
+    """
+    root = str(Path(root).resolve())
+    table = store.read_clips(root)
+    if table.num_rows == 0:
+        raise ValueError(f"no clips table under {root}")
+    parent = store.latest_version(root)
+    is_clip = pc.invert(pc.is_null(table["clip_id"]))
+    clips = table.filter(is_clip)
+    transcode_failed = pc.fill_null(pc.starts_with(clips["reason"], "transcode failed"), False)
+    reset = clips.filter(pc.invert(transcode_failed))
+    n = reset.num_rows
+    for name, val in (("status", pa.nulls(n, pa.string())), ("reason", pa.nulls(n, pa.string())),
+                      ("dup_of", pa.nulls(n, pa.string()))):
+        reset = reset.set_column(reset.schema.get_field_index(name), name, val)
+    decided = decide(reset, reset.slice(0, 0), spec)
+    out = pa.concat_tables([decided, clips.filter(transcode_failed), table.filter(pc.invert(is_clip))],
+                           promote_options="permissive")
+    out = out.sort_by([("source_uri", "ascending"), ("start_frame", "ascending")])
+    version = store.commit(root, out, "overwrite", {"operation": "refilter", "spec_hash": spec.spec_hash(),
+                                                   "spec_name": spec.name, "refiltered_from": parent})
+    return version, store.status_counts(out)

@@ -1,0 +1,81 @@
+"""Expand curate SOURCE arguments into a sorted list of source paths.
+
+A source argument is a video file, a directory (searched recursively for video extensions), a glob,
+or a manifest (`*.txt` / `*.manifest`: one path per line, relative paths resolved under the
+manifest's directory). Manifest paths that escape their root (`..`, absolute paths elsewhere,
+symlinks pointing out) are not followed: they come back as rejected entries with a reason, so
+they still appear as rows in the table.
+"""
+import glob
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+VIDEO_EXTS = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp"}
+MANIFEST_EXTS = {".txt", ".manifest", ".lst"}
+
+
+@dataclass(frozen=True)
+class Source:
+    uri: str                       # absolute path (or the raw manifest line when rejected)
+    reject: Optional[str] = None   # set when the entry can't even be opened safely
+
+
+def _within(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+        return True
+    except (ValueError, RuntimeError, OSError):  # RuntimeError: symlink loop
+        return False
+
+
+def _read_manifest(manifest: Path) -> list[Source]:
+    root = manifest.parent
+    out = []
+    for line in manifest.read_text(errors="replace").splitlines():
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        if entry.startswith("file://"):
+            entry = entry[len("file://"):]
+        if "://" in entry:
+            out.append(Source(entry, f"unsupported URI scheme: {entry.split('://')[0]}"))
+            continue
+        path = Path(entry) if os.path.isabs(entry) else root / entry
+        if not _within(path, root):
+            out.append(Source(entry, f"manifest path escapes its root {root}: {entry}"))
+            continue
+        out.append(Source(str(path.absolute())))
+    return out
+
+
+def _walk(directory: Path) -> list[Source]:
+    out = []
+    # followlinks=False: a symlink loop in a directory tree can't trap the walk.
+    for dirpath, _, files in os.walk(directory, followlinks=False):
+        for name in files:
+            if Path(name).suffix.lower() in VIDEO_EXTS:
+                out.append(Source(os.path.join(os.path.abspath(dirpath), name)))
+    return out
+
+
+def expand_sources(args: list[str]) -> list[Source]:
+    """Each argument -> Sources; sorted and de-duplicated by uri so runs are deterministic."""
+    found: list[Source] = []
+    for arg in args:
+        p = Path(arg)
+        if p.is_dir():
+            found += _walk(p)
+        elif p.suffix.lower() in MANIFEST_EXTS and p.is_file():
+            found += _read_manifest(p)
+        elif any(ch in arg for ch in "*?["):
+            matches = sorted(glob.glob(arg, recursive=True))
+            if not matches:
+                found.append(Source(arg, "glob matched no files"))
+            found += [Source(os.path.abspath(m)) for m in matches if os.path.isfile(m)]
+        else:
+            # A plain path; a missing one becomes a rejected row downstream (probe says "missing file").
+            found.append(Source(os.path.abspath(arg)))
+    unique = {s.uri: s for s in found}
+    return [unique[k] for k in sorted(unique)]

@@ -1,0 +1,122 @@
+"""Dataset specs: `datasets/<name>.yaml` validated into a `DatasetSpec`.
+
+A spec says how footage becomes clips (analysis size, shot detection, clip lengths, transcode
+or reference) and which clips are kept (filter thresholds, dedup). Unknown keys are errors, so a
+typo never silently falls back to a default. `spec_hash` is the hash of the validated spec, the
+lineage key every commit records.
+"""
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AnalysisSpec(_Strict):
+    short_side: int = Field(144, ge=32, le=1080, description="decode for analysis at this short side (pixels)")
+    threads: int = Field(0, ge=0, description="decoder threads per video; 0 = codec default (auto)")
+    timeout_s: float = Field(600.0, gt=0, description="per-source analysis time limit (s)")
+
+
+class ShotSpec(_Strict):
+    content_threshold: float = Field(27.0, gt=0, description="ContentDetector threshold (hard cuts)")
+    adaptive_threshold: float = Field(3.0, gt=0, description="AdaptiveDetector ratio threshold (dissolves)")
+    fade_threshold: float = Field(12.0, gt=0, description="ThresholdDetector mean-brightness level (fades)")
+    min_shot_frames: int = Field(4, ge=1, description="detector debounce; minimum clip length is a filter")
+
+
+class ClipSpec(_Strict):
+    mode: Literal["transcode", "reference"] = "transcode"
+    min_seconds: float = Field(1.0, ge=0)
+    max_seconds: float = Field(8.0, gt=0)
+    trim_frames: int = Field(0, ge=0, description="frames dropped at each shot edge (transition residue)")
+    crf: int = Field(20, ge=0, le=51)
+    preset: str = "veryfast"
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.max_seconds <= self.min_seconds:
+            raise ValueError(f"max_seconds ({self.max_seconds}) must exceed min_seconds ({self.min_seconds})")
+        return self
+
+
+class FilterSpec(_Strict):
+    """Thresholds a clip must pass to be kept; None disables a threshold."""
+    min_motion: Optional[float] = 0.05
+    max_blur: Optional[float] = 0.85
+    min_brightness: Optional[float] = 0.08
+    max_brightness: Optional[float] = 0.95
+    max_text_ratio: Optional[float] = None
+    min_aesthetic: Optional[float] = None
+    drop_static: bool = True
+
+
+class DedupSpec(_Strict):
+    threshold: float = Field(0.95, gt=0, le=1, description="cosine similarity at or above which clips are duplicates")
+    method: Literal["auto", "exact", "faiss"] = "auto"
+    exact_max: int = Field(20000, ge=1, description="auto uses exact pairwise up to this many clips")
+
+
+class EmbeddingSpec(_Strict):
+    model: str = "ViT-B-32"
+    pretrained: Optional[str] = Field(None, description="local path to open_clip weights; None = random init from config")
+    frames_per_clip: int = Field(3, ge=1, le=16)
+    aesthetic_weights: Optional[str] = Field(None, description="local safetensors/state-dict of the aesthetic MLP head")
+
+
+class StageResources(_Strict):
+    num_cpus: float = Field(1, ge=0)
+    num_gpus: float = Field(0, ge=0)
+    concurrency: int = Field(1, ge=1)
+    batch_size: int = Field(16, ge=1)
+
+
+class ResourceSpec(_Strict):
+    analyze: StageResources = StageResources(num_cpus=1, concurrency=2, batch_size=1)
+    embed: StageResources = StageResources(num_cpus=1, concurrency=1, batch_size=16)
+    caption: StageResources = StageResources(num_cpus=1, concurrency=1, batch_size=8)
+
+
+class DatasetSpec(_Strict):
+    name: str = "demo"
+    analysis: AnalysisSpec = AnalysisSpec()
+    shots: ShotSpec = ShotSpec()
+    clips: ClipSpec = ClipSpec()
+    filters: FilterSpec = FilterSpec()
+    dedup: DedupSpec = DedupSpec()
+    embedding: EmbeddingSpec = EmbeddingSpec()
+    resources: ResourceSpec = ResourceSpec()
+
+    def spec_hash(self) -> str:
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class SpecError(ValueError):
+    """A spec that does not validate; the message names each bad field."""
+
+
+def load_spec(path: Optional[str | Path] = None) -> DatasetSpec:
+    """Read and validate a YAML spec; None gives the built-in defaults (= datasets/demo.yaml)."""
+    if path is None:
+        return DatasetSpec()
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"spec file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    try:
+        return DatasetSpec.model_validate(raw)
+    except ValidationError as e:
+        lines = [f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors()]
+        raise SpecError(f"{path}: invalid spec: " + "; ".join(lines)) from None

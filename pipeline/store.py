@@ -1,0 +1,268 @@
+"""The dataset root on disk: the Delta `clips` table, its lineage, and the resume staging area.
+
+Layout under a dataset root:
+  clips/            Delta table (DESIGN.md contract, pipeline/schema.py)
+  media/xx/<id>.mp4 transcoded clips (`clips: transcode`)
+  _staging/<key>.parquet  per-source results of an unfinished curate run (atomic renames)
+
+Every write is ONE Delta commit whose commit info carries the lineage under the key "spacetime":
+operation, spec hash, code version, parent version, row counts by status, and anything else the
+caller adds (model hashes). Concurrent writers: a commit that loses the race is retried on the new
+table state a few times, then fails cleanly; Delta never leaves the table half-written.
+"""
+import hashlib
+import json
+import os
+import time
+import uuid
+from importlib import metadata
+from pathlib import Path
+from typing import Optional
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from deltalake import CommitProperties, DeltaTable, write_deltalake
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
+
+from pipeline.schema import CLIPS_SCHEMA, STATUSES
+
+LINEAGE_KEY = "spacetime"
+
+
+def clips_path(root: str | Path) -> str:
+    return str(Path(root) / "clips")
+
+
+def code_version() -> str:
+    """Package version + a hash of this package's source, so edits without a version bump still show."""
+    try:
+        ver = metadata.version("spacetime")
+    except metadata.PackageNotFoundError:
+        ver = "0+unknown"
+    h = hashlib.sha256()
+    for p in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(p.read_bytes())
+    return f"{ver}+{h.hexdigest()[:10]}"
+
+
+def table_exists(root: str | Path) -> bool:
+    return DeltaTable.is_deltatable(clips_path(root))
+
+
+def latest_version(root: str | Path) -> Optional[int]:
+    return DeltaTable(clips_path(root)).version() if table_exists(root) else None
+
+
+def read_clips(root: str | Path, version: Optional[int] = None, columns: Optional[list[str]] = None) -> pa.Table:
+    """The clips table at `version` (Delta time travel; None = latest). Empty table if none exists."""
+    if not table_exists(root):
+        if version is not None:
+            raise ValueError(f"no clips table under {root}")
+        return CLIPS_SCHEMA.empty_table()
+    try:
+        dt = DeltaTable(clips_path(root), version=version)
+    except Exception as e:  # deltalake raises a generic error for a missing version
+        raise ValueError(f"{root}: version {version} not found ({e})") from None
+    return dt.to_pyarrow_table(columns=columns)
+
+
+def conform(table: pa.Table) -> pa.Table:
+    """Cast to the contract schema: contract columns first, in order, missing ones null; extras kept."""
+    n = table.num_rows
+    cols, fields = [], []
+    for f in CLIPS_SCHEMA:
+        cols.append(table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(n, f.type))
+        fields.append(f)
+    for name in table.column_names:
+        if name not in CLIPS_SCHEMA.names:
+            cols.append(table[name])
+            fields.append(table.schema.field(name))
+    return pa.Table.from_arrays(cols, schema=pa.schema(fields))
+
+
+def status_counts(table: pa.Table) -> dict[str, int]:
+    if table.num_rows == 0:
+        return {s: 0 for s in STATUSES}
+    vc = pc.value_counts(table["status"]).to_pylist()
+    counts = {s: 0 for s in STATUSES}
+    counts.update({d["values"]: d["counts"] for d in vc if d["values"] is not None})
+    return counts
+
+
+def commit(root: str | Path, table: pa.Table, mode: str, lineage: dict, retries: int = 5) -> int:
+    """Write `table` as one Delta commit (mode 'append' or 'overwrite'); returns the new version.
+
+    `lineage` is recorded in the commit info with the parent version and status counts of the whole
+    table after the commit. A concurrent commit that wins the race makes ours retry (appends are
+    re-tried as they are; overwrites are the caller's full new state and are re-tried likewise).
+    """
+    path = clips_path(root)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    table = conform(table)
+    for attempt in range(retries + 1):
+        parent = latest_version(root)
+        after = table if mode == "overwrite" or parent is None else pa.concat_tables(
+            [conform(read_clips(root)), table], promote_options="permissive")
+        info = {"parent_version": parent, "code_version": code_version(), "rows_written": table.num_rows,
+                "counts": status_counts(after), "committed_at": time.time(), **lineage}
+        try:
+            write_deltalake(path, table, mode=mode, schema_mode="merge",
+                            commit_properties=CommitProperties(custom_metadata={LINEAGE_KEY: json.dumps(info, default=str)}))
+            return DeltaTable(path).version()
+        except CommitFailedError:
+            if attempt == retries:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise RuntimeError("unreachable")
+
+
+def history(root: str | Path) -> list[dict]:
+    """Versions oldest-first: {version, timestamp, operation, mode, rows_added, **lineage}."""
+    if not table_exists(root):
+        return []
+    out = []
+    for h in DeltaTable(clips_path(root)).history():
+        lineage = json.loads(h.get(LINEAGE_KEY, "{}"))
+        out.append({"version": h["version"], "timestamp": h.get("timestamp"),
+                    "mode": (h.get("operationParameters") or {}).get("mode"),
+                    "rows_added": (h.get("operationMetrics") or {}).get("num_added_rows"), **lineage})
+    return sorted(out, key=lambda r: r["version"])
+
+
+def diff(root: str | Path, a: int, b: int) -> dict:
+    """What changed from version a to b: clips added/removed, status changes, caption changes."""
+    cols = ["clip_id", "status", "reason", "caption_short", "caption_dense", "source_uri"]
+    ta, tb = (read_clips(root, v) for v in (a, b))
+    rows_a = {r["clip_id"]: r for r in ta.select([c for c in cols if c in ta.column_names]).to_pylist() if r["clip_id"]}
+    rows_b = {r["clip_id"]: r for r in tb.select([c for c in cols if c in tb.column_names]).to_pylist() if r["clip_id"]}
+    rej = lambda t: sorted(set(pc.filter(t["source_uri"], pc.equal(t["status"], "rejected")).to_pylist()))
+    common = rows_a.keys() & rows_b.keys()
+    status_changed = {k: (rows_a[k]["status"], rows_b[k]["status"]) for k in common
+                      if rows_a[k]["status"] != rows_b[k]["status"]}
+    caption_changed = sorted(k for k in common if any(rows_a[k].get(c) != rows_b[k].get(c)
+                                                      for c in ("caption_short", "caption_dense")))
+    return {"from": a, "to": b,
+            "added": sorted(rows_b.keys() - rows_a.keys()), "removed": sorted(rows_a.keys() - rows_b.keys()),
+            "status_changed": status_changed, "caption_changed": caption_changed,
+            "rejected_sources_added": sorted(set(rej(tb)) - set(rej(ta)))}
+
+
+# --- resume staging -------------------------------------------------------------------------
+
+def staging_dir(root: str | Path) -> Path:
+    return Path(root) / "_staging"
+
+
+def stage(root: str | Path, key: str, table: pa.Table) -> Path:
+    """Persist one finished source's rows; atomic (write temp, then rename)."""
+    d = staging_dir(root)
+    d.mkdir(parents=True, exist_ok=True)
+    final = d / f"{key}.parquet"
+    tmp = d / f".{key}.{uuid.uuid4().hex}.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, final)
+    return final
+
+
+def load_staged(root: str | Path) -> dict[str, pa.Table]:
+    d = staging_dir(root)
+    if not d.is_dir():
+        return {}
+    out = {}
+    for p in sorted(d.glob("*.parquet")):
+        try:
+            out[p.stem] = pq.read_table(p)
+        except Exception:  # a torn file can't exist (atomic rename) unless the disk lied: redo that source
+            p.unlink(missing_ok=True)
+    return out
+
+
+def clear_staging(root: str | Path) -> None:
+    d = staging_dir(root)
+    if d.is_dir():
+        for p in d.iterdir():
+            p.unlink(missing_ok=True)
+        d.rmdir()
+
+
+def collect_garbage(root: str | Path, older_than: float) -> list[Path]:
+    """Remove media files that no committed version and no staged row refers to, and temp files.
+
+    Called after each curate commits, with `older_than` = the run's start time: a clip written by a
+    killed earlier run was reused by this one (so it is referenced) or is an orphan; files newer than
+    our start may belong to a concurrent writer and are left alone.
+    """
+    media = Path(root) / "media"
+    if not media.is_dir():
+        return []
+    referenced = set()
+    if table_exists(root):
+        dt = DeltaTable(clips_path(root))
+        for v in range(dt.version() + 1):
+            try:
+                uris = read_clips(root, v, columns=["clip_uri"])["clip_uri"].to_pylist()
+            except ValueError:  # vacuumed version
+                continue
+            referenced.update(u for u in uris if u)
+    for t in load_staged(root).values():
+        if "clip_uri" in t.column_names:
+            referenced.update(u for u in t["clip_uri"].to_pylist() if u)
+    removed = []
+    for p in media.rglob("*"):
+        if p.is_file() and p.stat().st_mtime < older_than and (
+                p.name.endswith(".partial.mp4") or str(p.resolve()) not in referenced):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+# --- tags, restore, retention ----------------------------------------------------------------
+
+def _tags_path(root: str | Path) -> Path:
+    return Path(root) / "tags.json"
+
+
+def read_tags(root: str | Path) -> dict[str, int]:
+    p = _tags_path(root)
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def tag(root: str | Path, name: str, version: Optional[int] = None) -> int:
+    """Name a version (default latest). Tags are immutable: re-tagging a name is an error."""
+    if not name or "/" in name:
+        raise ValueError(f"bad tag name {name!r}")
+    latest = latest_version(root)
+    v = latest if version is None else version
+    if latest is None or v is None or not 0 <= v <= latest:
+        raise ValueError(f"version {version} does not exist (latest is {latest})")
+    tags = read_tags(root)
+    if name in tags and tags[name] != v:
+        raise ValueError(f"tag {name!r} already names version {tags[name]}")
+    tags[name] = v
+    tmp = _tags_path(root).with_suffix(".tmp")
+    tmp.write_text(json.dumps(tags, indent=2, sort_keys=True))
+    os.replace(tmp, _tags_path(root))
+    return v
+
+
+def resolve_ref(root: str | Path, ref: str | int) -> int:
+    """A version number or a tag name -> version number."""
+    if isinstance(ref, int) or str(ref).isdigit():
+        return int(ref)
+    tags = read_tags(root)
+    if ref not in tags:
+        raise ValueError(f"unknown tag {ref!r}; tags: {', '.join(sorted(tags)) or 'none'}")
+    return tags[ref]
+
+
+def restore(root: str | Path, version: int) -> int:
+    """Make an old version's rows the latest state, as a new commit (history is kept)."""
+    old = read_clips(root, version)
+    return commit(root, old, "overwrite", {"operation": "restore", "restored_version": version})
+
+
+def vacuum(root: str | Path, retain_hours: int, dry_run: bool = True) -> list[str]:
+    """Explicit retention: delete data files only versions older than `retain_hours` need."""
+    dt = DeltaTable(clips_path(root))
+    return dt.vacuum(retention_hours=retain_hours, dry_run=dry_run, enforce_retention_duration=False)

@@ -1,0 +1,306 @@
+"""The `spacetime` command line: footage, curate, datasets, demo, and the model stages.
+
+Every command prints one-line errors (no tracebacks for user mistakes) and progress on long work.
+Exit status: 0 ok, 1 failure, 2 usage / bad input, 3 finished but some sources were rejected.
+"""
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(help="spacetime: curate video, caption it densely, train a spacetime-patch DiT, generate video.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+datasets_app = typer.Typer(help="Inspect dataset versions (Delta Lake history of <root>/clips).", no_args_is_help=True)
+app.add_typer(datasets_app, name="datasets")
+
+
+def fail(msg: str, code: int = 2) -> None:
+    typer.secho(f"error: {msg}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code)
+
+
+def _progress_bar(total: int, desc: str):
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="src", file=sys.stderr, dynamic_ncols=True)
+
+    def update(done: int, n: int, what: str) -> None:
+        bar.n = done
+        bar.set_postfix_str(what[-40:])
+        bar.refresh()
+        if done >= n:
+            bar.close()
+    return update
+
+
+def _quiet_ray() -> None:
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    logging.getLogger("ray").setLevel(logging.ERROR)
+
+
+@app.command()
+def footage(out: Path = typer.Option(..., "--out", help="directory to write the videos and ground_truth.json"),
+            seed: int = typer.Option(0, help="random seed; the same seed gives the same footage"),
+            videos: int = typer.Option(8, min=1, help="number of videos")):
+    """Generate the embedded demo footage: Ken-Burns moves over real photos, cuts, fades, text, defects."""
+    from pipeline.synthetic import generate_footage, write_captions_file
+
+    bar = _progress_bar(videos, "footage")
+    gt = generate_footage(out, seed=seed, videos=videos, progress=lambda i, n: bar(i, n, f"video {i}/{n}"))
+    caps = write_captions_file(gt, Path(out) / "captions.json")
+    typer.echo(f"wrote {videos} videos to {out}\nground truth: {gt}\nteacher captions: {caps}")
+
+
+def _load_spec(spec: Optional[Path]):
+    from pipeline.spec import SpecError, load_spec
+
+    try:
+        return load_spec(spec)
+    except SpecError as e:
+        fail(str(e))
+
+
+def _print_counts(counts: dict, title: str) -> None:
+    typer.echo(f"{title}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+
+@app.command()
+def curate(sources: List[str] = typer.Argument(..., help="video files, directories, globs, or manifests (.txt, one path per line)"),
+           dataset: Path = typer.Option(..., "--dataset", help="dataset root; the table is <root>/clips"),
+           spec: Optional[Path] = typer.Option(None, "--spec", help="dataset spec YAML (default: datasets/demo.yaml values)"),
+           captions: Optional[Path] = typer.Option(None, "--captions", help="JSON/CSV of existing captions keyed by source + frame range"),
+           address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: local Ray)")):
+    """Split sources into clips, score, filter and dedup them, and commit a new version of the clips table.
+
+    Re-running on the same sources adds nothing; a killed run resumes where it stopped.
+    """
+    from pipeline.graph import curate as run_curate
+
+    s = _load_spec(spec)
+    if captions is not None and not captions.is_file():
+        fail(f"captions file not found: {captions}")
+    _quiet_ray()
+    from pipeline.sources import expand_sources
+
+    n = len(expand_sources(list(sources)))
+    if n == 0:
+        fail("no video sources found in: " + " ".join(sources))
+    typer.echo(f"curating {n} source(s) into {dataset} (spec {s.name}, hash {s.spec_hash()})", err=True)
+    res = run_curate(list(sources), str(dataset), s, captions=str(captions) if captions else None,
+                     progress=_progress_bar(n, "curate"), ray_address=address)
+    if res.version is None:
+        typer.echo(f"nothing new: all {res.sources} source(s) already committed; table unchanged")
+        return
+    typer.echo(f"committed version {res.version} of {dataset / 'clips'}: {res.new_rows} new rows "
+               f"({res.skipped} source(s) skipped as already committed)")
+    _print_counts(res.counts, "new rows by status")
+    for uri, reason in res.rejected[:20]:
+        typer.echo(f"  rejected {uri}: {reason}")
+    if res.rejected:
+        raise typer.Exit(3)
+
+
+@app.command("filter")
+def refilter_cmd(dataset: Path = typer.Option(..., "--dataset"),
+                 spec: Optional[Path] = typer.Option(None, "--spec", help="spec with the new thresholds")):
+    """Re-apply filter thresholds and dedup from cached scores (no decoding) as a new version."""
+    from pipeline.graph import refilter
+
+    s = _load_spec(spec)
+    try:
+        version, counts = refilter(str(dataset), s)
+    except ValueError as e:
+        fail(str(e))
+    typer.echo(f"committed version {version} (refilter, spec hash {s.spec_hash()})")
+    _print_counts(counts, "rows by status")
+
+
+# --- datasets -------------------------------------------------------------------------------
+
+def _need_table(root: Path):
+    from pipeline import store
+
+    if not store.table_exists(root):
+        fail(f"no clips table under {root} (expected {root / 'clips'})")
+
+
+@datasets_app.command("list")
+def datasets_list(directory: Path = typer.Argument(Path("."), help="directory to search for dataset roots")):
+    """List dataset roots under a directory with their latest version and counts."""
+    from pipeline import store
+
+    found = 0
+    for log_dir in sorted(directory.rglob("clips/_delta_log")):
+        root = log_dir.parent.parent
+        h = store.history(root)
+        counts = h[-1].get("counts", {}) if h else {}
+        typer.echo(f"{root}  version {h[-1]['version'] if h else '?'}  " + " ".join(f"{k}={v}" for k, v in counts.items()))
+        found += 1
+    if not found:
+        typer.echo(f"no datasets under {directory}")
+
+
+@datasets_app.command("log")
+def datasets_log(root: Path = typer.Argument(..., help="dataset root")):
+    """Every version with its lineage: operation, spec hash, code version, parent, counts."""
+    from datetime import datetime, timezone
+
+    from pipeline import store
+
+    _need_table(root)
+    tags = store.read_tags(root)
+    by_version = {}
+    for name, v in tags.items():
+        by_version.setdefault(v, []).append(name)
+    for h in reversed(store.history(root)):
+        ts = datetime.fromtimestamp(h["timestamp"] / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if h.get("timestamp") else "?"
+        tag = f"  [{', '.join(by_version[h['version']])}]" if h["version"] in by_version else ""
+        typer.echo(f"version {h['version']}  {ts}  {h.get('operation', h.get('mode'))}{tag}")
+        typer.echo(f"    parent {h.get('parent_version')}  spec {h.get('spec_hash')}  code {h.get('code_version')}"
+                   f"  rows +{h.get('rows_added')}")
+        if h.get("counts"):
+            typer.echo("    counts " + " ".join(f"{k}={v}" for k, v in h["counts"].items()))
+
+
+@datasets_app.command("show")
+def datasets_show(root: Path = typer.Argument(...), version: Optional[int] = typer.Option(None, "--version"),
+                  limit: int = typer.Option(20, help="rows to print"),
+                  status: Optional[str] = typer.Option(None, help="only rows with this status")):
+    """Print a version's lineage, counts and first rows (Delta time travel)."""
+    import pyarrow.compute as pc
+
+    from pipeline import store
+
+    _need_table(root)
+    try:
+        t = store.read_clips(root, version)
+    except ValueError as e:
+        fail(str(e))
+    v = version if version is not None else store.latest_version(root)
+    h = next((x for x in store.history(root) if x["version"] == v), {})
+    typer.echo(f"{root} version {v}: {t.num_rows} rows; operation {h.get('operation')}; spec {h.get('spec_hash')}")
+    _print_counts(store.status_counts(t), "by status")
+    if status:
+        t = t.filter(pc.equal(t["status"], status))
+    cols = ["clip_id", "source_uri", "start_frame", "end_frame", "status", "reason", "caption_short"]
+    for r in t.select(cols).slice(0, limit).to_pylist():
+        src = Path(r["source_uri"]).name if r["source_uri"] else "?"
+        cap = (r["caption_short"] or "")[:50]
+        typer.echo(f"  {str(r['clip_id'])[:8]}  {src}[{r['start_frame']}:{r['end_frame']}]  {r['status']}"
+                   f"{'  ' + r['reason'] if r['reason'] else ''}{'  “' + cap + '”' if cap else ''}")
+
+
+@datasets_app.command("diff")
+def datasets_diff(root: Path = typer.Argument(...), a: int = typer.Argument(..., help="from version"),
+                  b: int = typer.Argument(..., help="to version"),
+                  as_json: bool = typer.Option(False, "--json", help="print the full diff as JSON")):
+    """Clips added/removed, status and caption changes between two versions."""
+    from pipeline import store
+
+    _need_table(root)
+    try:
+        d = store.diff(root, a, b)
+    except ValueError as e:
+        fail(str(e))
+    if as_json:
+        typer.echo(json.dumps(d, indent=2))
+        return
+    typer.echo(f"version {a} -> {b}: +{len(d['added'])} clips, -{len(d['removed'])} clips, "
+               f"{len(d['status_changed'])} status changes, {len(d['caption_changed'])} caption changes, "
+               f"+{len(d['rejected_sources_added'])} rejected sources")
+    for cid, (sa, sb) in list(d["status_changed"].items())[:20]:
+        typer.echo(f"  {cid[:8]} {sa} -> {sb}")
+
+
+@datasets_app.command("tag")
+def datasets_tag(root: Path = typer.Argument(...), name: str = typer.Argument(..., help="tag name, e.g. v1-release"),
+                 version: Optional[int] = typer.Option(None, "--version", help="version to tag (default latest)")):
+    """Name a version (tags live in <root>/tags.json)."""
+    from pipeline import store
+
+    _need_table(root)
+    try:
+        v = store.tag(root, name, version)
+    except ValueError as e:
+        fail(str(e))
+    typer.echo(f"tagged version {v} as {name}")
+
+
+@datasets_app.command("checkout")
+def datasets_checkout(root: Path = typer.Argument(...), ref: str = typer.Argument(..., help="version number or tag"),
+                      out: Optional[Path] = typer.Option(None, "--out", help="write that version's rows as parquet here"),
+                      restore: bool = typer.Option(False, "--restore", help="make it the latest version (a new commit)")):
+    """Read an old version (by number or tag): export it, or restore it as a new version."""
+    from pipeline import store
+
+    _need_table(root)
+    try:
+        v = store.resolve_ref(root, ref)
+        if restore:
+            nv = store.restore(root, v)
+            typer.echo(f"restored version {v} as new version {nv}")
+        if out is not None:
+            import pyarrow.parquet as pq
+
+            pq.write_table(store.read_clips(root, v), out)
+            typer.echo(f"wrote version {v} to {out}")
+        if not restore and out is None:
+            _print_counts(store.status_counts(store.read_clips(root, v)), f"version {v}")
+    except ValueError as e:
+        fail(str(e))
+
+
+@datasets_app.command("vacuum")
+def datasets_vacuum(root: Path = typer.Argument(...),
+                    retain_hours: int = typer.Option(168, help="keep files needed by versions newer than this"),
+                    dry_run: bool = typer.Option(True, "--dry-run/--apply", help="only list what would be deleted")):
+    """Delete data files of old versions (explicit retention; time travel past it stops working)."""
+    from pipeline import store
+
+    _need_table(root)
+    files = store.vacuum(root, retain_hours, dry_run)
+    typer.echo(f"{'would delete' if dry_run else 'deleted'} {len(files)} file(s)")
+
+
+# --- demo -----------------------------------------------------------------------------------
+
+@app.command()
+def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="where footage, dataset and report go"),
+         videos: int = typer.Option(8, min=1), seed: int = typer.Option(0)):
+    """End to end on the embedded footage: generate, curate (split, score, filter, dedup), summarise."""
+    from pipeline import store
+    from pipeline.graph import curate as run_curate
+    from pipeline.synthetic import generate_footage, write_captions_file
+
+    _quiet_ray()
+    out.mkdir(parents=True, exist_ok=True)
+    foot = out / "footage"
+    typer.echo(f"[1/2] generating {videos} demo videos in {foot}")
+    bar = _progress_bar(videos, "footage")
+    gt = generate_footage(foot, seed=seed, videos=videos, progress=lambda i, n: bar(i, n, f"video {i}/{n}"))
+    caps = write_captions_file(gt, foot / "captions.json")
+    root = out / "dataset"
+    spec_path = Path(__file__).resolve().parent.parent / "datasets" / "demo.yaml"
+    s = _load_spec(spec_path if spec_path.is_file() else None)
+    typer.echo(f"[2/2] curating into {root}")
+    res = run_curate([str(foot)], str(root), s, captions=str(caps), progress=_progress_bar(videos, "curate"))
+    t = store.read_clips(root)
+    typer.echo("")
+    typer.echo(f"dataset: {root.resolve()}  (Delta table {root.resolve() / 'clips'}, version {store.latest_version(root)})")
+    _print_counts(store.status_counts(t), "clips by status")
+    if res.version is None:
+        typer.echo("(nothing new this run: footage already curated)")
+    typer.echo(f"inspect: spacetime datasets log {root}   |   spacetime datasets show {root} --status kept")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
