@@ -36,8 +36,8 @@ def scaled_size(width: int, height: int, short_side: int) -> tuple[int, int]:
 
 
 def _rotate(img: np.ndarray, rotation: int) -> np.ndarray:
-    # rotation is the display matrix's counter-clockwise angle; np.rot90 turns counter-clockwise too.
-    k = (rotation // 90) % 4
+    # `rotation` is clockwise degrees (the probe's convention); np.rot90 turns counter-clockwise.
+    k = (-rotation // 90) % 4
     return np.ascontiguousarray(np.rot90(img, k)) if k else img
 
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -176,35 +175,12 @@ def import_captions(table: pa.Table, captions_file: str) -> pa.Table:
 
 def decide(new: pa.Table, committed: pa.Table, spec: DatasetSpec) -> pa.Table:
     """Filter by the spec's thresholds, then mark near-duplicates (of new or already-kept clips)."""
-    from pipeline.dedup import find_duplicates
+    from pipeline.dedup import mark_duplicates
     from pipeline.filters import apply_filters
 
     new = apply_filters(new, spec.filters, spec.clips.min_seconds, spec.clips.max_seconds)
-    kept_new = pc.and_(pc.equal(new["status"], "kept"), pc.invert(pc.is_null(new["embedding"])))
-    cand = new.filter(kept_new)
-    fixed = committed.filter(pc.and_(pc.equal(committed["status"], "kept"),
-                                     pc.invert(pc.is_null(committed["embedding"])))) if committed.num_rows else None
-    if cand.num_rows == 0:
-        return new
-    ids = cand["clip_id"].to_pylist()
-    emb = np.asarray(cand["embedding"].to_pylist(), dtype=np.float32)
-    aes = np.asarray([a if a is not None else -np.inf for a in cand["aesthetic"].to_pylist()], dtype=np.float32)
-    fixed_ids, fixed_emb = [], None
-    if fixed is not None and fixed.num_rows:
-        fixed_ids = fixed["clip_id"].to_pylist()
-        fixed_emb = np.asarray(fixed["embedding"].to_pylist(), dtype=np.float32)
-    dups = find_duplicates(ids, emb, aes, spec.dedup.threshold, method=spec.dedup.method,
-                           exact_max=spec.dedup.exact_max, fixed_ids=fixed_ids, fixed_embeddings=fixed_emb)
-    if not dups:
-        return new
-    status, reason, dup_of = (new[c].to_pylist() for c in ("status", "reason", "dup_of"))
-    for i, cid in enumerate(new["clip_id"].to_pylist()):
-        if cid in dups:
-            status[i], dup_of[i] = "duplicate", dups[cid]
-            reason[i] = f"near-duplicate of {dups[cid]} (cosine >= {spec.dedup.threshold})"
-    for name, vals in (("status", status), ("reason", reason), ("dup_of", dup_of)):
-        new = new.set_column(new.schema.get_field_index(name), name, pa.array(vals, pa.string()))
-    return new
+    kept_before = committed.filter(pc.equal(committed["status"], "kept")) if committed.num_rows else None
+    return mark_duplicates(new, spec.dedup, kept_before)
 
 
 def _rows_to_table(rows: list[dict]) -> pa.Table:
@@ -240,7 +216,11 @@ def curate(source_args: list[str], root: str, spec: DatasetSpec, captions: Optio
 
     if not ray.is_initialized():
         ray.init(address=ray_address, ignore_reinit_error=True, log_to_driver=False,
-                 include_dashboard=False, configure_logging=False)
+                 include_dashboard=False, logging_level=logging.WARNING)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the CLI draws one bar over sources instead
+    ctx.verbose_progress = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
     res = spec.resources
     skipped = 0
     pending: dict[str, list] = {}
@@ -249,12 +229,12 @@ def curate(source_args: list[str], root: str, spec: DatasetSpec, captions: Optio
         ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
         ds = ds.flat_map(AnalyzeSource, fn_constructor_kwargs=dict(
             root=root, spec=spec.model_dump(mode="json"), done_shas=done_shas, done_rejected=done_rejected),
-            concurrency=res.analyze.concurrency, num_cpus=res.analyze.num_cpus)
+            compute=ray.data.ActorPoolStrategy(size=res.analyze.concurrency), num_cpus=res.analyze.num_cpus)
         ds = ds.map_batches(ClipEmbedder, fn_constructor_kwargs=dict(
-            model_name=spec.embedding.model, pretrained=spec.embedding.pretrained,
+            model=spec.embedding.model, pretrained=spec.embedding.pretrained,
             aesthetic_weights=spec.embedding.aesthetic_weights),
-            batch_size=res.embed.batch_size, concurrency=res.embed.concurrency,
-            num_cpus=res.embed.num_cpus, num_gpus=res.embed.num_gpus, batch_format="numpy")
+            batch_size=res.embed.batch_size, compute=ray.data.ActorPoolStrategy(size=res.embed.concurrency),
+            num_cpus=res.embed.num_cpus, num_gpus=res.embed.num_gpus, batch_format="pyarrow")
         finished = 0
         for row in ds.iter_rows():
             row = dict(row)

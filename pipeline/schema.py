@@ -23,7 +23,7 @@ CLIPS_SCHEMA = pa.schema([
     ("fps", pa.float64()),
     ("width", pa.int64()),                # display size, after rotation
     ("height", pa.int64()),
-    ("rotation", pa.int64()),             # display-matrix rotation, degrees counter-clockwise (ffmpeg -display_rotation)
+    ("rotation", pa.int64()),             # degrees clockwise to display upright (0/90/180/270, from the display matrix)
     ("clip_uri", pa.string()),
     ("status", pa.string()),              # kept | filtered | duplicate | rejected
     ("reason", pa.string()),              # why not kept: names the failed threshold and value

@@ -1,43 +1,106 @@
 """Shot boundaries from the shared decode, with PySceneDetect's own detectors.
 
-`ShotDetector` is a frame consumer: each analysis-size frame goes to a ContentDetector (hard cuts),
-an AdaptiveDetector (gradual changes such as dissolves, judged against a rolling window) and a
-ThresholdDetector (fades to and from black). Their cuts are merged: cuts closer than
-`min_shot_frames` are one boundary (the detectors see the same transition). Shot length is not
-limited here — a short shot is still a shot; minimum clip length is a filter.
+`ShotDetector` is a frame consumer: each analysis-size frame goes to PySceneDetect's
+AdaptiveDetector (hard cuts, judged against a rolling window so fast camera moves don't fire) and
+ThresholdDetector (fades through black, cut placed mid-black), plus our `DissolveDetector` for
+cross-fades, which PySceneDetect does not ship. One transition often fires more than one detector
+(a fade's edges look like cuts too), so cuts are fused by priority: a fade claims the cuts near it,
+then a dissolve claims the cuts near it, then the remaining hard cuts. Shot length is not limited
+here — a short shot is still a shot; minimum clip length is a filter.
 """
+from collections import deque
+
+import cv2
 import numpy as np
-from scenedetect import AdaptiveDetector, ContentDetector, FrameTimecode, ThresholdDetector
+from scenedetect import AdaptiveDetector, ContentDetector, FrameTimecode, HistogramDetector, ThresholdDetector
+
+
+class DissolveDetector:
+    """Cross-fades: over a window of `window` frames, the middle frame is the average of the ends.
+
+    A dissolve mixes two shots linearly, so frame m ≈ (f[m-k] + f[m+k]) / 2 while the ends differ a
+    lot. A hard cut puts the middle frame on one side (error ≈ half the end difference), and camera
+    motion over detail makes the average a ghosted blur far from the sharp middle frame. Motion over
+    smooth or blurred content can look linear too, so the ends must also differ in colour
+    distribution (a camera move stays on one picture; a dissolve changes the picture). Works on tiny
+    frames (~48 px wide), so it costs microseconds per frame.
+    """
+
+    def __init__(self, window: int = 10, min_diff: float = 15.0, max_ratio: float = 0.8,
+                 min_hist: float = 0.3, size: int = 48):
+        self.k = window // 2
+        self.min_diff, self.max_ratio, self.min_hist, self.size = min_diff, max_ratio, min_hist, size
+        self.buf: deque = deque(maxlen=2 * self.k + 1)
+        self.hits: list[tuple[int, float]] = []
+
+    def process_frame(self, index: int, frame: np.ndarray) -> None:
+        h, w = frame.shape[:2]
+        small = cv2.resize(frame, (self.size, max(1, self.size * h // w)), interpolation=cv2.INTER_AREA)
+        hist = cv2.calcHist([cv2.cvtColor(small, cv2.COLOR_RGB2HSV)], [0, 1, 2], None, [8, 4, 4],
+                            [0, 180, 0, 256, 0, 256]).ravel()
+        self.buf.append((cv2.cvtColor(small, cv2.COLOR_RGB2GRAY).astype(np.float32), hist / max(hist.sum(), 1)))
+        if len(self.buf) < self.buf.maxlen:
+            return
+        (a, ha), (m, _), (b, hb) = self.buf[0], self.buf[self.k], self.buf[-1]
+        if float(np.abs(a - b).mean()) < self.min_diff or 0.5 * float(np.abs(ha - hb).sum()) < self.min_hist:
+            return
+        mid_err = float(np.abs(m - (a + b) / 2).mean())
+        nearest_end = min(float(np.abs(m - a).mean()), float(np.abs(m - b).mean()))
+        ratio = mid_err / max(nearest_end, 1e-6)
+        if ratio < self.max_ratio:
+            self.hits.append((index - self.k, ratio))  # the window's centre frame
+
+    def cuts(self) -> list[int]:
+        """One cut per run of consecutive hits: where the middle frame is most like the average."""
+        runs: list[list[tuple[int, float]]] = []
+        for hit in self.hits:
+            if runs and hit[0] - runs[-1][-1][0] <= 2 * self.k:
+                runs[-1].append(hit)
+            else:
+                runs.append([hit])
+        return [min(r, key=lambda h: h[1])[0] for r in runs]
 
 
 class ShotDetector:
     def __init__(self, fps: float, content_threshold: float = 27.0, adaptive_threshold: float = 3.0,
-                 fade_threshold: float = 12.0, min_shot_frames: int = 4):
-        self.fps = fps if fps and fps > 0 else 25.0
+                 fade_threshold: float = 12.0, min_shot_frames: int = 4, claim_frames: int = 12):
+        self.fps = float(fps) if fps and fps > 0 else 25.0
         self.min_shot_frames = min_shot_frames
         n = min_shot_frames
-        self.detectors = [
-            ContentDetector(threshold=content_threshold, min_scene_len=n),
-            AdaptiveDetector(adaptive_threshold=adaptive_threshold, min_scene_len=n, window_width=2),
-            ThresholdDetector(threshold=fade_threshold, min_scene_len=n),
-        ]
-        self.cuts: list[int] = []
+        self.hard = AdaptiveDetector(adaptive_threshold=adaptive_threshold, min_content_val=content_threshold / 2,
+                                     min_scene_len=n, window_width=2)
+        self.content = ContentDetector(threshold=content_threshold, min_scene_len=n)
+        self.histogram = HistogramDetector(min_scene_len=n)
+        self.fade = ThresholdDetector(threshold=fade_threshold, min_scene_len=n)
+        self.dissolve = DissolveDetector()
+        self.claim = claim_frames
+        self.cuts = {"hard": [], "fade": []}
         self.last = -1
 
     def process_frame(self, index: int, frame: np.ndarray) -> None:
         tc = FrameTimecode(index, fps=self.fps)
         bgr = frame[..., ::-1]
-        for d in self.detectors:
-            self.cuts += [c.frame_num for c in d.process_frame(tc, bgr)]
+        self.cuts["hard"] += [c.frame_num for c in self.hard.process_frame(tc, bgr)]
+        self.cuts["hard"] += [c.frame_num for c in self.content.process_frame(tc, bgr)]
+        self.cuts["hard"] += [c.frame_num for c in self.histogram.process_frame(tc, bgr)]
+        self.cuts["fade"] += [c.frame_num for c in self.fade.process_frame(tc, bgr)]
+        self.dissolve.process_frame(index, frame)
         self.last = index
 
     def boundaries(self) -> list[int]:
         """Sorted frame indices where a new shot starts (0 excluded)."""
         if self.last >= 0:
             end = FrameTimecode(self.last, fps=self.fps)
-            for d in self.detectors:
-                self.cuts += [c.frame_num for c in d.post_process(end)]
-        return merge_cuts(self.cuts, self.min_shot_frames, self.last + 1)
+            self.cuts["hard"] += [c.frame_num for c in self.hard.post_process(end)]
+            self.cuts["hard"] += [c.frame_num for c in self.content.post_process(end)]
+            self.cuts["fade"] += [c.frame_num for c in self.fade.post_process(end)]
+        # A fade spans fade-out + black + fade-in, so it claims a wider neighbourhood than a dissolve.
+        chosen: list[tuple[int, int]] = []  # (frame, claim radius)
+        for kind, radius in ((self.cuts["fade"], self.claim + self.claim // 2), (self.dissolve.cuts(), self.claim),
+                             (self.cuts["hard"], 0)):
+            chosen += [(c, radius) for c in kind if all(abs(c - x) > r for x, r in chosen)]
+        chosen = [c for c, _ in chosen]
+        return merge_cuts(chosen, self.min_shot_frames, self.last + 1)
 
 
 def merge_cuts(cuts: list[int], min_gap: int, num_frames: int) -> list[int]:

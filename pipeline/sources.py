@@ -52,11 +52,14 @@ def _read_manifest(manifest: Path) -> list[Source]:
 
 def _walk(directory: Path) -> list[Source]:
     out = []
-    # followlinks=False: a symlink loop in a directory tree can't trap the walk.
+    # followlinks=False: a symlink loop in a directory tree can't trap the walk; a symlinked file
+    # that points outside the directory is not followed either.
     for dirpath, _, files in os.walk(directory, followlinks=False):
         for name in files:
             if Path(name).suffix.lower() in VIDEO_EXTS:
-                out.append(Source(os.path.join(os.path.abspath(dirpath), name)))
+                path = Path(os.path.abspath(dirpath)) / name
+                out.append(Source(str(path)) if _within(path, directory)
+                           else Source(str(path), f"symlink escapes its root {directory}: {name}"))
     return out
 
 

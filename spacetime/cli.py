@@ -120,6 +120,32 @@ def refilter_cmd(dataset: Path = typer.Option(..., "--dataset"),
     _print_counts(counts, "rows by status")
 
 
+@app.command()
+def report(root: Path = typer.Argument(..., help="dataset root"),
+           version: Optional[str] = typer.Option(None, "--version", help="version number or tag (default latest)"),
+           out: Optional[Path] = typer.Option(None, "--out", help="HTML file to write (default <root>/report_v<N>.html)"),
+           spec: Optional[Path] = typer.Option(None, "--spec", help="spec whose thresholds to draw"),
+           check: bool = typer.Option(False, "--check", help="also render it in headless Chromium")):
+    """Write the curation report: funnel, score histograms with thresholds, contact sheet, duplicates."""
+    from spacetime.report import render_check, write_report
+
+    _need_table(root)
+    try:
+        v = int(version) if version is not None and version.isdigit() else version
+        path = write_report(root, v, out, _load_spec(spec) if spec else None)
+    except ValueError as e:
+        fail(str(e))
+    typer.echo(f"wrote {path}")
+    if check:
+        try:
+            ok = render_check(path)
+        except FileNotFoundError as e:
+            fail(f"cannot check rendering: {e}")
+        typer.echo("rendered in headless Chromium: " + ("ok" if ok else "FAILED"))
+        if not ok:
+            raise typer.Exit(1)
+
+
 # --- datasets -------------------------------------------------------------------------------
 
 def _need_table(root: Path):

@@ -1,0 +1,128 @@
+"""Unit tests of the pure curation pieces: spec validation, sources, clip planning, the Delta store."""
+import os
+
+import pyarrow as pa
+import pytest
+
+from pipeline import store
+from pipeline.clips import clip_id, plan_clips
+from pipeline.shots import boundary_f1, merge_cuts, shots_from_boundaries
+from pipeline.sources import expand_sources
+from pipeline.spec import DatasetSpec, SpecError, load_spec
+
+
+def test_demo_spec_is_the_default():
+    assert load_spec("datasets/demo.yaml").spec_hash() == DatasetSpec().spec_hash()
+
+
+@pytest.mark.parametrize("text, field", [
+    ("clips:\n  max_seconds: -1\n", "clips.max_seconds"),
+    ("filters:\n  max_blurr: 0.5\n", "filters.max_blurr"),
+    ("clips:\n  mode: copy\n", "clips.mode"),
+    ("clips:\n  min_seconds: 5\n  max_seconds: 2\n", "clips"),
+])
+def test_spec_errors_name_the_field(tmp_path, text, field):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(SpecError) as e:
+        load_spec(p)
+    assert field in str(e.value) and "\n" not in str(e.value)
+
+
+def test_spec_missing_and_not_yaml(tmp_path):
+    with pytest.raises(SpecError, match="not found"):
+        load_spec(tmp_path / "nope.yaml")
+    (tmp_path / "x.yaml").write_text("a: [1,")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(tmp_path / "x.yaml")
+
+
+def test_manifest_paths_cannot_escape_root(tmp_path):
+    root = tmp_path / "data"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "a.mp4").write_bytes(b"x")
+    outside = tmp_path / "secret.mp4"
+    outside.write_bytes(b"x")
+    (root / "link.mp4").symlink_to(outside)
+    (root / "list.txt").write_text("sub/a.mp4\n../secret.mp4\n/etc/passwd\nlink.mp4\n# comment\n\ns3://bucket/x.mp4\n")
+    got = {s.uri: s.reject for s in expand_sources([str(root / "list.txt")])}
+    assert got[str(root / "sub" / "a.mp4")] is None
+    assert "escapes its root" in got["../secret.mp4"]
+    assert "escapes its root" in got["/etc/passwd"]
+    assert "escapes its root" in got["link.mp4"]
+    assert "unsupported URI scheme" in got["s3://bucket/x.mp4"]
+
+
+def test_directory_and_glob_sources_are_sorted_and_unique(tmp_path):
+    for name in ("b.mp4", "a.MOV", "c.txt.bak", "d.mkv"):
+        (tmp_path / name).write_bytes(b"x")
+    loop = tmp_path / "loop"
+    loop.symlink_to(tmp_path)  # a symlink loop must not trap the walk
+    got = expand_sources([str(tmp_path), str(tmp_path / "*.mp4")])
+    assert [os.path.basename(s.uri) for s in got] == ["a.MOV", "b.mp4", "d.mkv"]
+    assert expand_sources([str(tmp_path / "*.webm")])[0].reject == "glob matched no files"
+
+
+def test_clip_planning_splits_long_shots_and_keeps_short_ones():
+    shots = shots_from_boundaries([10, 250], 300)
+    assert shots == [(0, 10), (10, 250), (250, 300)]
+    plans = plan_clips(shots, fps=24, max_seconds=4.0)
+    assert all(p.end_frame - p.start_frame <= 96 for p in plans)
+    assert plans[0].start_frame == 0 and plans[0].end_frame == 10          # the short shot keeps a clip
+    assert [p.start_frame for p in plans if p.shot_start_frame == 10] == [10, 90, 170]
+    assert sum(p.end_frame - p.start_frame for p in plans) == 300
+
+
+def test_clip_id_is_deterministic_and_range_specific():
+    assert clip_id("ab", 0, 10) == clip_id("ab", 0, 10)
+    assert len({clip_id("ab", 0, 10), clip_id("ab", 0, 11), clip_id("ac", 0, 10)}) == 3
+
+
+def test_cut_merging_and_f1():
+    assert merge_cuts([10, 11, 12, 50, 80, 81, 0, 500], 4, 100) == [11, 50, 80]
+    m = boundary_f1([10, 52, 90], [11, 50, 70], tolerance=2)
+    assert m["tp"] == 2 and abs(m["f1"] - 2 / 3) < 1e-9
+
+
+def _rows(n, status="kept", start=0):
+    return pa.table({"clip_id": [f"id{start + i}" for i in range(n)], "source_uri": ["/x.mp4"] * n,
+                     "start_frame": list(range(start, start + n)), "status": [status] * n})
+
+
+def test_store_versions_lineage_time_travel_diff_and_tags(tmp_path):
+    root = tmp_path / "ds"
+    assert store.read_clips(root).num_rows == 0
+    v0 = store.commit(root, _rows(3), "append", {"operation": "curate", "spec_hash": "s0"})
+    v1 = store.commit(root, _rows(2, "filtered", start=3), "append", {"operation": "curate", "spec_hash": "s1"})
+    assert (v0, v1) == (0, 1)
+    assert store.read_clips(root, 0).num_rows == 3 and store.read_clips(root).num_rows == 5
+    h = store.history(root)
+    assert [x["operation"] for x in h] == ["curate", "curate"]
+    assert h[1]["parent_version"] == 0 and h[1]["spec_hash"] == "s1"
+    assert h[1]["counts"]["kept"] == 3 and h[1]["counts"]["filtered"] == 2 and h[1]["code_version"]
+    assert set(store.read_clips(root).schema.names) >= set(store.CLIPS_SCHEMA.names)
+    d = store.diff(root, 0, 1)
+    assert d["added"] == ["id3", "id4"] and d["removed"] == []
+    t = store.read_clips(root)
+    flipped = t.set_column(t.schema.get_field_index("status"), "status", pa.array(["filtered"] * 5))
+    store.commit(root, flipped, "overwrite", {"operation": "refilter"})
+    assert len(store.diff(root, 1, 2)["status_changed"]) == 3
+    assert store.tag(root, "v1-release", 1) == 1
+    assert store.resolve_ref(root, "v1-release") == 1
+    with pytest.raises(ValueError, match="already names"):
+        store.tag(root, "v1-release", 0)
+    with pytest.raises(ValueError, match="unknown tag"):
+        store.resolve_ref(root, "nope")
+    v3 = store.restore(root, 1)
+    assert store.status_counts(store.read_clips(root, v3)) == store.status_counts(store.read_clips(root, 1))
+    with pytest.raises(ValueError, match="not found"):
+        store.read_clips(root, 99)
+
+
+def test_staging_is_atomic_and_reloadable(tmp_path):
+    store.stage(tmp_path, "abc", _rows(2))
+    (tmp_path / "_staging" / ".abc.dead.tmp").write_bytes(b"partial")  # a killed writer's leftover
+    got = store.load_staged(tmp_path)
+    assert list(got) == ["abc"] and got["abc"].num_rows == 2
+    store.clear_staging(tmp_path)
+    assert not (tmp_path / "_staging").exists()
