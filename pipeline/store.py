@@ -35,7 +35,12 @@ def clips_path(root: str | Path) -> str:
 
 
 def code_version() -> str:
-    """Package version + a hash of this package's source, so edits without a version bump still show."""
+    """Package version + a hash of this package's source, so edits without a version bump still show.
+
+    A submitted Ray job has no .git; the submitter passes its commit in SPACETIME_CODE_VERSION.
+    """
+    if os.environ.get("SPACETIME_CODE_VERSION"):
+        return os.environ["SPACETIME_CODE_VERSION"]
     try:
         ver = metadata.version("spacetime")
     except metadata.PackageNotFoundError:

@@ -18,6 +18,17 @@ datasets_app = typer.Typer(help="Inspect dataset versions (Delta Lake history of
 app.add_typer(datasets_app, name="datasets")
 
 
+def _register_cluster_commands() -> None:
+    from spacetime.cluster import SUBMIT_CONTEXT_SETTINGS, jobs_app, submit_command
+
+    app.command("submit", context_settings=SUBMIT_CONTEXT_SETTINGS,
+                help="Submit a command as a Ray job: spacetime submit -- spacetime retrain ...")(submit_command)
+    app.add_typer(jobs_app, name="jobs")
+
+
+_register_cluster_commands()
+
+
 def fail(msg: str, code: int = 2) -> None:
     typer.secho(f"error: {msg}", err=True, fg=typer.colors.RED)
     raise typer.Exit(code)
