@@ -12,7 +12,7 @@ from collections import deque
 
 import cv2
 import numpy as np
-from scenedetect import AdaptiveDetector, ContentDetector, FrameTimecode, HistogramDetector, ThresholdDetector
+from scenedetect import AdaptiveDetector, FrameTimecode, HistogramDetector, ThresholdDetector
 
 
 class DissolveDetector:
@@ -35,7 +35,8 @@ class DissolveDetector:
 
     def process_frame(self, index: int, frame: np.ndarray) -> None:
         h, w = frame.shape[:2]
-        small = cv2.resize(frame, (self.size, max(1, self.size * h // w)), interpolation=cv2.INTER_AREA)
+        small = frame if w == self.size else cv2.resize(frame, (self.size, max(1, self.size * h // w)),
+                                                         interpolation=cv2.INTER_AREA)
         hist = cv2.calcHist([cv2.cvtColor(small, cv2.COLOR_RGB2HSV)], [0, 1, 2], None, [8, 4, 4],
                             [0, 180, 0, 256, 0, 256]).ravel()
         self.buf.append((cv2.cvtColor(small, cv2.COLOR_RGB2GRAY).astype(np.float32), hist / max(hist.sum(), 1)))
@@ -62,45 +63,51 @@ class DissolveDetector:
 
 
 class ShotDetector:
+    """Frame consumer -> shot boundaries. Per frame: one HSV content score (AdaptiveDetector, which
+    also gives the ContentDetector's absolute-threshold cuts for free), and a ~48 px copy for the
+    histogram, fade and dissolve detectors, so the per-frame cost stays a fraction of the decode."""
+
     def __init__(self, fps: float, content_threshold: float = 27.0, adaptive_threshold: float = 3.0,
                  fade_threshold: float = 12.0, min_shot_frames: int = 4, claim_frames: int = 12):
         self.fps = float(fps) if fps and fps > 0 else 25.0
         self.min_shot_frames = min_shot_frames
+        self.content_threshold = content_threshold
         n = min_shot_frames
-        self.hard = AdaptiveDetector(adaptive_threshold=adaptive_threshold, min_content_val=content_threshold / 2,
-                                     min_scene_len=n, window_width=2)
-        self.content = ContentDetector(threshold=content_threshold, min_scene_len=n)
+        self.adaptive = AdaptiveDetector(adaptive_threshold=adaptive_threshold, min_content_val=content_threshold / 2,
+                                         min_scene_len=n, window_width=2)
         self.histogram = HistogramDetector(min_scene_len=n)
         self.fade = ThresholdDetector(threshold=fade_threshold, min_scene_len=n)
         self.dissolve = DissolveDetector()
         self.claim = claim_frames
-        self.cuts = {"hard": [], "fade": []}
+        self.cuts: dict[str, list[int]] = {"hard": [], "fade": []}
+        self.scores: list[float] = []   # content score per frame (HSV mean pixel distance)
         self.last = -1
 
     def process_frame(self, index: int, frame: np.ndarray) -> None:
         tc = FrameTimecode(index, fps=self.fps)
-        bgr = frame[..., ::-1]
-        self.cuts["hard"] += [c.frame_num for c in self.hard.process_frame(tc, bgr)]
-        self.cuts["hard"] += [c.frame_num for c in self.content.process_frame(tc, bgr)]
-        self.cuts["hard"] += [c.frame_num for c in self.histogram.process_frame(tc, bgr)]
-        self.cuts["fade"] += [c.frame_num for c in self.fade.process_frame(tc, bgr)]
-        self.dissolve.process_frame(index, frame)
+        h, w = frame.shape[:2]
+        small = cv2.resize(frame, (self.dissolve.size, max(1, self.dissolve.size * h // w)), interpolation=cv2.INTER_AREA)
+        self.cuts["hard"] += [c.frame_num for c in self.adaptive.process_frame(tc, frame[..., ::-1])]
+        self.scores.append(self.adaptive._frame_score or 0.0)
+        self.cuts["hard"] += [c.frame_num for c in self.histogram.process_frame(tc, small[..., ::-1])]
+        self.cuts["fade"] += [c.frame_num for c in self.fade.process_frame(tc, small[..., ::-1])]
+        self.dissolve.process_frame(index, small)
         self.last = index
 
     def boundaries(self) -> list[int]:
         """Sorted frame indices where a new shot starts (0 excluded)."""
         if self.last >= 0:
             end = FrameTimecode(self.last, fps=self.fps)
-            self.cuts["hard"] += [c.frame_num for c in self.hard.post_process(end)]
-            self.cuts["hard"] += [c.frame_num for c in self.content.post_process(end)]
+            self.cuts["hard"] += [c.frame_num for c in self.adaptive.post_process(end)]
             self.cuts["fade"] += [c.frame_num for c in self.fade.post_process(end)]
+        # ContentDetector's rule on the scores already computed: an absolute jump is a cut.
+        content = [i for i, v in enumerate(self.scores) if i > 0 and v >= self.content_threshold]
         # A fade spans fade-out + black + fade-in, so it claims a wider neighbourhood than a dissolve.
         chosen: list[tuple[int, int]] = []  # (frame, claim radius)
         for kind, radius in ((self.cuts["fade"], self.claim + self.claim // 2), (self.dissolve.cuts(), self.claim),
-                             (self.cuts["hard"], 0)):
+                             (self.cuts["hard"] + content, 0)):
             chosen += [(c, radius) for c in kind if all(abs(c - x) > r for x, r in chosen)]
-        chosen = [c for c, _ in chosen]
-        return merge_cuts(chosen, self.min_shot_frames, self.last + 1)
+        return merge_cuts([c for c, _ in chosen], self.min_shot_frames, self.last + 1)
 
 
 def merge_cuts(cuts: list[int], min_gap: int, num_frames: int) -> list[int]:
