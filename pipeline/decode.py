@@ -52,7 +52,12 @@ def decode_for_analysis(path: str, consumers: list[FrameConsumer], *, rotation: 
     """
     out = Decoded()
     t0 = time.monotonic()
-    with av.open(path) as container:
+    try:
+        path.encode("utf-8")
+        src = path
+    except UnicodeEncodeError:  # a non-UTF-8 file name: hand libav an open file instead of the name
+        src = open(path, "rb")
+    with av.open(src) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         if threads:

@@ -13,6 +13,7 @@ the rerun reuses them and commits exactly the clip set of an uninterrupted run.
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,13 +32,19 @@ from pipeline.spec import DatasetSpec
 log = logging.getLogger("spacetime.curate")
 
 
+def display_uri(path: str) -> str:
+    """A path as table text: undecodable bytes of a non-UTF-8 name become \\xNN escapes."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _uri_key(uri: str) -> str:
     return "uri-" + hashlib.sha256(uri.encode("utf-8", "surrogateescape")).hexdigest()[:24]
 
 
-def rejected_row(uri: str, reason: str, sha: Optional[str] = None, **probe_fields) -> dict:
-    return {"source_uri": uri, "source_sha256": sha, "status": "rejected", "reason": reason,
-            "_key": sha or _uri_key(uri), **probe_fields}
+def rejected_row(uri: str, reason: str, sha: Optional[str] = None, key: Optional[str] = None) -> dict:
+    # Staged under its own key: a rejected file's sha may equal a good file's (no clips to collide).
+    return {"source_uri": display_uri(uri), "source_sha256": sha, "status": "rejected", "reason": reason,
+            "_key": key or "rej-" + _uri_key(uri)}
 
 
 ROW_TEMPLATE = {**{name: None for name in store.CLIPS_SCHEMA.names},
@@ -47,14 +54,24 @@ ROW_TEMPLATE = {**{name: None for name in store.CLIPS_SCHEMA.names},
 class AnalyzeSource:
     """flat_map stage: one source path -> its clip rows (or one rejected row, or one skip marker)."""
 
-    def __init__(self, root: str, spec: dict, done_shas: set, done_rejected: set):
+    def __init__(self, root: str, spec: dict, sources: list, done: "Done"):
         self.root, self.spec = root, DatasetSpec.model_validate(spec)
-        self.done_shas, self.done_rejected = done_shas, done_rejected
+        # Paths travel by index: a non-UTF-8 file name can't be an Arrow string in a Ray block.
+        self.sources = sources
+        self.done = done
+
+    def _seen(self, uri: str, sha: Optional[str]) -> Optional[list[dict]]:
+        """Skip marker if this (content, path) is committed; a duplicate-source row if only the content is."""
+        if (sha, display_uri(uri)) in self.done.pairs:
+            return [{"_skip": True, "source_uri": display_uri(uri)}]
+        if sha and sha in self.done.clip_source:
+            return [_dup_row(uri, self.done.clip_source[sha], sha)]
+        return None
 
     def __call__(self, item: dict) -> list[dict]:
-        uri = item["source_uri"]
-        if item.get("source_reject"):
-            rows = [rejected_row(uri, item["source_reject"])]
+        uri, reject = self.sources[item["i"]]
+        if reject:
+            rows = [rejected_row(uri, reject)]
         else:
             try:
                 rows = self._analyze(uri)
@@ -72,15 +89,15 @@ class AnalyzeSource:
         spec = self.spec
         info = probe(uri, timeout_s=min(60.0, spec.analysis.timeout_s))
         if not info.ok:
-            if uri in self.done_rejected:
-                return [{"_skip": True, "source_uri": uri}]
-            sha = sha256_file(uri) if Path(uri).is_file() and info.reason != "missing file" else None
-            if sha and sha in self.done_shas:
-                return [{"_skip": True, "source_uri": uri}]
-            return [rejected_row(uri, info.reason, sha)]
+            try:
+                sha = sha256_file(uri) if os.path.isfile(uri) else None
+            except OSError:
+                sha = None
+            return self._seen(uri, sha) or [rejected_row(uri, info.reason, sha)]
         sha = sha256_file(uri)
-        if sha in self.done_shas:
-            return [{"_skip": True, "source_uri": uri}]
+        seen = self._seen(uri, sha)
+        if seen:
+            return seen
         shot_detector = ShotDetector(info.fps, spec.shots.content_threshold, spec.shots.adaptive_threshold,
                                      spec.shots.fade_threshold, spec.shots.min_shot_frames)
         scorers = default_analyzers()
@@ -99,13 +116,13 @@ class AnalyzeSource:
             errors = transcode_clips(uri, jobs, spec.clips.crf, spec.clips.preset, spec.analysis.timeout_s)
             uris = [(str(out), errors[out]) for _, _, out in jobs]
         else:
-            uris = [(reference_uri(uri, p.start_frame, p.end_frame), None) for p in plans]
+            uris = [(reference_uri(display_uri(uri), p.start_frame, p.end_frame), None) for p in plans]
 
         rows = []
         for p, cid, (curi, err) in zip(plans, ids, uris):
             t0 = dec.pts_s[p.start_frame] if p.start_frame < len(dec.pts_s) else p.start_frame / fps
             frames = pick_frames(dec.thumbs, p.start_frame, p.end_frame, spec.embedding.frames_per_clip)
-            row = {"clip_id": cid, "source_uri": uri, "source_sha256": sha, "_key": sha,
+            row = {"clip_id": cid, "source_uri": display_uri(uri), "source_sha256": sha, "_key": sha,
                    "start_frame": p.start_frame, "end_frame": p.end_frame,
                    "shot_start_frame": p.shot_start_frame, "shot_end_frame": p.shot_end_frame,
                    "start_s": t0, "end_s": t0 + (p.end_frame - p.start_frame) / fps, "fps": fps,
@@ -129,11 +146,18 @@ class CurateResult:
     rejected: list = field(default_factory=list)   # (source_uri, reason) of this run
 
 
-def _done_sets(root: str) -> tuple[set, set]:
-    t = store.read_clips(root, columns=["source_sha256", "source_uri", "status"])
-    shas = {s for s in t["source_sha256"].to_pylist() if s}
-    rej = pc.filter(t, pc.and_(pc.equal(t["status"], "rejected"), pc.is_null(t["source_sha256"])))
-    return shas, set(rej["source_uri"].to_pylist())
+@dataclass
+class Done:
+    """What earlier runs committed or staged: (sha256, source_uri) pairs, and the source whose
+    clips each content hash already produced (a later copy under another name is a duplicate)."""
+    pairs: set = field(default_factory=set)
+    clip_source: dict = field(default_factory=dict)
+
+    def add(self, t: pa.Table) -> None:
+        for sha, uri, cid in zip(*(t[c].to_pylist() for c in ("source_sha256", "source_uri", "clip_id"))):
+            self.pairs.add((sha, uri))
+            if sha and cid:
+                self.clip_source.setdefault(sha, uri)
 
 
 def import_captions(table: pa.Table, captions_file: str) -> pa.Table:
@@ -198,6 +222,30 @@ def _rows_to_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_arrays(arrays, names=names)
 
 
+def _stage_source(root: str, staged: dict, rows: list[dict]) -> None:
+    """Stage one finished source. Two files with identical bytes in one run would give identical
+    clip ids: the smaller path keeps the clips, the other becomes a 'identical content' row."""
+    key = rows[0]["_key"]
+    if key in staged and rows[0]["clip_id"]:
+        other = staged[key]["source_uri"][0].as_py()
+        mine = rows[0]["source_uri"]
+        keep, dup = (rows, other) if mine < other else (None, mine)
+        if keep is not None:  # this path wins: the staged one becomes the duplicate
+            old = staged.pop(key)
+            _stage_source(root, staged, [{**_dup_row(other, mine, key), "_n": 1}])
+            del old
+        else:
+            rows = [{**_dup_row(dup, other, key), "_n": 1}]
+            key = rows[0]["_key"]
+    staged[key] = _rows_to_table(rows)
+    store.stage(root, key, staged[key])
+
+
+def _dup_row(uri: str, original: str, sha: str) -> dict:
+    return {**ROW_TEMPLATE, **rejected_row(uri, f"identical content to {original} (sha256 {sha[:12]})", sha,
+                                           key="dup-" + _uri_key(uri))}
+
+
 def curate(source_args: list[str], root: str, spec: DatasetSpec, captions: Optional[str] = None,
            progress: Optional[Callable[[int, int, str], None]] = None, ray_address: Optional[str] = None) -> CurateResult:
     """Curate sources into the `clips` table under `root`; returns what this run wrote."""
@@ -209,10 +257,11 @@ def curate(source_args: list[str], root: str, spec: DatasetSpec, captions: Optio
     root = str(Path(root).resolve())
     Path(root).mkdir(parents=True, exist_ok=True)
     sources: list[Source] = expand_sources(source_args)
-    done_shas, done_rejected = _done_sets(root)
-    staged = store.load_staged(root)
-    done_shas |= set(staged)
     committed = store.read_clips(root)
+    staged = store.load_staged(root)
+    done = Done()
+    for t in [committed, *staged.values()]:
+        done.add(store.conform(t))
 
     if not ray.is_initialized():
         ray.init(address=ray_address, ignore_reinit_error=True, log_to_driver=False,
@@ -225,10 +274,11 @@ def curate(source_args: list[str], root: str, spec: DatasetSpec, captions: Optio
     skipped = 0
     pending: dict[str, list] = {}
     if sources:
-        items = [{"source_uri": s.uri, "source_reject": s.reject} for s in sources]
+        items = [{"i": i} for i in range(len(sources))]
         ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
         ds = ds.flat_map(AnalyzeSource, fn_constructor_kwargs=dict(
-            root=root, spec=spec.model_dump(mode="json"), done_shas=done_shas, done_rejected=done_rejected),
+            root=root, spec=spec.model_dump(mode="json"), sources=[(s.uri, s.reject) for s in sources],
+            done=done),
             compute=ray.data.ActorPoolStrategy(size=res.analyze.concurrency), num_cpus=res.analyze.num_cpus)
         ds = ds.map_batches(ClipEmbedder, fn_constructor_kwargs=dict(
             model=spec.embedding.model, pretrained=spec.embedding.pretrained,
@@ -246,17 +296,16 @@ def curate(source_args: list[str], root: str, spec: DatasetSpec, captions: Optio
                 continue
             # Clips of one source arrive together from flat_map, but batches may split them: stage a
             # source once all its rows are here (the analysis stage tags each with the row count).
-            key = row["_key"]
-            pending.setdefault(key, []).append(row)
-            if len(pending[key]) == int(row["_n"]):
-                staged[key] = _rows_to_table(pending.pop(key))
-                store.stage(root, key, staged[key])
+            uri = row["source_uri"]
+            pending.setdefault(uri, []).append(row)
+            if len(pending[uri]) == int(row["_n"]):
+                _stage_source(root, staged, pending.pop(uri))
                 finished += 1
                 if progress:
-                    progress(finished, len(sources), Path(row["source_uri"]).name)
-    for key, rows in pending.items():  # should not happen; never lose rows silently
-        log.warning("source %s ended with %d partial rows; staging what arrived", key, len(rows))
-        staged[key] = _rows_to_table(rows)
+                    progress(finished, len(sources), Path(uri).name)
+    for uri, rows in pending.items():  # should not happen; never lose rows silently
+        log.warning("source %s ended with %d partial rows; staging what arrived", uri, len(rows))
+        _stage_source(root, staged, rows)
 
     if not staged:
         return CurateResult(None, {}, len(sources), skipped, 0)

@@ -68,7 +68,7 @@ class ShotDetector:
     histogram, fade and dissolve detectors, so the per-frame cost stays a fraction of the decode."""
 
     def __init__(self, fps: float, content_threshold: float = 27.0, adaptive_threshold: float = 3.0,
-                 fade_threshold: float = 12.0, min_shot_frames: int = 4, claim_frames: int = 12):
+                 fade_threshold: float = 3.0, min_shot_frames: int = 4, claim_frames: int = 12):
         self.fps = float(fps) if fps and fps > 0 else 25.0
         self.min_shot_frames = min_shot_frames
         self.content_threshold = content_threshold
@@ -81,6 +81,7 @@ class ShotDetector:
         self.claim = claim_frames
         self.cuts: dict[str, list[int]] = {"hard": [], "fade": []}
         self.scores: list[float] = []   # content score per frame (HSV mean pixel distance)
+        self.levels: list[float] = []   # mean pixel level per frame (0..255), for placing fade cuts
         self.last = -1
 
     def process_frame(self, index: int, frame: np.ndarray) -> None:
@@ -91,6 +92,7 @@ class ShotDetector:
         self.scores.append(self.adaptive._frame_score or 0.0)
         self.cuts["hard"] += [c.frame_num for c in self.histogram.process_frame(tc, small[..., ::-1])]
         self.cuts["fade"] += [c.frame_num for c in self.fade.process_frame(tc, small[..., ::-1])]
+        self.levels.append(float(small.mean()))
         self.dissolve.process_frame(index, small)
         self.last = index
 
@@ -100,14 +102,32 @@ class ShotDetector:
             end = FrameTimecode(self.last, fps=self.fps)
             self.cuts["hard"] += [c.frame_num for c in self.adaptive.post_process(end)]
             self.cuts["fade"] += [c.frame_num for c in self.fade.post_process(end)]
+        fades = [self._black_centre(c) for c in self.cuts["fade"]]
         # ContentDetector's rule on the scores already computed: an absolute jump is a cut.
         content = [i for i, v in enumerate(self.scores) if i > 0 and v >= self.content_threshold]
         # A fade spans fade-out + black + fade-in, so it claims a wider neighbourhood than a dissolve.
         chosen: list[tuple[int, int]] = []  # (frame, claim radius)
-        for kind, radius in ((self.cuts["fade"], self.claim + self.claim // 2), (self.dissolve.cuts(), self.claim),
+        for kind, radius in ((fades, self.claim + self.claim // 2), (self.dissolve.cuts(), self.claim),
                              (self.cuts["hard"] + content, 0)):
             chosen += [(c, radius) for c in kind if all(abs(c - x) > r for x, r in chosen)]
         return merge_cuts([c for c, _ in chosen], self.min_shot_frames, self.last + 1)
+
+
+    def _black_centre(self, cut: int) -> int:
+        """Move a fade cut to the middle of the darkest run near it: ThresholdDetector places it
+        between its threshold crossings, which sit off-centre when one side is a dim shot."""
+        lo, hi = max(0, cut - self.claim), min(len(self.levels), cut + self.claim + 1)
+        window = np.asarray(self.levels[lo:hi])
+        if not len(window):
+            return cut
+        dark = np.flatnonzero(window <= window.min() + 0.5) + lo
+        run = dark[np.abs(dark - cut).argmin()]  # the dark run containing / nearest the cut
+        start = end = run
+        while start - 1 in dark:
+            start -= 1
+        while end + 1 in dark:
+            end += 1
+        return int((start + end + 1) // 2)
 
 
 def merge_cuts(cuts: list[int], min_gap: int, num_frames: int) -> list[int]:

@@ -27,7 +27,7 @@ class AnalysisSpec(_Strict):
 class ShotSpec(_Strict):
     content_threshold: float = Field(27.0, gt=0, description="ContentDetector threshold (hard cuts)")
     adaptive_threshold: float = Field(3.0, gt=0, description="AdaptiveDetector ratio threshold (dissolves)")
-    fade_threshold: float = Field(12.0, gt=0, description="ThresholdDetector mean-brightness level (fades)")
+    fade_threshold: float = Field(3.0, gt=0, description="ThresholdDetector mean level 0-255 below which a frame is black (fades); a dim shot stays above it")
     min_shot_frames: int = Field(4, ge=1, description="detector debounce; minimum clip length is a filter")
 
 
