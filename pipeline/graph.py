@@ -48,7 +48,7 @@ def rejected_row(uri: str, reason: str, sha: Optional[str] = None, key: Optional
 
 
 ROW_TEMPLATE = {**{name: None for name in store.CLIPS_SCHEMA.names},
-                "frames": [], "thumbnail": None, "_key": None, "_skip": False, "_n": 1}
+                "frames": [], "thumbnail": None, "layout": None, "_key": None, "_skip": False, "_n": 1}
 
 
 class AnalyzeSource:
@@ -84,6 +84,7 @@ class AnalyzeSource:
 
     def _analyze(self, uri: str) -> list[dict]:
         from pipeline.probe import probe, sha256_file
+        from pipeline.dedup import EdgeLayout
         from pipeline.scores import clip_scores, default_analyzers
 
         spec = self.spec
@@ -101,7 +102,8 @@ class AnalyzeSource:
         shot_detector = ShotDetector(info.fps, spec.shots.content_threshold, spec.shots.adaptive_threshold,
                                      spec.shots.fade_threshold, spec.shots.min_shot_frames)
         scorers = default_analyzers()
-        dec = decode_for_analysis(uri, [shot_detector, *scorers], rotation=info.rotation,
+        layout = EdgeLayout()
+        dec = decode_for_analysis(uri, [shot_detector, layout, *scorers], rotation=info.rotation,
                                   short_side=spec.analysis.short_side, threads=spec.analysis.threads,
                                   timeout_s=spec.analysis.timeout_s)
         if dec.num_frames < 2:
@@ -128,6 +130,7 @@ class AnalyzeSource:
                    "start_s": t0, "end_s": t0 + (p.end_frame - p.start_frame) / fps, "fps": fps,
                    "width": info.width, "height": info.height, "rotation": info.rotation,
                    "clip_uri": None if err else curi, "frames": frames,
+                   "layout": layout.clip_vector(p.start_frame, p.end_frame),
                    "thumbnail": frames[len(frames) // 2] if frames else None,
                    **clip_scores(scorers, p.start_frame, p.end_frame)}
             if err:
@@ -204,13 +207,23 @@ def decide(new: pa.Table, committed: pa.Table, spec: DatasetSpec) -> pa.Table:
 
     new = apply_filters(new, spec.filters, spec.clips.min_seconds, spec.clips.max_seconds)
     kept_before = committed.filter(pc.equal(committed["status"], "kept")) if committed.num_rows else None
+    feature = spec.dedup.feature
+    if feature == "auto":
+        feature = "embedding" if spec.embedding.pretrained else "layout"
+    if feature == "layout":
+        if "layout" not in new.column_names:
+            log.warning("no layout column (older version?): dedup skipped")
+            return new
+        if kept_before is not None and "layout" not in kept_before.column_names:
+            kept_before = None
+        return mark_duplicates(new, spec.dedup, kept_before, column="layout", threshold=spec.dedup.layout_threshold)
     return mark_duplicates(new, spec.dedup, kept_before)
 
 
 def _rows_to_table(rows: list[dict]) -> pa.Table:
-    drop = {"frames", "_key", "_skip", "_n", "embed_error"}
+    drop = {"frames", "_key", "_skip", "_n"}
     clean = [{k: v for k, v in r.items() if k not in drop} for r in rows]
-    extra = {"thumbnail": pa.binary()}
+    extra = {"thumbnail": pa.binary(), "layout": pa.list_(pa.float32()), "embed_error": pa.string()}
     keys = {k for r in clean for k in r}
     arrays, names = [], []
     for f in store.CLIPS_SCHEMA:

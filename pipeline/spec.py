@@ -58,7 +58,11 @@ class FilterSpec(_Strict):
 
 
 class DedupSpec(_Strict):
-    threshold: float = Field(0.95, gt=0, le=1, description="cosine similarity at or above which clips are duplicates")
+    feature: Literal["auto", "embedding", "layout"] = Field(
+        "auto", description="embedding = CLIP; layout = edge layout of a few frames; auto = CLIP when real "
+                            "weights are given (embedding.pretrained), else layout (random CLIP embeds all alike)")
+    threshold: float = Field(0.95, gt=0, le=1, description="CLIP cosine at or above which clips are duplicates")
+    layout_threshold: float = Field(0.7, gt=0, le=1, description="edge-layout cosine for the layout feature")
     method: Literal["auto", "exact", "faiss"] = "auto"
     exact_max: int = Field(20000, ge=1, description="auto uses exact pairwise up to this many clips")
 
