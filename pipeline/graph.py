@@ -340,6 +340,43 @@ def curate(source_args: list[str], root: str, spec: DatasetSpec, captions: Optio
                         [(r["source_uri"], r["reason"]) for r in rej])
 
 
+def score_aesthetic(embeddings: list, weights: str) -> list:
+    """Aesthetic head over cached CLIP embeddings (None where a clip has none)."""
+    import numpy as np
+    import torch
+
+    from pipeline.embed import AestheticHead
+
+    head = AestheticHead.load(weights).eval()
+    ok = [i for i, e in enumerate(embeddings) if e is not None]
+    out: list = [None] * len(embeddings)
+    if ok:
+        with torch.inference_mode():
+            x = torch.as_tensor(np.asarray([embeddings[i] for i in ok], dtype=np.float32))
+            for i, v in zip(ok, head(x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)).tolist()):
+                out[i] = v
+    return out
+
+
+def aesthetic_labels_from_ground_truth(table: pa.Table, gt: dict) -> tuple[list, list]:
+    """(clip_ids, labels): 0 for clips cut from shots the demo generator marked low quality, else 1."""
+    bad = {}
+    for v in gt["videos"]:
+        for s in v["shots"]:
+            bad.setdefault(v["file"], []).append((s["start_frame"], s["end_frame"],
+                                                  bool(set(s["defects"]) & {"blur", "dark"})))
+    ids, labels = [], []
+    for r in table.select(["clip_id", "source_uri", "start_frame", "end_frame", "embedding"]).to_pylist():
+        if not r["clip_id"] or r["embedding"] is None:
+            continue
+        mid = (r["start_frame"] + r["end_frame"]) // 2
+        for s, e, is_bad in bad.get(Path(r["source_uri"]).name, []):
+            if s <= mid < e:
+                ids.append(r["clip_id"])
+                labels.append(0.0 if is_bad else 1.0)
+    return ids, labels
+
+
 def refilter(root: str, spec: DatasetSpec) -> tuple[int, dict]:
     """Re-decide every clip's status from cached scores under new thresholds; one overwrite commit.
 
@@ -358,6 +395,10 @@ def refilter(root: str, spec: DatasetSpec) -> tuple[int, dict]:
     for name, val in (("status", pa.nulls(n, pa.string())), ("reason", pa.nulls(n, pa.string())),
                       ("dup_of", pa.nulls(n, pa.string()))):
         reset = reset.set_column(reset.schema.get_field_index(name), name, val)
+    if spec.embedding.aesthetic_weights:  # a newly trained head re-scores the cached embeddings
+        reset = reset.set_column(reset.schema.get_field_index("aesthetic"), "aesthetic",
+                                 pa.array(score_aesthetic(reset["embedding"].to_pylist(),
+                                                          spec.embedding.aesthetic_weights), pa.float32()))
     decided = decide(reset, reset.slice(0, 0), spec)
     out = pa.concat_tables([decided, clips.filter(transcode_failed), table.filter(pc.invert(is_clip))],
                            promote_options="permissive")

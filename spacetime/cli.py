@@ -157,6 +157,43 @@ def report(root: Path = typer.Argument(..., help="dataset root"),
             raise typer.Exit(1)
 
 
+@app.command("train-aesthetic")
+def train_aesthetic_cmd(dataset: Path = typer.Option(..., "--dataset", help="dataset root with CLIP embeddings"),
+                        labels: Path = typer.Option(..., "--labels", help="JSON {clip_id: score} (1 good, 0 low "
+                                                    "quality) or a demo ground_truth.json (defects = 0)"),
+                        out: Path = typer.Option(..., "--out", help="safetensors file for the head"),
+                        epochs: int = typer.Option(300, min=1), seed: int = typer.Option(0)):
+    """Fit the aesthetic MLP head on labelled clips' CLIP embeddings; saves safetensors.
+
+    Use it with `embedding.aesthetic_weights` in a spec and `spacetime filter` (no decoding needed).
+    """
+    import numpy as np
+
+    from pipeline import store
+    from pipeline.embed import train_aesthetic
+    from pipeline.graph import aesthetic_labels_from_ground_truth
+
+    _need_table(dataset)
+    if not labels.is_file():
+        fail(f"labels file not found: {labels}")
+    t = store.read_clips(dataset)
+    raw = json.loads(labels.read_text())
+    if isinstance(raw, dict) and "videos" in raw:
+        ids, ys = aesthetic_labels_from_ground_truth(t, raw)
+    elif isinstance(raw, dict):
+        ids, ys = list(raw), [float(v) for v in raw.values()]
+    else:
+        fail("labels must be a JSON object {clip_id: score} or a ground_truth.json")
+    emb = {r["clip_id"]: r["embedding"] for r in t.select(["clip_id", "embedding"]).to_pylist() if r["embedding"]}
+    pairs = [(emb[i], y) for i, y in zip(ids, ys) if i in emb]
+    if len(pairs) < 4 or len({y for _, y in pairs}) < 2:
+        fail(f"need labelled clips of at least two classes with embeddings; found {len(pairs)}")
+    x, y = np.asarray([p[0] for p in pairs], np.float32), np.asarray([p[1] for p in pairs], np.float32)
+    hist = train_aesthetic(x, y, out, epochs=epochs, seed=seed)
+    typer.echo(f"trained aesthetic head on {len(pairs)} clips ({int((y < 0.5).sum())} low quality): "
+               f"loss {hist['loss'][0]:.4f} -> {hist['loss'][-1]:.4f}; saved {out}")
+
+
 # --- datasets -------------------------------------------------------------------------------
 
 def _need_table(root: Path):
@@ -317,21 +354,26 @@ def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="where footage
     _quiet_ray()
     out.mkdir(parents=True, exist_ok=True)
     foot = out / "footage"
-    typer.echo(f"[1/2] generating {videos} demo videos in {foot}")
+    typer.echo(f"[1/3] generating {videos} demo videos in {foot}")
     bar = _progress_bar(videos, "footage")
     gt = generate_footage(foot, seed=seed, videos=videos, progress=lambda i, n: bar(i, n, f"video {i}/{n}"))
     caps = write_captions_file(gt, foot / "captions.json")
     root = out / "dataset"
     spec_path = Path(__file__).resolve().parent.parent / "datasets" / "demo.yaml"
     s = _load_spec(spec_path if spec_path.is_file() else None)
-    typer.echo(f"[2/2] curating into {root}")
+    typer.echo(f"[2/3] curating into {root}")
     res = run_curate([str(foot)], str(root), s, captions=str(caps), progress=_progress_bar(videos, "curate"))
+    from spacetime.report import write_report
+
+    typer.echo("[3/3] writing the curation report")
+    report_path = write_report(root, None, out / "report.html", s)
     t = store.read_clips(root)
     typer.echo("")
     typer.echo(f"dataset: {root.resolve()}  (Delta table {root.resolve() / 'clips'}, version {store.latest_version(root)})")
     _print_counts(store.status_counts(t), "clips by status")
     if res.version is None:
         typer.echo("(nothing new this run: footage already curated)")
+    typer.echo(f"report: {report_path.resolve()}")
     typer.echo(f"inspect: spacetime datasets log {root}   |   spacetime datasets show {root} --status kept")
 
 
