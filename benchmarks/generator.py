@@ -1,0 +1,196 @@
+"""Generator core benchmark: ratios measured side by side in one run.
+
+1. packed / padded training tokens/s on a mixed-aspect, mixed-duration batch (target >= 1.5).
+   Padded = every sample padded to the longest (pad tokens cost the linears and the attention,
+   exactly as a key-masked padded batch does); only real tokens are counted for both.
+2. achieved FLOP/s of a DiT training step / torch matmul FLOP/s at the same width (target >= 35%
+   on CPU); on CUDA in bf16 this is the MFU against the measured bf16 matmul peak.
+3. VAE peak memory, chunked encode + decode, at 4x frames / 1x frames (target <= 1.25): peak RSS
+   growth on CPU (VmHWM reset through /proc/self/clear_refs), max_memory_allocated on CUDA.
+
+Needs only torch + einops + safetensors:  python benchmarks/generator.py [--quick]
+"""
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from generator.dit import DiT, DiTConfig  # noqa: E402
+from generator.flow import RectifiedFlow  # noqa: E402
+from generator.patches import pack, pack_sequences  # noqa: E402
+from generator.vae import VAE, VAEConfig  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def best_time(fn, device, repeats: int):
+    """Fastest of `repeats` timed calls after one warm-up (the machine may be shared)."""
+    fn()
+    sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+# mixed aspect ratios and durations, in latent units (C=4, T, H, W): images and videos
+MIXED = [(1, 16, 16), (1, 8, 24), (1, 24, 8), (2, 12, 12), (3, 16, 16), (5, 8, 16), (1, 32, 16), (9, 16, 16),
+         (2, 8, 8), (1, 12, 20), (4, 16, 8), (1, 16, 32)]
+
+
+def make_step(model, opt, latents, texts, device, dtype):
+    p = pack(latents).to(device)
+    y, ycu = pack_sequences(texts)
+    y, ycu = y.to(device), ycu.to(device)
+    rf, g = RectifiedFlow(), torch.Generator(device).manual_seed(0)
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = rf.loss(lambda z, t: model(z, t, p.positions, p.cu_seqlens, y, ycu), p.tokens, p.cu_seqlens, generator=g)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step, p
+
+
+def padded_latents(latents):
+    """Each latent zero-padded along the flattened grid to the longest token count: reshape to one
+    long 'row' so the pad tokens join the sequence (what a padded batch computes)."""
+    n = [t * (h // 2) * (w // 2) for _, t, h, w in (z.shape for z in latents)]
+    L = max(n)
+    out = []
+    for z in latents:
+        tokens = z.shape[1] * (z.shape[2] // 2) * (z.shape[3] // 2)
+        flat = torch.zeros(z.shape[0], 1, 2, 2 * L)  # (C, 1, 2, 2L): a 1 x L token grid
+        body = z.reshape(z.shape[0], -1)[:, : tokens * 4].reshape(z.shape[0], 1, 2, 2 * tokens)
+        flat[..., : 2 * tokens] = body
+        out.append(flat)
+    return out
+
+
+def bench_packing(device, dtype, width, depth, repeats):
+    torch.manual_seed(0)
+    model = DiT(DiTConfig(in_channels=4, hidden_size=width, depth=depth, num_heads=width // 64, text_dim=64)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    latents = [torch.randn(4, *s) for s in MIXED]
+    texts = [torch.randn(8, 64) for _ in MIXED]
+    real = sum(t * (h // 2) * (w // 2) for t, h, w in MIXED)
+    step_packed, p = make_step(model, opt, latents, texts, device, dtype)
+    step_padded, pp = make_step(model, opt, padded_latents(latents), texts, device, dtype)
+    t_packed = best_time(step_packed, device, repeats)
+    t_padded = best_time(step_padded, device, repeats)
+    print(f"[packing] {len(MIXED)} samples, {real} real tokens, {pp.tokens.shape[0]} padded tokens "
+          f"(lengths {min(p.seqlens.tolist())}..{p.max_seqlen}); width {width} depth {depth}")
+    print(f"[packing] packed/padded real tokens/s = {t_padded / t_packed:.2f}x (target >= 1.5)")
+    if device.type == "cuda":
+        print(f"[packing] packed tokens/s on {torch.cuda.get_device_name()}: {real / t_packed:,.0f}")
+
+
+def bench_mfu(device, dtype, width, depth, tokens, repeats):
+    torch.manual_seed(0)
+    model = DiT(DiTConfig(in_channels=4, hidden_size=width, depth=depth, num_heads=width // 64, text_dim=64)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # a realistic packed batch: samples of 256 tokens (e.g. 4 x 16 x 16 latent frames)
+    n = max(tokens // 256, 1)
+    latents = [torch.randn(4, 4, 16, 16) for _ in range(n)]
+    step, p = make_step(model, opt, latents, [torch.randn(16, 64) for _ in range(n)], device, dtype)
+    N = p.tokens.shape[0]
+    flops = 3 * model.flops_per_token(p.seqlens.tolist(), 16) * N
+    a = torch.randn(N, width, device=device, dtype=dtype)
+    b = torch.randn(width, 4 * width, device=device, dtype=dtype)
+    mm = lambda: a @ b  # the MLP's up-projection: the layer shape that dominates the step
+    t_mm, t_step = [], []
+    for _ in range(repeats):  # interleave so both see the same machine load
+        t_mm.append(best_time(mm, device, 3))
+        t_step.append(best_time(step, device, 1))
+    peak = 2 * N * width * 4 * width / min(t_mm)
+    achieved = flops / min(t_step)
+    label = "MFU (bf16)" if dtype == torch.bfloat16 else "achieved / matmul FLOP/s"
+    print(f"[flops] DiT width {width} depth {depth}, {N} tokens, train step {flops / 1e9:.1f} GFLOP")
+    print(f"[flops] {label} = {achieved / peak:.1%} (target >= 35%)")
+    if device.type == "cuda":
+        print(f"[flops] train tokens/s: {N / min(t_step):,.0f}")
+
+
+def _status_kb(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1])
+
+
+def vae_peak_growth(device, frames, size, chunk):
+    """Peak memory growth (bytes) of a chunked encode + decode of one video, over the memory held
+    before the call. On CPU run this in a fresh process: freed heap pages stay resident, so a
+    second measurement in the same process would reuse them and read low."""
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(channels=(32, 64, 128, 128))).to(device).eval()
+    x = torch.rand(1, 3, frames, size, size, device=device) * 2 - 1
+    with torch.no_grad():
+        vae.decode(vae.encode(x[:, :, :1]).mean)  # warm-up: allocator pools, lazy init
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM (peak RSS) to the current RSS
+            base = _status_kb("VmRSS") * 1024
+        vae.decode(vae.encode(x, chunk_frames=chunk).mean, chunk_frames=chunk)
+        peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _status_kb("VmHWM") * 1024
+    return peak - base
+
+
+def bench_vae_memory(device, frames, size, chunk):
+    sizes = (frames, 4 * (frames - 1) + 1)
+    if device.type == "cuda":
+        peaks = [vae_peak_growth(device, T, size, chunk) for T in sizes]
+    else:
+        peaks = []
+        for T in sizes:
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--vae-child", f"{T},{size},{chunk}"],
+                                 capture_output=True, text=True, check=True)
+            peaks.append(int(out.stdout.strip().splitlines()[-1]))
+    print(f"[vae] chunked ({chunk} frames) encode+decode at {size}x{size}: peak growth {sizes[0]} frames "
+          f"{peaks[0] / 2**20:.0f} MiB, {sizes[1]} frames {peaks[1] / 2**20:.0f} MiB "
+          f"(input + output video grow 4x: {2 * 3 * 4 * size * size * (sizes[1] - sizes[0]) / 2**20:.0f} MiB more)")
+    print(f"[vae] peak memory 4x frames / 1x = {peaks[1] / peaks[0]:.2f} (target <= 1.25)")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU threads (1 default: on a shared machine more threads mostly wait on each other)")
+    ap.add_argument("--vae-child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.vae_child:
+        T, size, chunk = map(int, args.vae_child.split(","))
+        print(vae_peak_growth(device, T, size, chunk))
+        return
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), dtype {dtype}")
+    if device.type == "cuda":
+        bench_packing(device, dtype, 1152, 4, 5)
+        bench_mfu(device, dtype, 1152, 4, 32768, 5)
+        bench_vae_memory(device, 17, 256, 8)
+    else:
+        r = 2 if args.quick else 4
+        bench_packing(device, dtype, 256, 2, r)
+        bench_mfu(device, dtype, 384, 2, 2048 if args.quick else 4096, r)
+        bench_vae_memory(device, 17, 64 if args.quick else 128, 8)
+
+
+if __name__ == "__main__":
+    main()

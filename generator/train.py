@@ -1,0 +1,337 @@
+"""Training loops: the DiT with rectified flow (nanoGPT-style, written out), and a small VAE loop.
+
+One step, in order: batch -> forward under autocast (bf16 on CUDA only) -> NaN/inf guard (skip,
+count, log) -> backward -> grad clip -> optimizer step -> EMA -> LR warmup -> log -> checkpoint.
+
+Checkpoints are safetensors holding model, EMA, optimizer state, RNG states, data position and
+step, so resume is exact. Each is written to a temp file and os.replace'd into place; then
+`latest.json` (also atomically replaced) names it with its sha256, so a truncated or tampered file
+is refused instead of silently loaded.
+
+`train(cfg, data)` is the loop. `train_loop_per_worker(config)` is the Ray Train entry point: it
+reads rank/world size from Ray and calls the same `train` (DDP when world size > 1). Ray is only
+imported there.
+"""
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from generator.dit import DiT, DiTConfig
+from generator.flow import RectifiedFlow
+from generator.patches import Packed, pack, pack_sequences
+from generator.vae import VAE, load_state_strict, psnr, vae_loss
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    steps: int = 1000              # optimizer iterations (skipped ones included)
+    lr: float = 1e-4
+    warmup_steps: int = 100        # linear LR warmup, then constant
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    cfg_dropout: float = 0.1       # probability a sample's text is replaced by the null embedding
+    max_tokens: int = 4096         # tokens per packed batch (per worker)
+    base_tokens: int = 256         # resolution-shift reference (tokens per sample with shift 1)
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    seed: int = 0
+    device: str = "auto"           # auto | cpu | cuda
+    log_every: int = 10
+    ckpt_dir: str | None = None
+    ckpt_every: int = 0            # 0: only at the end
+    keep_ckpts: int = 2
+    resume: bool = True            # continue from ckpt_dir/latest.json when present
+    max_seconds: float | None = None  # compute budget: wall-clock seconds of this run
+    max_flops: float | None = None    # compute budget: total training FLOPs (3x forward matmul FLOPs)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        dit = d.pop("dit", {})
+        dit = dit if isinstance(dit, DiTConfig) else DiTConfig(**{**dit, "patch": tuple(dit.get("patch", (1, 2, 2)))})
+        d["betas"] = tuple(d.get("betas", (0.9, 0.999)))
+        return cls(dit=dit, **d)
+
+
+class PackedBatches:
+    """Endless, deterministic iterator of packed batches from in-memory (latent, text_embedding) pairs.
+
+    latent (C, T, H, W), text (L, D_text). Each epoch is a seeded permutation (seed, epoch); a
+    batch takes samples in order while they fit in `max_tokens`. With world_size > 1 each rank
+    reads every world_size-th sample. state_dict() is the data position for exact resume."""
+
+    def __init__(self, pairs, patch, max_tokens: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.pairs, self.patch, self.max_tokens, self.seed = pairs, tuple(patch), max_tokens, seed
+        self.rank, self.world_size = rank, world_size
+        self.tokens = [math.prod(s // p for s, p in zip(z.shape[1:], self.patch)) for z, _ in pairs]
+        if max(self.tokens) > max_tokens:
+            raise ValueError(f"a sample has {max(self.tokens)} tokens > max_tokens {max_tokens}")
+        self.epoch, self.pos = 0, 0
+        self._order = self._epoch_order()
+
+    def _epoch_order(self):
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        return torch.randperm(len(self.pairs), generator=g)[self.rank::self.world_size].tolist()
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, s):
+        self.epoch, self.pos = s["epoch"], s["pos"]
+        self._order = self._epoch_order()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        chosen, n = [], 0
+        while True:
+            if self.pos >= len(self._order):
+                if chosen:  # batches do not straddle epochs
+                    break
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._epoch_order()
+            i = self._order[self.pos]
+            if chosen and n + self.tokens[i] > self.max_tokens:
+                break
+            chosen.append(i)
+            n += self.tokens[i]
+            self.pos += 1
+        packed = pack([self.pairs[i][0] for i in chosen], self.patch)
+        text, text_cu = pack_sequences([self.pairs[i][1] for i in chosen])
+        return {"packed": packed, "text": text, "text_cu": text_cu}
+
+
+@dataclass
+class TrainResult:
+    history: list          # one dict per logged step: step, loss, lr, grad_norm, skipped, tokens
+    model: DiT
+    ema: DiT
+    step: int
+    skipped: int           # steps skipped for a non-finite loss or gradient
+    stop_reason: str       # steps | max_seconds | max_flops
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_write_text(path: str, text: str):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(ckpt_dir: str, model, ema, opt, gen, data, step: int, skipped: int, flops: float,
+                    cfg: TrainConfig, keep: int = 2) -> str:
+    """Write step_<step>.safetensors atomically, then point latest.json (with its sha256) at it."""
+    os.makedirs(ckpt_dir, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v.detach().contiguous().cpu() for k, v in ema.state_dict().items()})
+    osd = opt.state_dict()
+    for idx, st in osd["state"].items():
+        for name, v in st.items():
+            tensors[f"optim.{idx}.{name}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().contiguous().cpu()
+    tensors["rng.generator"] = gen.get_state().cpu()
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    meta = {"step": step, "skipped": skipped, "flops": flops, "data": data.state_dict(),
+            "param_groups": osd["param_groups"], "config": asdict(cfg)}
+    name = f"step_{step:08d}.safetensors"
+    path = os.path.join(ckpt_dir, name)
+    save_file(tensors, path + ".tmp", metadata={"train": json.dumps(meta)})
+    os.replace(path + ".tmp", path)
+    _atomic_write_text(os.path.join(ckpt_dir, "latest.json"),
+                       json.dumps({"file": name, "sha256": _sha256(path), "step": step}))
+    old = sorted(f for f in os.listdir(ckpt_dir) if f.startswith("step_") and f.endswith(".safetensors"))
+    for f in old[:-keep]:
+        os.remove(os.path.join(ckpt_dir, f))
+    return path
+
+
+def load_checkpoint(ckpt_dir: str, model, ema, opt, gen, data, device) -> dict:
+    """Restore everything save_checkpoint wrote; returns its metadata (step, skipped, flops, ...).
+    Raises CheckpointError on a sha256 mismatch, ValueError (naming keys) on a model mismatch."""
+    with open(os.path.join(ckpt_dir, "latest.json")) as f:
+        latest = json.load(f)
+    path = os.path.join(ckpt_dir, latest["file"])
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path} named by latest.json is missing")
+    digest = _sha256(path)
+    if digest != latest["sha256"]:
+        raise CheckpointError(f"checkpoint {path} is truncated or tampered: sha256 {digest} != recorded {latest['sha256']}")
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        meta = json.loads(f.metadata()["train"])
+    tensors = load_file(path)
+    group = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    load_state_strict(model, group("model."), "model")
+    load_state_strict(ema, group("ema."), "EMA")
+    state = {}
+    for k, v in group("optim.").items():
+        idx, name = k.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v.to(device) if name != "step" else v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    gen.set_state(tensors["rng.generator"])
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    data.load_state_dict(meta["data"])
+    return meta
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(name)
+    log.info("training on %s", dev)
+    return dev
+
+
+def train(cfg: TrainConfig, data, rank: int = 0, world_size: int = 1, report=None) -> TrainResult:
+    """Train a DiT with rectified flow. `data`: a list of (latent (C, T, H, W), text (L, D_text))
+    pairs, or an iterator of batches {"packed": Packed, "text", "text_cu"} with state_dict() /
+    load_state_dict() (e.g. one fed from the Delta latents table). `report(metrics)` is called at
+    each log step (Ray Train's ray.train.report). Resumes from cfg.ckpt_dir when it holds one."""
+    device = pick_device(cfg.device)
+    cuda = device.type == "cuda"
+    torch.manual_seed(cfg.seed)
+    model = DiT(cfg.dit).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)
+    batches = data if hasattr(data, "state_dict") else PackedBatches(data, cfg.dit.patch, cfg.max_tokens, cfg.seed,
+                                                                     rank, world_size)
+    flow = RectifiedFlow(cfg.base_tokens, cfg.logit_mean, cfg.logit_std)
+    step, skipped, flops = 0, 0, 0.0
+    if cfg.ckpt_dir and cfg.resume and os.path.exists(os.path.join(cfg.ckpt_dir, "latest.json")):
+        meta = load_checkpoint(cfg.ckpt_dir, model, ema, opt, gen, batches, device)
+        step, skipped, flops = meta["step"], meta["skipped"], meta["flops"]
+        log.info("resumed from %s at step %d", cfg.ckpt_dir, step)
+    net = model
+    if world_size > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if cuda else None)
+    history, t_start, stop = [], time.time(), "steps"
+    while step < cfg.steps:
+        if cfg.max_seconds is not None and time.time() - t_start >= cfg.max_seconds:
+            stop = "max_seconds"
+            break
+        if cfg.max_flops is not None and flops >= cfg.max_flops:
+            stop = "max_flops"
+            break
+        batch = next(batches)
+        packed: Packed = batch["packed"].to(device)
+        text, text_cu = batch["text"].to(device), batch["text_cu"].to(device)
+        lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        drop = torch.rand(len(packed.grids), generator=gen, device=device) < cfg.cfg_dropout
+
+        def model_fn(z, t):
+            return net(z, t, packed.positions, packed.cu_seqlens, text, text_cu, drop)
+
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            loss = flow.loss(model_fn, packed.tokens, packed.cu_seqlens, generator=gen)
+        step += 1
+        if not torch.isfinite(loss):
+            skipped += 1
+            log.warning("step %d: non-finite loss %s, step skipped (%d skipped so far)", step, loss.item(), skipped)
+            opt.zero_grad(set_to_none=True)
+            continue
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if not torch.isfinite(grad_norm):
+            skipped += 1
+            log.warning("step %d: non-finite gradient norm, step skipped (%d skipped so far)", step, skipped)
+            opt.zero_grad(set_to_none=True)
+            continue
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():  # EMA, with a warmup so short runs are not dominated by the init
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - decay)
+        n_tok = packed.tokens.shape[0]
+        flops += 3 * model.flops_per_token(packed.seqlens.tolist(), len(text) / len(packed.grids)) * n_tok
+        rec = {"step": step, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(), "skipped": skipped,
+               "tokens": n_tok}
+        history.append(rec)
+        if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.steps):
+            log.info("step %d loss %.4f lr %.2e grad %.3f skipped %d", step, rec["loss"], lr, rec["grad_norm"], skipped)
+            if report is not None:
+                report(rec)
+        if cfg.ckpt_dir and rank == 0 and cfg.ckpt_every and step % cfg.ckpt_every == 0:
+            save_checkpoint(cfg.ckpt_dir, model, ema, opt, gen, batches, step, skipped, flops, cfg, cfg.keep_ckpts)
+    if cfg.ckpt_dir and rank == 0:
+        save_checkpoint(cfg.ckpt_dir, model, ema, opt, gen, batches, step, skipped, flops, cfg, cfg.keep_ckpts)
+    return TrainResult(history, model, ema, step, skipped, stop)
+
+
+def train_loop_per_worker(config: dict):
+    """Ray Train entry point (TorchTrainer). config: {"train": TrainConfig as a dict, "data": a list of
+    (latent, text) pairs or a zero-argument callable returning the pairs / a batch iterator}.
+    The process group is set up by TorchTrainer; this only runs `train` with this worker's rank."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    cfg = TrainConfig.from_dict(config["train"])
+    data = config["data"]() if callable(config["data"]) else config["data"]
+    if torch.cuda.is_available():
+        import ray.train.torch
+        dev = ray.train.torch.get_device()
+        torch.cuda.set_device(dev)
+        cfg.device = str(dev)
+    rank = ctx.get_world_rank()
+    train(cfg, data, rank=rank, world_size=ctx.get_world_size(), report=ray.train.report)
+
+
+def train_vae(vae: VAE, videos, steps: int, lr: float = 1e-3, batch_size: int = 4, kl_weight: float = 1e-4,
+              seed: int = 0, log_every: int = 50, max_seconds: float | None = None, l1_weight: float = 1.0,
+              l2_weight: float = 1.0):
+    """Plain VAE loop on in-memory videos (B_total, 3, T, H, W) in [-1, 1]: sample batch -> L1+MSE+KL ->
+    backward -> clip -> step. Returns history of {step, loss, psnr}."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, betas=(0.9, 0.99))
+    vae.train()
+    history, t0 = [], time.time()
+    for step in range(1, steps + 1):
+        idx = torch.randint(len(videos), (batch_size,), generator=g)
+        x = videos[idx]
+        rec, post = vae(x, generator=g)
+        loss = vae_loss(x, rec, post, kl_weight, l1_weight, l2_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        history.append({"step": step, "loss": loss.item(), "psnr": psnr(rec.detach(), x)})
+        if log_every and step % log_every == 0:
+            log.info("vae step %d loss %.4f psnr %.2f dB", step, loss.item(), history[-1]["psnr"])
+        if max_seconds is not None and time.time() - t0 > max_seconds:
+            break
+    vae.eval()
+    return history

@@ -1,0 +1,247 @@
+"""Generator model core: VAE, patches + packing, DiT, rectified flow (small real models, CPU)."""
+import pytest
+import torch
+
+from generator.dit import DiT_T, DiTConfig, DiT, load_dit, save_dit
+from generator.flow import RectifiedFlow, shift_t
+from generator.patches import crop_to_patch, pack, pack_sequences, patchify, unpack, unpatchify
+from generator.shapes import embed_caption, judge, make_dataset
+from generator.train import train_vae
+from generator.vae import VAE, VAEConfig, load_vae, psnr, save_vae
+
+TINY_VAE = VAEConfig(channels=(8, 16, 16, 16), latent_channels=4)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # the test machine is shared: one thread avoids OpenMP spin contention
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def smooth_video(b, t, h, w, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(b, 3, (t + 3) // 4 + 1, h // 8, w // 8, generator=g) * 2 - 1
+    return torch.nn.functional.interpolate(x, size=(t, h, w), mode="trilinear")
+
+
+# ----------------------------------------------------------------------------- VAE
+
+def test_vae_shapes_video_and_image():
+    vae = VAE(TINY_VAE).eval()
+    with torch.no_grad():
+        post = vae.encode(smooth_video(2, 9, 32, 48))
+        assert post.mean.shape == (2, 4, 3, 4, 6)  # 1 + (9-1)/4 frames, /8 space
+        assert vae.decode(post.mean).shape == (2, 3, 9, 32, 48)
+        img = vae.encode(smooth_video(1, 1, 32, 32))  # an image is a 1-frame video
+        assert img.mean.shape == (1, 4, 1, 4, 4)
+        assert vae.decode(img.mean).shape == (1, 3, 1, 32, 32)
+    assert vae.latent_shape(17, 64, 64) == (4, 5, 8, 8)
+    with pytest.raises(ValueError, match="1 \\+ 4k"):
+        vae.encode(smooth_video(1, 8, 32, 32))
+    with pytest.raises(ValueError, match="multiples of 8"):
+        vae.encode(smooth_video(1, 5, 36, 32))
+
+
+def test_vae_causal_first_frame_independent_of_future():
+    vae = VAE(TINY_VAE).eval()
+    x = smooth_video(1, 9, 32, 32)
+    y = x.clone()
+    y[:, :, 5:] = -x[:, :, 5:]  # change only the future
+    with torch.no_grad():
+        a, b = vae.encode(x).mean, vae.encode(y).mean
+    assert torch.equal(a[:, :, :2], b[:, :, :2])  # latent frames 0, 1 cover pixel frames 0..4
+    assert not torch.allclose(a[:, :, 2:], b[:, :, 2:])
+
+
+def test_vae_chunked_equals_full_and_tiled_close():
+    torch.manual_seed(0)
+    vae = VAE(TINY_VAE).eval()
+    x = smooth_video(1, 17, 64, 64)
+    with torch.no_grad():
+        full = vae.encode(x).mean
+        chunked = vae.encode(x, chunk_frames=4).mean
+        assert torch.allclose(full, chunked, atol=1e-5)
+        dec = vae.decode(full)
+        assert torch.allclose(dec, vae.decode(full, chunk_frames=4), atol=1e-5)
+        assert torch.allclose(dec, vae.decode(full, chunk_frames=8), atol=1e-5)
+        # tiling is approximate (zero padding at tile borders); blended overlaps keep it close,
+        # and closer the wider the overlap
+        x = smooth_video(1, 5, 128, 128)
+        full = vae.encode(x).mean
+        err = [(vae.encode(x, tile=96, overlap=ov).mean - full).abs().mean() for ov in (16, 64)]
+        assert err[1] < err[0] and err[1] < 0.15 * full.std(), (err, full.std())
+        dec = vae.decode(full)
+        dec_t = vae.decode(full, chunk_frames=4, tile=96, overlap=64)
+        assert (dec_t - dec).abs().mean() < 0.15 * dec.std()
+    with pytest.raises(ValueError, match="multiple of 4"):
+        vae.encode(x, chunk_frames=3)
+
+
+def test_vae_learns_on_shapes():
+    torch.manual_seed(0)
+    videos = torch.stack([v.permute(1, 0, 2, 3) for v, _, _ in make_dataset(16, frames=5, size=32, seed=0)])
+    vae = VAE(TINY_VAE)
+    hist = train_vae(vae, videos, steps=40, lr=3e-3, batch_size=2, log_every=0)
+    first = sum(h["loss"] for h in hist[:5]) / 5
+    last = sum(h["loss"] for h in hist[-5:]) / 5
+    assert last < 0.5 * first, (first, last)
+    with torch.no_grad():
+        rec = vae.decode(vae.encode(videos[:4]).mean)
+    start_psnr = sum(h["psnr"] for h in hist[:3]) / 3
+    assert psnr(rec, videos[:4]) > start_psnr + 3, (start_psnr, psnr(rec, videos[:4]))
+
+
+def test_vae_save_load_and_mismatch(tmp_path):
+    vae = VAE(TINY_VAE)
+    p = str(tmp_path / "vae.safetensors")
+    save_vae(vae, p)
+    back = load_vae(p)
+    assert back.cfg == vae.cfg
+    for k, v in vae.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k])
+    with pytest.raises(ValueError, match="missing keys .*unexpected keys"):
+        load_vae(p, VAEConfig(channels=(8, 16, 16, 16, 16), latent_channels=4))
+
+
+# ------------------------------------------------------------------- patches, packing
+
+def test_patchify_roundtrip_and_errors():
+    z = torch.randn(4, 3, 6, 8)
+    tokens, grid = patchify(z, (1, 2, 2))
+    assert tokens.shape == (3 * 3 * 4, 16) and grid == (3, 3, 4)
+    assert torch.equal(unpatchify(tokens, grid, (1, 2, 2), 4), z)
+    with pytest.raises(ValueError, match="not divisible"):
+        patchify(torch.randn(4, 3, 5, 8), (1, 2, 2))
+    with pytest.warns(UserWarning, match="cropping"):
+        assert crop_to_patch(torch.randn(4, 3, 5, 8), (1, 2, 2)).shape == (4, 3, 4, 8)
+
+
+def test_pack_unpack_mixed_sizes():
+    lats = [torch.randn(4, 3, 4, 6), torch.randn(4, 1, 8, 8), torch.randn(4, 5, 2, 2)]
+    p = pack(lats)
+    assert p.cu_seqlens.tolist() == [0, 18, 34, 39]
+    assert p.tokens.shape == (39, 16) and p.positions.shape == (39, 3)
+    assert p.positions[18:34, 0].eq(0).all() and p.positions[:18, 0].max() == 2  # (t, h, w) per sample
+    assert p.sample_index().tolist() == [0] * 18 + [1] * 16 + [2] * 5
+    for a, b in zip(lats, unpack(p.tokens, p)):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------ DiT
+
+def _randomised_dit(**kw):
+    torch.manual_seed(0)
+    m = DiT_T(in_channels=4, text_dim=16, **kw)
+    with torch.no_grad():  # break the zero init so every path contributes
+        for p in m.parameters():
+            p.normal_(0, 0.05)
+    return m
+
+
+def test_dit_packing_leaks_nothing_between_samples():
+    m = _randomised_dit()
+    lats = [torch.randn(4, 3, 4, 6), torch.randn(4, 1, 8, 8), torch.randn(4, 2, 2, 4)]  # video, image, video
+    texts = [torch.randn(5, 16), torch.randn(3, 16), torch.randn(7, 16)]
+    p, (y, ycu) = pack(lats), pack_sequences(texts)
+    t = torch.tensor([0.2, 0.5, 0.9])
+    with torch.no_grad():
+        out = m(p.tokens, t, p.positions, p.cu_seqlens, y, ycu)
+        assert out.shape == p.tokens.shape
+        for i in range(3):
+            pi, (yi, yci) = pack([lats[i]]), pack_sequences([texts[i]])
+            alone = m(pi.tokens, t[i:i + 1], pi.positions, pi.cu_seqlens, yi, yci)
+            a, b = p.cu_seqlens[i].item(), p.cu_seqlens[i + 1].item()
+            assert torch.allclose(alone, out[a:b], atol=1e-5)
+        # per-token timesteps equal to the per-sample ones give the same answer
+        per_tok = m(p.tokens, t[p.sample_index()], p.positions, p.cu_seqlens, y, ycu)
+        assert torch.allclose(per_tok, out, atol=1e-5)
+        # a token at t = 0 changes only its own sample
+        t_tok = t[p.sample_index()].clone()
+        t_tok[:3] = 0
+        mixed = m(p.tokens, t_tok, p.positions, p.cu_seqlens, y, ycu)
+        assert not torch.allclose(mixed[:18], out[:18]) and torch.allclose(mixed[18:], out[18:], atol=1e-5)
+        # CFG null text for sample 1 only changes sample 1
+        dropped = m(p.tokens, t, p.positions, p.cu_seqlens, y, ycu, drop_text=torch.tensor([False, True, False]))
+        assert torch.allclose(dropped[:18], out[:18], atol=1e-5) and not torch.allclose(dropped[18:34], out[18:34])
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_dit_flex_forward_matches_loop():
+    m = _randomised_dit()
+    p = pack([torch.randn(4, 2, 4, 4), torch.randn(4, 1, 6, 4)])
+    y, ycu = pack_sequences([torch.randn(4, 16), torch.randn(2, 16)])
+    t = torch.tensor([0.3, 0.7])
+    with torch.no_grad():
+        loop = m(p.tokens, t, p.positions, p.cu_seqlens, y, ycu)
+        m.cfg.attention = "flex"  # flex runs forward on CPU (no backward): check it agrees
+        flex = m(p.tokens, t, p.positions, p.cu_seqlens, y, ycu)
+    assert torch.allclose(loop, flex, atol=1e-5)
+
+
+def test_dit_zero_init_and_grad_checkpointing():
+    torch.manual_seed(0)
+    m = DiT_T(in_channels=4, text_dim=16)
+    p = pack([torch.randn(4, 2, 4, 4), torch.randn(4, 1, 4, 4)])
+    y, ycu = pack_sequences([torch.randn(4, 16), torch.randn(2, 16)])
+    t = torch.tensor([0.3, 0.7])
+    assert m(p.tokens, t, p.positions, p.cu_seqlens, y, ycu).abs().max() == 0  # adaLN-Zero: output starts at 0
+    m = _randomised_dit()
+    grads = []
+    for ckpt in (False, True):
+        m.cfg.grad_checkpointing = ckpt
+        m.zero_grad()
+        m(p.tokens, t, p.positions, p.cu_seqlens, y, ycu).pow(2).sum().backward()
+        grads.append(torch.cat([q.grad.flatten() for q in m.parameters() if q.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_dit_save_load_mismatch(tmp_path):
+    m = DiT_T(in_channels=4, text_dim=16)
+    path = str(tmp_path / "dit.safetensors")
+    save_dit(m, path)
+    assert load_dit(path).cfg == m.cfg
+    with pytest.raises(ValueError, match="missing keys \\['blocks.2"):
+        load_dit(path, DiTConfig(in_channels=4, text_dim=16, hidden_size=64, depth=3, num_heads=2))
+
+
+# ----------------------------------------------------------------------------- flow
+
+def test_flow_time_shift_and_oracle_samplers():
+    rf = RectifiedFlow(base_tokens=16)
+    small, big = torch.tensor([16] * 4000), torch.tensor([256] * 4000)
+    g = torch.Generator().manual_seed(0)
+    assert rf.sample_t(big, g).mean() > rf.sample_t(small, g).mean() + 0.1  # more tokens -> noisier
+    assert torch.allclose(shift_t(torch.tensor([0.0, 1.0]), 3.0), torch.tensor([0.0, 1.0]))
+    # with the exact velocity of a single data point, both samplers land on it
+    x0 = torch.randn(10, 8)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+
+    def oracle(z, t):
+        t = t if t.shape[0] == z.shape[0] else t[torch.tensor([0] * 4 + [1] * 6)]
+        return (z - x0) / t[:, None].clamp_min(1e-6)
+    for method in ("euler", "heun"):
+        out = rf.sample(oracle, torch.randn(10, 8, generator=g), cu, steps=8, method=method)
+        assert torch.allclose(out, x0, atol=1e-4)
+    # clean tokens stay fixed and the model is given t = 0 for them
+    clean = torch.zeros(10, dtype=torch.bool)
+    clean[:2] = True
+    out = rf.sample(oracle, torch.randn(10, 8, generator=g), cu, steps=4, clean=clean, x_clean=x0)
+    assert torch.equal(out[:2], x0[:2])
+
+
+def test_flow_cfg_combines_velocities():
+    rf = RectifiedFlow(resolution_shift=False)
+    cu = torch.tensor([0, 3], dtype=torch.int32)
+    cond = lambda z, t: torch.ones_like(z)
+    uncond = lambda z, t: torch.zeros_like(z)
+    out = rf.sample(cond, torch.zeros(3, 2), cu, steps=2, cfg_scale=3.0, uncond=uncond)
+    assert torch.allclose(out, torch.full((3, 2), -3.0))  # integrates v = 3 from t = 1 to 0
+
+
+def test_shapes_judge_reads_its_own_videos():
+    data = make_dataset(12, frames=9, size=32, seed=3) + make_dataset(4, frames=9, size=32, seed=4, held_out=True)
+    assert all(judge(v) == (c, d) for v, _, (c, _, d) in data)
+    assert embed_caption("a red circle moving left", 32).shape == (5, 32)
