@@ -13,6 +13,7 @@ table state a few times, then fails cleanly; Delta never leaves the table half-w
 import hashlib
 import json
 import os
+import random
 import time
 import uuid
 from importlib import metadata
@@ -23,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, write_deltalake
-from deltalake.exceptions import CommitFailedError, TableNotFoundError
+from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from pipeline.schema import CLIPS_SCHEMA, STATUSES
 
@@ -95,31 +96,62 @@ def status_counts(table: pa.Table) -> dict[str, int]:
     return counts
 
 
-def commit(root: str | Path, table: pa.Table, mode: str, lineage: dict, retries: int = 5) -> int:
+def commit(root: str | Path, table: pa.Table, mode: str, lineage: dict, retries: int = 8) -> int:
     """Write `table` as one Delta commit (mode 'append' or 'overwrite'); returns the new version.
 
     `lineage` is recorded in the commit info with the parent version and status counts of the whole
-    table after the commit. A concurrent commit that wins the race makes ours retry (appends are
-    re-tried as they are; overwrites are the caller's full new state and are re-tried likewise).
+    table after the commit. The commit is made against the snapshot those were computed from, with
+    Delta's own silent retry turned off: a concurrent commit that wins the race makes ours fail and
+    start over on the new state, so the recorded parent and counts are always the true ones.
+
+    Appends are idempotent: a row whose clip_id is already committed (ids derive from content and
+    frame range, so it is the same clip), or a rejected-source row (clip_id null) whose source_uri
+    and sha256 already have one, is not written again. That happens when a run commits staged rows a
+    concurrent or earlier run committed too. If nothing new is left, no version is made and the
+    current one is returned. Overwrites are the caller's full new state and are re-tried as they are.
     """
     path = clips_path(root)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     table = conform(table)
     for attempt in range(retries + 1):
         parent = latest_version(root)
-        after = table if mode == "overwrite" or parent is None else pa.concat_tables(
-            [conform(read_clips(root)), table], promote_options="permissive")
-        info = {"parent_version": parent, "code_version": code_version(), "rows_written": table.num_rows,
-                "counts": status_counts(after), "committed_at": time.time(), **lineage}
+        snapshot = DeltaTable(path, version=parent) if parent is not None else None
+        new, counts = table, status_counts(table)
+        if parent is not None and mode == "append":
+            have = snapshot.to_pyarrow_table(columns=["clip_id", "source_uri", "source_sha256", "status"])
+            new = _not_committed(table, have)
+            if new.num_rows == 0:
+                return parent
+            counts = {s: a + b for (s, a), b in zip(status_counts(have).items(), status_counts(new).values())}
+        info = {"parent_version": parent, "code_version": code_version(), "rows_written": new.num_rows,
+                "counts": counts, "committed_at": time.time(), **lineage}
+        props = CommitProperties(custom_metadata={LINEAGE_KEY: json.dumps(info, default=str)}, max_commit_retries=0)
         try:
-            write_deltalake(path, table, mode=mode, schema_mode="merge",
-                            commit_properties=CommitProperties(custom_metadata={LINEAGE_KEY: json.dumps(info, default=str)}))
-            return DeltaTable(path).version()
-        except CommitFailedError:
-            if attempt == retries:
+            if snapshot is None:  # creating the table: if another writer created it meanwhile, start over
+                write_deltalake(path, new, mode="error", commit_properties=props)
+                return 0
+            write_deltalake(snapshot, new, mode=mode, schema_mode="merge", commit_properties=props)
+            return parent + 1
+        except (CommitFailedError, DeltaError) as e:
+            lost_race = isinstance(e, CommitFailedError) or (snapshot is None and table_exists(root))
+            if not lost_race or attempt == retries:
                 raise
-            time.sleep(0.2 * (attempt + 1))
+            time.sleep(0.1 * (attempt + 1) * (1 + random.random()))  # jitter: two losers don't collide again
     raise RuntimeError("unreachable")
+
+
+def _not_committed(table: pa.Table, have: pa.Table) -> pa.Table:
+    """Rows of `table` not already in `have` (by clip_id; rejected-source rows by uri + sha256)."""
+    ids = set(have["clip_id"].drop_null().to_pylist())
+    rejected = {(u, s) for c, u, s in zip(*(have[k].to_pylist() for k in ("clip_id", "source_uri", "source_sha256")))
+                if c is None}
+    keep = [cid not in ids if cid is not None else (uri, sha) not in rejected
+            for cid, uri, sha in zip(*(table[k].to_pylist() for k in ("clip_id", "source_uri", "source_sha256")))]
+    return table.filter(pa.array(keep, pa.bool_()))
+
+
+_DELTA_KEYS = {"timestamp", "operation", "operationParameters", "engineInfo", "operationMetrics", "clientVersion",
+               "version", "readVersion", "isolationLevel", "isBlindAppend", "userMetadata", "txnId"}
 
 
 def history(root: str | Path) -> list[dict]:
@@ -129,6 +161,16 @@ def history(root: str | Path) -> list[dict]:
     out = []
     for h in DeltaTable(clips_path(root)).history():
         lineage = json.loads(h.get(LINEAGE_KEY, "{}"))
+        # Other writers of the table (captioner/) can't import this module: they record flat keys,
+        # "spacetime.operation" plus plain ones, with JSON-encoded values.
+        for k, v in h.items():
+            if k in _DELTA_KEYS or k == LINEAGE_KEY:
+                continue
+            key = k.removeprefix("spacetime.")
+            try:
+                lineage.setdefault(key, json.loads(v) if isinstance(v, str) else v)
+            except json.JSONDecodeError:
+                lineage.setdefault(key, v)
         out.append({"version": h["version"], "timestamp": h.get("timestamp"),
                     "mode": (h.get("operationParameters") or {}).get("mode"),
                     "rows_added": (h.get("operationMetrics") or {}).get("num_added_rows"), **lineage})

@@ -1,0 +1,132 @@
+"""Batch captioning of a clips-table version with Ray Data, written back as ONE Delta commit.
+
+    kept clips not yet captioned by this checkpoint
+      -> map_batches(decode_frames)                      CPU tasks: PyAV decode + sampling
+      -> map_batches(Captioner, concurrency=n)           actor pool, model loaded once per actor
+                                                         (one GPU each when CUDA is present)
+      -> caption_short, caption_dense, caption_model (= checkpoint hash), caption_error
+      -> the whole table rewritten as version N+1 with lineage in the commit metadata
+         (custom_metadata: spacetime.operation=caption, caption_model, parent_version, counts)
+
+Decoding is its own stage so Ray Data streams it ahead of inference: the actors never wait on
+PyAV. A clip that fails to decode keeps its previous captions and gets `caption_error`.
+Rerunning skips rows whose caption_model already equals this checkpoint's hash.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from deltalake import CommitProperties, write_deltalake
+
+from captioner.data import clips_path, read_clip_frames, read_clips
+from captioner.model import CaptionerConfig, checkpoint_hash
+
+
+def decode_frames(batch: dict, num_frames: int, size: int) -> dict:
+    """Ray Data stage: {"clip_id", "clip_uri"} -> adds "frames" (B, T, S, S, 3) uint8 and "error"
+    ("" when the clip decoded; frames are zeros otherwise)."""
+    frames = np.zeros((len(batch["clip_id"]), num_frames, size, size, 3), np.uint8)
+    errors = []
+    for i, uri in enumerate(batch["clip_uri"]):
+        try:
+            frames[i] = read_clip_frames(str(uri), num_frames, size)
+            errors.append("")
+        except ValueError as e:
+            errors.append(str(e))
+    return {"clip_id": batch["clip_id"], "frames": frames, "error": np.array(errors, dtype=object)}
+
+
+class Captioner:
+    """Ray Data actor: loads the captioner once, captions a batch of decoded clips in both styles."""
+
+    def __init__(self, checkpoint: str, method: str = "beam", num_beams: int = 3, max_len: int | None = None):
+        from captioner.model import load_captioner
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model, self.tok = load_captioner(checkpoint, self.device)
+        self.kw = {"method": method, "num_beams": num_beams, "max_len": max_len or self.model.cfg.max_text_len}
+
+    def __call__(self, batch: dict) -> dict:
+        from captioner.decode import describe
+        ok = np.array([not e for e in batch["error"]], dtype=bool)
+        short = np.full(len(ok), None, dtype=object)
+        dense = np.full(len(ok), None, dtype=object)
+        if ok.any():
+            frames = torch.from_numpy(np.ascontiguousarray(batch["frames"][ok]))
+            short[ok] = describe(self.model, self.tok, frames, "short", **self.kw)
+            dense[ok] = describe(self.model, self.tok, frames, "dense", **self.kw)
+        return {"clip_id": batch["clip_id"], "caption_short": short, "caption_dense": dense,
+                "error": batch["error"]}
+
+
+def caption_dataset(dataset_root, checkpoint, version: int | None = None, batch_size: int = 16,
+                    concurrency: int = 1, method: str = "beam", num_beams: int = 3,
+                    max_len: int | None = None, log=print) -> dict:
+    """Caption the kept clips of <dataset_root>/clips at `version` (None = latest) and commit a
+    new version. Needs a running Ray (ray.init) or starts a local one.
+
+    Returns {"version": new version or None if nothing to do, "parent_version", "caption_model",
+    "captioned", "failed", "skipped"}.
+    """
+    import ray
+    table, parent = read_clips(dataset_root, version)
+    model_id = checkpoint_hash(checkpoint)
+    cfg = CaptionerConfig(**json.loads((Path(checkpoint) / "config.json").read_text()))
+    kept = pc.and_(pc.equal(table["status"], "kept"), pc.is_valid(table["clip_id"]))
+    done = pc.fill_null(pc.equal(table["caption_model"], model_id), False)
+    todo = table.filter(pc.and_(kept, pc.invert(done))).select(["clip_id", "clip_uri"])
+    skipped = int(pc.sum(pc.and_(kept, done)).as_py() or 0)
+    summary = {"version": None, "parent_version": parent, "caption_model": model_id,
+               "captioned": 0, "failed": 0, "skipped": skipped}
+    if todo.num_rows == 0:
+        log(f"caption: nothing to do at version {parent} ({skipped} clips already captioned by {model_id})")
+        return summary
+    use_gpu = torch.cuda.is_available()
+    log(f"caption: {todo.num_rows} clips, {concurrency} actor(s) on {'GPU' if use_gpu else 'CPU'}, "
+        f"model {model_id}, parent version {parent}")
+    if not ray.is_initialized():
+        ray.init()
+    results = (ray.data.from_arrow(todo)
+               .map_batches(decode_frames, fn_kwargs={"num_frames": cfg.num_frames, "size": cfg.image_size},
+                            batch_size=batch_size, batch_format="numpy", num_cpus=1)
+               .map_batches(Captioner, fn_constructor_kwargs={"checkpoint": str(checkpoint), "method": method,
+                                                              "num_beams": num_beams, "max_len": max_len},
+                            batch_size=batch_size, batch_format="numpy", concurrency=concurrency,
+                            num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1)
+               .take_all())
+    by_id = {r["clip_id"]: r for r in results}
+    new_table = _apply(table, by_id, model_id)
+    summary["captioned"] = sum(1 for r in results if not r["error"])
+    summary["failed"] = len(results) - summary["captioned"]
+    # delta-rs reserves "operation" (it writes "WRITE"), hence the prefixed key
+    meta = {"spacetime.operation": "caption", "caption_model": model_id, "parent_version": str(parent),
+            "counts": json.dumps({k: summary[k] for k in ("captioned", "failed", "skipped")})}
+    write_deltalake(clips_path(dataset_root), new_table, mode="overwrite", schema_mode="merge",
+                    commit_properties=CommitProperties(custom_metadata=meta))
+    from deltalake import DeltaTable
+    summary["version"] = DeltaTable(clips_path(dataset_root)).version()
+    log(f"caption: wrote version {summary['version']}: {summary['captioned']} captioned, "
+        f"{summary['failed']} failed, {skipped} skipped")
+    return summary
+
+
+def _apply(table: pa.Table, by_id: dict, model_id: str) -> pa.Table:
+    """New caption columns: results where decoding worked; old captions + caption_error where not."""
+    cols = {name: table[name].to_pylist() for name in ("caption_short", "caption_dense", "caption_model")}
+    errors = table["caption_error"].to_pylist() if "caption_error" in table.column_names else [None] * table.num_rows
+    for i, cid in enumerate(table["clip_id"].to_pylist()):
+        r = by_id.get(cid)
+        if r is None:
+            continue
+        if r["error"]:
+            errors[i] = r["error"]
+        else:
+            cols["caption_short"][i], cols["caption_dense"][i] = r["caption_short"], r["caption_dense"]
+            cols["caption_model"][i], errors[i] = model_id, None
+    for name, values in cols.items():
+        table = table.set_column(table.column_names.index(name), name, pa.array(values, table.schema.field(name).type))
+    if "caption_error" in table.column_names:
+        return table.set_column(table.column_names.index("caption_error"), "caption_error", pa.array(errors, pa.string()))
+    return table.append_column("caption_error", pa.array(errors, pa.string()))

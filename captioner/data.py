@@ -1,0 +1,152 @@
+"""Reading the `clips` table and the frames of a clip for the captioner.
+
+`clip_uri` (pipeline/schema.py) is an absolute mp4 path holding exactly the clip's frames, or
+`<source path>#frames=<start>-<end>` (0-based, end exclusive) naming a range of the source.
+We decode with PyAV, honour the display-matrix rotation, sample T frames uniformly and
+centre-crop + resize them to a square. The captioner never imports pipeline/: this file
+reads the Delta table directly and relies only on the column names of the contract.
+"""
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from deltalake import DeltaTable
+
+_RANGE = re.compile(r"^(?P<path>.*)#frames=(?P<start>\d+)-(?P<end>\d+)$")
+SEEK_AFTER = 120  # frames: below this a decode from 0 is cheaper than a seek + pts bookkeeping
+
+
+def clips_path(dataset_root) -> str:
+    return str(Path(dataset_root) / "clips")
+
+
+def read_clips(dataset_root, version: int | None = None) -> tuple[pa.Table, int]:
+    """The clips table at `version` (default latest) -> (arrow table, the version read)."""
+    dt = DeltaTable(clips_path(dataset_root), version=version)
+    return dt.to_pyarrow_table(), dt.version()
+
+
+def training_rows(table: pa.Table) -> pa.Table:
+    """Kept clips with at least one teacher caption: the captioner's training set."""
+    has_teacher = pc.or_(pc.is_valid(table["caption_teacher_short"]),
+                         pc.is_valid(table["caption_teacher_dense"]))
+    return table.filter(pc.and_(pc.equal(table["status"], "kept"), has_teacher))
+
+
+def parse_clip_uri(uri: str) -> tuple[str, int, int | None]:
+    """clip_uri -> (file path, start frame, end frame or None for 'the whole file')."""
+    m = _RANGE.match(uri)
+    if m:
+        start, end = int(m["start"]), int(m["end"])
+        if end <= start:
+            raise ValueError(f"empty frame range in clip_uri {uri!r}")
+        return m["path"], start, end
+    return uri, 0, None
+
+
+def sample_indices(start: int, end: int, num_frames: int) -> np.ndarray:
+    """num_frames indices spread uniformly over [start, end): the centre of each of T equal bins."""
+    n = end - start
+    return start + np.minimum(((np.arange(num_frames) + 0.5) * n / num_frames).astype(int), n - 1)
+
+
+def to_square(img: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, 3) -> (size, size, 3): centre crop to a square, then area-resize (CLIP's preprocessing)."""
+    h, w = img.shape[:2]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    crop = img[top:top + s, left:left + s]
+    return cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
+
+
+def _rotate(img: np.ndarray, ccw_degrees: float) -> np.ndarray:
+    # PyAV's frame.rotation is the display matrix angle, counter-clockwise; players rotate the
+    # decoded picture by it to show it upright (ffmpeg's autorotate)
+    return np.rot90(img, k=int(round(ccw_degrees / 90)) % 4)
+
+
+def read_clip_frames(uri: str, num_frames: int, size: int) -> np.ndarray:
+    """Decode a clip -> (num_frames, size, size, 3) uint8 RGB, upright, uniformly sampled.
+
+    Raises ValueError (with the uri) if the file is unreadable or has fewer frames than the range.
+    """
+    path, start, end = parse_clip_uri(uri)
+    try:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            if end is None:
+                end = stream.frames or _count_frames(container, stream)
+                container.seek(0)
+            wanted = sample_indices(start, end, num_frames)
+            wanted_set = set(wanted.tolist())
+            picks = {}
+            for idx, frame in _frames_from(container, stream, start):
+                if idx >= end:
+                    break
+                if idx in wanted_set:
+                    img = _rotate(frame.to_ndarray(format="rgb24"), frame.rotation or 0)
+                    picks[idx] = to_square(img, size)
+    except (av.error.FFmpegError, OSError) as e:
+        raise ValueError(f"cannot decode {uri}: {e}") from e
+    missing = [int(i) for i in wanted if i not in picks]
+    if missing:
+        raise ValueError(f"cannot decode {uri}: frames {missing[:3]}... not in the file")
+    return np.stack([picks[i] for i in wanted])
+
+
+def _count_frames(container, stream) -> int:
+    return sum(1 for _ in container.decode(stream))
+
+
+def _frames_from(container, stream, start: int):
+    """Yield (0-based frame index, frame) from about `start` on."""
+    if start < SEEK_AFTER or not stream.average_rate:
+        for i, frame in enumerate(container.decode(stream)):
+            yield i, frame
+        return
+    # seek to the keyframe before `start`, then recover indices from timestamps (constant fps)
+    fps, tb = float(stream.average_rate), float(stream.time_base)
+    t0 = stream.start_time or 0
+    container.seek(int(start / fps / tb) + t0, stream=stream, backward=True)
+    for frame in container.decode(stream):
+        yield int(round((frame.pts - t0) * tb * fps)), frame
+
+
+def load_frames(clip_ids, uris, num_frames: int, size: int, cache_file=None, workers: int | None = None):
+    """Decode each clip once -> (frames {clip_id: (T, S, S, 3) uint8}, errors {clip_id: reason}).
+
+    With `cache_file` (an .npz) clips already there are loaded instead of decoded, and the
+    union is written back atomically, so a resumed training run does not decode again.
+    """
+    frames = {}
+    if cache_file and Path(cache_file).is_file():
+        with np.load(cache_file) as npz:
+            frames = {k: npz[k] for k in npz.files if npz[k].shape == (num_frames, size, size, 3)}
+    todo = [(c, u) for c, u in zip(clip_ids, uris) if c not in frames]
+
+    def one(item):
+        cid, uri = item
+        try:
+            return cid, read_clip_frames(uri, num_frames, size), None
+        except ValueError as e:
+            return cid, None, str(e)
+
+    errors = {}
+    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:  # PyAV decodes without the GIL
+        for cid, arr, err in pool.map(one, todo):
+            if err is None:
+                frames[cid] = arr
+            else:
+                errors[cid] = err
+    if cache_file and todo:
+        tmp = Path(str(cache_file) + ".tmp.npz")
+        np.savez(tmp, **frames)
+        os.replace(tmp, cache_file)
+    wanted = set(clip_ids)
+    return {k: v for k, v in frames.items() if k in wanted}, errors

@@ -1,0 +1,275 @@
+"""The video captioner: a CoCa-style model over T frames (VideoCoCa, Yan et al. 2022).
+
+    frames (B, T, H, W, 3) uint8
+      -> open_clip ViT, shared over the T frames        -> patch tokens (B, T, L, Dv)
+      -> + temporal position embedding, flattened        -> (B, T*L, Dv)
+      -> attentional pooler: 1 + N learned queries cross-attend to every frame token
+           query 0   -> contrastive video embedding      (B, E)
+           query 1.. -> N caption-conditioning tokens    (B, N, Dt)
+      -> GPT-2 decoder with cross-attention to those N tokens -> next-token logits
+
+Why cross-attention rather than a prefix: the text keeps positions 0.. regardless of N, the KV
+cache of a step holds only text, and the same decoder run *without* encoder states is a plain
+causal LM over the caption, which CoCa uses as its unimodal text tower: its hidden state at the
+end-of-caption token is the contrastive text embedding, so no second text model is needed.
+
+Captions are `<short> words ... <eos>` or `<dense> words ... <eos>`: the first token selects the
+style. The tokenizer is word-level, built offline from the training captions, and saved next to
+the weights; a checkpoint dir holds config.json, model.safetensors and tokenizer.json.
+"""
+import hashlib
+import json
+import math
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from open_clip.transformer import AttentionalPooler, LayerNorm, VisionTransformer
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from transformers import GPT2Config, GPT2LMHeadModel
+
+PAD, UNK, EOS, SHORT, DENSE = "<pad>", "<unk>", "<eos>", "<short>", "<dense>"
+SPECIAL_TOKENS = [PAD, UNK, EOS, SHORT, DENSE]  # ids 0..4 in every tokenizer we build
+STYLES = {"short": SHORT, "dense": DENSE}
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's image normalisation
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class CaptionerConfig:
+    image_size: int = 224       # frames are resized to image_size x image_size pixels
+    patch_size: int = 32
+    vision_width: int = 768
+    vision_layers: int = 12
+    vision_heads: int = 12
+    num_frames: int = 8         # T frames sampled uniformly from each clip
+    n_queries: int = 32         # caption-conditioning tokens from the pooler
+    pooler_heads: int = 8
+    embed_dim: int = 512        # contrastive embedding size
+    text_width: int = 512
+    text_layers: int = 6
+    text_heads: int = 8
+    max_text_len: int = 64      # tokens, including the style token and <eos>
+    vocab_size: int = 0         # set from the tokenizer
+    dropout: float = 0.0
+
+
+# Size presets. "base" has the ViT-B-32 image tower, so open_clip ViT-B-32 weights load into it.
+PRESETS = {
+    "tiny": dict(image_size=32, patch_size=8, vision_width=64, vision_layers=2, vision_heads=4,
+                 num_frames=4, n_queries=8, pooler_heads=4, embed_dim=64, text_width=64,
+                 text_layers=2, text_heads=4, max_text_len=48),
+    "small": dict(image_size=112, patch_size=16, vision_width=256, vision_layers=4, vision_heads=4,
+                  num_frames=8, n_queries=16, pooler_heads=4, embed_dim=256, text_width=256,
+                  text_layers=4, text_heads=4, max_text_len=64),
+    "base": dict(image_size=224, patch_size=32, vision_width=768, vision_layers=12, vision_heads=12,
+                 num_frames=8, n_queries=32, pooler_heads=8, embed_dim=512, text_width=512,
+                 text_layers=6, text_heads=8, max_text_len=77),
+}
+
+
+def preset(name: str, **overrides) -> CaptionerConfig:
+    """A CaptionerConfig from a size preset ("tiny", "small", "base") with field overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown captioner preset {name!r}; choose from {sorted(PRESETS)}")
+    return CaptionerConfig(**{**PRESETS[name], **overrides})
+
+
+# ---------------------------------------------------------------- tokenizer
+
+def build_tokenizer(texts, min_count: int = 1) -> Tokenizer:
+    """A lower-cased word-level tokenizer over `texts`; ids 0..4 are SPECIAL_TOKENS.
+
+    Words seen fewer than `min_count` times map to <unk>. Built offline: no hub, no BPE merges
+    to learn, and the vocabulary of templated or teacher captions is small.
+    """
+    counts = {}
+    for text in texts:
+        for word in _split_words(text):
+            counts[word] = counts.get(word, 0) + 1
+    words = sorted(w for w, n in counts.items() if n >= min_count and w not in SPECIAL_TOKENS)
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tok
+
+
+def _split_words(text: str) -> list[str]:
+    # the same split as pre_tokenizers.Whitespace after lower-casing
+    return re.findall(r"\w+|[^\w\s]+", text.lower())
+
+
+def encode_caption(tok: Tokenizer, text: str, style: str, max_len: int) -> list[int]:
+    """[style token, word ids..., <eos>], truncated to max_len tokens (keeping the <eos>)."""
+    ids = tok.encode(text).ids[: max_len - 2]
+    return [tok.token_to_id(STYLES[style])] + ids + [tok.token_to_id(EOS)]
+
+
+def decode_caption(tok: Tokenizer, ids) -> str:
+    """Token ids -> text; stops at <eos>, drops special tokens, re-attaches punctuation."""
+    words = []
+    for i in ids:
+        i = int(i)
+        if i == SPECIAL_TOKENS.index(EOS):
+            break
+        if i >= len(SPECIAL_TOKENS):
+            words.append(tok.id_to_token(i))
+    return re.sub(r" ([.,;:!?])", r"\1", " ".join(words))
+
+
+# ---------------------------------------------------------------- model
+
+class VideoCaptioner(nn.Module):
+    def __init__(self, cfg: CaptionerConfig):
+        super().__init__()
+        if cfg.vocab_size <= len(SPECIAL_TOKENS):
+            raise ValueError("CaptionerConfig.vocab_size must be set from the tokenizer")
+        self.cfg = cfg
+        self.visual = VisionTransformer(
+            image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.vision_width,
+            layers=cfg.vision_layers, heads=cfg.vision_heads, mlp_ratio=4.0,
+            output_dim=cfg.embed_dim, output_tokens=True)
+        self.temporal_pos = nn.Parameter(torch.zeros(cfg.num_frames, cfg.vision_width))
+        nn.init.normal_(self.temporal_pos, std=0.02)
+        self.pooler = AttentionalPooler(cfg.text_width, cfg.vision_width, n_head=cfg.pooler_heads,
+                                        n_queries=1 + cfg.n_queries)
+        self.ln_video = LayerNorm(cfg.text_width)
+        self.ln_cond = LayerNorm(cfg.text_width)
+        self.video_proj = nn.Linear(cfg.text_width, cfg.embed_dim, bias=False)
+        self.text = GPT2LMHeadModel(GPT2Config(
+            vocab_size=cfg.vocab_size, n_positions=cfg.max_text_len, n_embd=cfg.text_width,
+            n_layer=cfg.text_layers, n_head=cfg.text_heads, add_cross_attention=True,
+            resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+            bos_token_id=SPECIAL_TOKENS.index(SHORT), eos_token_id=SPECIAL_TOKENS.index(EOS),
+            pad_token_id=SPECIAL_TOKENS.index(PAD)))
+        self.text_proj = nn.Linear(cfg.text_width, cfg.embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's init
+        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 1, 3, 1, 1), persistent=False)
+
+    def encode_video(self, frames: torch.Tensor):
+        """frames (B, T, H, W, 3) uint8 at image_size -> (video_emb (B, E) unit-norm, cond (B, N, Dt))."""
+        B, T = frames.shape[:2]
+        if T != self.cfg.num_frames:
+            raise ValueError(f"expected {self.cfg.num_frames} frames per clip, got {T}")
+        x = frames.permute(0, 1, 4, 2, 3).float().div(255)              # (B, T, 3, H, W)
+        x = (x - self.mean) / self.std
+        _, tokens = self.visual(x.flatten(0, 1))                        # (B*T, L, Dv)
+        tokens = tokens.view(B, T, -1, tokens.shape[-1]) + self.temporal_pos[None, :, None]
+        pooled = self.pooler(tokens.flatten(1, 2))                      # (B, 1+N, Dt)
+        video_emb = F.normalize(self.video_proj(self.ln_video(pooled[:, 0])), dim=-1)
+        return video_emb, self.ln_cond(pooled[:, 1:])
+
+    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        """Caption ids (B, L), right-padded with <pad> -> unit-norm text embedding (B, E).
+
+        The decoder without cross-attention is a unimodal causal LM; its final hidden state at
+        the <eos> (the last non-pad token) has read the whole caption.
+        """
+        mask = ids != SPECIAL_TOKENS.index(PAD)
+        hidden = self.text(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        last = mask.sum(1) - 1                                           # (B,)
+        h = hidden[torch.arange(ids.shape[0]), last]
+        return F.normalize(self.text_proj(h), dim=-1)
+
+    def step(self, ids: torch.Tensor, cond: torch.Tensor, cache=None):
+        """One decoder call: ids (B, L) new tokens -> (logits (B, L, V), cache)."""
+        out = self.text(input_ids=ids, encoder_hidden_states=cond, cache=cache, use_cache=True)
+        return out.logits, out.cache
+
+    def forward(self, frames: torch.Tensor, ids: torch.Tensor, contrastive_weight: float = 1.0):
+        """Training losses. frames (B, T, H, W, 3) uint8; ids (B, L) = [style, words, <eos>, <pad>...].
+
+        Returns {"loss", "caption_loss", "contrastive_loss"}: next-token cross-entropy over
+        non-pad targets, plus symmetric CLIP InfoNCE between the video and caption embeddings.
+        """
+        video_emb, cond = self.encode_video(frames)
+        inputs = ids[:, :-1]
+        logits = self.text(input_ids=inputs, attention_mask=inputs != SPECIAL_TOKENS.index(PAD),
+                           encoder_hidden_states=cond).logits
+        targets = ids[:, 1:].masked_fill(ids[:, 1:] == SPECIAL_TOKENS.index(PAD), -100)
+        caption_loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        contrastive_loss = torch.zeros((), device=frames.device)
+        if contrastive_weight > 0 and frames.shape[0] > 1:
+            text_emb = self.encode_text(ids)
+            # the scale is kept >= 10: at ~0 the loss is flat (ln B) and the embeddings stop learning
+            scale = self.logit_scale.clamp(math.log(10), math.log(100)).exp()
+            sim = scale * video_emb @ text_emb.T                          # (B, B)
+            # identical captions in a batch are all positives (captions repeat across clips)
+            same = (ids[:, None, :] == ids[None, :, :]).all(-1).float()
+            targets = same / same.sum(1, keepdim=True)
+            contrastive_loss = (F.cross_entropy(sim, targets) + F.cross_entropy(sim.T, targets)) / 2
+        loss = caption_loss + contrastive_weight * contrastive_loss
+        return {"loss": loss, "caption_loss": caption_loss, "contrastive_loss": contrastive_loss}
+
+
+def load_open_clip_vision(model: VideoCaptioner, model_name: str, pretrained: str) -> None:
+    """Copy a real open_clip image tower (e.g. "ViT-B-32" from a LOCAL weights file) into `model`.
+
+    The config must match the tower (preset "base" matches ViT-B-32). `pretrained` is a path;
+    open_clip loads it without network access.
+    """
+    import open_clip  # only needed here
+    if not Path(pretrained).is_file():
+        raise FileNotFoundError(f"open_clip weights not found: {pretrained}")
+    clip = open_clip.create_model(model_name, pretrained=pretrained)
+    model.visual.load_state_dict(clip.visual.state_dict())
+
+
+# ---------------------------------------------------------------- checkpoints
+
+TIED = "text.lm_head.weight"  # the same tensor as text.transformer.wte.weight
+
+def save_captioner(model: VideoCaptioner, tok: Tokenizer, out_dir) -> Path:
+    """Write config.json, model.safetensors and tokenizer.json into out_dir (created)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # lm_head shares its weight with the token embedding: store it once, re-tied on load
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != TIED}
+    save_file(state, out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(asdict(model.cfg), indent=2))
+    tok.save(str(out / "tokenizer.json"))
+    return out
+
+
+def load_captioner(ckpt_dir, device="cpu"):
+    """Checkpoint dir -> (model in eval mode, tokenizer). Raises ValueError naming a bad file."""
+    d = Path(ckpt_dir)
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        if not (d / name).is_file():
+            raise FileNotFoundError(f"captioner checkpoint is missing {d / name}")
+    try:
+        cfg = CaptionerConfig(**json.loads((d / "config.json").read_text()))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ValueError(f"corrupt captioner config {d / 'config.json'}: {e}") from e
+    try:
+        tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+        raise ValueError(f"corrupt tokenizer {d / 'tokenizer.json'}: {e}") from e
+    try:
+        state = load_file(d / "model.safetensors")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"corrupt captioner weights {d / 'model.safetensors'}: {e}") from e
+    model = VideoCaptioner(cfg)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if set(missing) != {TIED} or unexpected:
+            raise RuntimeError(f"missing {sorted(set(missing) - {TIED})}, unexpected {unexpected}")
+    except RuntimeError as e:
+        raise ValueError(f"weights in {d / 'model.safetensors'} do not match config.json: {e}") from e
+    return model.to(device).eval(), tok
+
+
+def checkpoint_hash(ckpt_dir) -> str:
+    """'captioner-' + first 16 hex of sha256(model.safetensors): the caption_model value."""
+    h = hashlib.sha256()
+    with open(Path(ckpt_dir) / "model.safetensors", "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return "captioner-" + h.hexdigest()[:16]

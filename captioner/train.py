@@ -1,0 +1,332 @@
+"""Training the video captioner: one written-out loop (nanoGPT style), wrapped by Ray Train.
+
+Each step: sample a batch of clips and, per clip, one of its teacher captions (short or dense,
+whichever exist) -> forward under autocast (bf16 on CUDA only) -> caption cross-entropy +
+CLIP InfoNCE -> backward -> clip grads -> AdamW step with warmup + cosine LR -> log ->
+validate -> checkpoint. The checkpoint dir `<out_dir>/checkpoint` holds the captioner
+(config.json, model.safetensors, tokenizer.json, loadable by `load_captioner`) plus
+optimizer.safetensors, rng.safetensors and train_state.json, and is swapped in atomically;
+rerunning with the same out_dir resumes exactly (same weights as an uninterrupted run).
+
+Training rows: status == "kept" with a teacher caption. Validation holds out whole SOURCE
+videos (by source_sha256) so clips of one video never sit on both sides.
+"""
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+
+from captioner.data import load_frames, read_clips, training_rows
+from captioner.model import (PAD, SPECIAL_TOKENS, VideoCaptioner, build_tokenizer, encode_caption,
+                             load_captioner, preset, save_captioner)
+
+STYLE_ORDER = ("short", "dense")
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "small"                 # CaptionerConfig size preset (model.PRESETS)
+    model: dict = field(default_factory=dict)  # overrides of CaptionerConfig fields
+    steps: int = 2000
+    batch_size: int = 16
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1             # cosine decays to lr * this
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    contrastive_weight: float = 0.1       # at 1.0 tiny models collapsed to one embedding early
+    val_fraction: float = 0.1             # of source videos
+    eval_every: int = 200
+    ckpt_every: int = 200
+    log_every: int = 20
+    seed: int = 0
+    min_word_count: int = 1
+
+
+@dataclass
+class CaptionData:
+    """Clips decoded once: frames (N, T, S, S, 3) uint8; ids (N, 2, L) token ids for the short and
+    dense caption (all <pad> where that style is missing); has (N, 2) bool; clip_ids list."""
+    frames: torch.Tensor
+    ids: torch.Tensor
+    has: torch.Tensor
+    clip_ids: list
+
+    def __len__(self):
+        return len(self.clip_ids)
+
+
+# ---------------------------------------------------------------- data
+
+def split_by_source(source_shas, val_fraction: float, seed: int = 0) -> np.ndarray:
+    """Bool mask, True = validation. Whole sources go to one side: the ceil(fraction * n_sources)
+    sources with the smallest seeded hash (deterministic, independent of row order)."""
+    sources = sorted(set(source_shas), key=lambda s: hashlib.sha256(f"{seed}:{s}".encode()).hexdigest())
+    n_val = math.ceil(val_fraction * len(sources)) if len(sources) > 1 else 0
+    val = set(sources[:n_val])
+    return np.array([s in val for s in source_shas], dtype=bool)
+
+
+def make_data(rows: list[dict], frames: dict, tok: Tokenizer, max_len: int) -> CaptionData:
+    """rows: dicts with clip_id, caption_teacher_short, caption_teacher_dense; frames: clip_id -> array."""
+    rows = [r for r in rows if r["clip_id"] in frames]
+    ids = torch.full((len(rows), 2, max_len), SPECIAL_TOKENS.index(PAD), dtype=torch.long)
+    has = torch.zeros(len(rows), 2, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        for j, style in enumerate(STYLE_ORDER):
+            text = r.get(f"caption_teacher_{style}")
+            if text:
+                seq = encode_caption(tok, text, style, max_len)
+                ids[i, j, :len(seq)] = torch.tensor(seq)
+                has[i, j] = True
+    stacked = np.stack([frames[r["clip_id"]] for r in rows]) if rows else np.zeros((0,))
+    return CaptionData(torch.from_numpy(stacked), ids, has, [r["clip_id"] for r in rows])
+
+
+def prepare(dataset_root, version, out_dir, cfg: TrainConfig):
+    """Read the table, split by source, decode frames once (npz cache in out_dir), build or
+    reload the tokenizer -> (tokenizer, model config, train data, val data, info dict)."""
+    table, read_version = read_clips(dataset_root, version)
+    rows = training_rows(table).select(
+        ["clip_id", "clip_uri", "source_sha256", "caption_teacher_short", "caption_teacher_dense"]).to_pylist()
+    if not rows:
+        raise ValueError(f"no kept clips with teacher captions in {dataset_root} version {read_version}")
+    is_val = split_by_source([r["source_sha256"] for r in rows], cfg.val_fraction, cfg.seed)
+    train_rows = [r for r, v in zip(rows, is_val) if not v]
+    val_rows = [r for r, v in zip(rows, is_val) if v]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = _latest_checkpoint(out)
+    if ckpt is not None:  # resume: the vocabulary must be the one the weights were trained with
+        tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    else:
+        texts = [r[f"caption_teacher_{s}"] or "" for r in train_rows for s in STYLE_ORDER]
+        tok = build_tokenizer(texts, cfg.min_word_count)
+    mcfg = preset(cfg.preset, **cfg.model, vocab_size=tok.get_vocab_size())
+    frames, errors = load_frames([r["clip_id"] for r in rows], [r["clip_uri"] for r in rows],
+                                 mcfg.num_frames, mcfg.image_size, cache_file=out / "frames.npz")
+    train = make_data(train_rows, frames, tok, mcfg.max_text_len)
+    val = make_data(val_rows, frames, tok, mcfg.max_text_len)
+    info = {"dataset_root": str(dataset_root), "version": read_version, "train_clips": len(train),
+            "val_clips": len(val), "decode_errors": errors,
+            "val_sources": sorted({r["source_sha256"] for r in val_rows})}
+    return tok, mcfg, train, val, info
+
+
+def sample_batch(data: CaptionData, batch_size: int, gen: torch.Generator):
+    """Random clips (with replacement) and, per clip, a random one of its available styles."""
+    idx = torch.randint(len(data), (batch_size,), generator=gen)
+    has = data.has[idx].float()
+    style = torch.multinomial(has, 1, generator=gen).squeeze(1)          # (B,) 0 short, 1 dense
+    ids = data.ids[idx, style]
+    width = int((ids != SPECIAL_TOKENS.index(PAD)).sum(1).max())  # drop all-pad columns
+    return data.frames[idx], ids[:, :width]
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def _latest_checkpoint(out: Path):
+    for name in ("checkpoint", "checkpoint.old"):  # .old survives a crash between the two renames
+        if (out / name / "train_state.json").is_file():
+            return out / name
+    return None
+
+
+def save_checkpoint(out_dir, model, tok, opt, step: int, gen: torch.Generator, extra: dict) -> Path:
+    """Write <out_dir>/checkpoint atomically: build checkpoint.tmp, then swap it in by renames."""
+    out = Path(out_dir)
+    tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_captioner(model, tok, tmp)
+    sd = opt.state_dict()
+    save_file({f"{i}.{k}": v.contiguous() for i, st in sd["state"].items() for k, v in st.items()},
+              tmp / "optimizer.safetensors")
+    rng = {"torch": torch.get_rng_state(), "batches": gen.get_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, tmp / "rng.safetensors")
+    (tmp / "train_state.json").write_text(json.dumps(
+        {"step": step, "param_groups": sd["param_groups"], **extra}, indent=2))
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(ckpt: Path, model, opt, gen: torch.Generator) -> dict:
+    """Restore weights, optimizer, RNG and batch-sampler state in place; returns train_state."""
+    loaded, _ = load_captioner(ckpt)
+    model.load_state_dict(loaded.state_dict())
+    state = json.loads((ckpt / "train_state.json").read_text())
+    flat = load_file(ckpt / "optimizer.safetensors")
+    per_param = {}
+    for key, v in flat.items():
+        i, name = key.split(".", 1)
+        per_param.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
+    rng = load_file(ckpt / "rng.safetensors")
+    torch.set_rng_state(rng["torch"])
+    gen.set_state(rng["batches"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return state
+
+
+# ---------------------------------------------------------------- the loop
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup over warmup_steps, then cosine from lr to lr * min_lr_ratio at cfg.steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def evaluate_loss(model, data: CaptionData, device, batch_size: int = 32) -> dict:
+    """Mean caption loss over every (clip, available style) of `data`, and video->text R@1."""
+    model.eval()
+    losses, hits, n = [], 0, 0
+    for s in range(0, len(data), batch_size):
+        frames = data.frames[s:s + batch_size].to(device)
+        for j in range(2):
+            sel = data.has[s:s + batch_size, j]
+            if sel.sum() == 0:
+                continue
+            ids = data.ids[s:s + batch_size, j][sel].to(device)
+            out = model(frames[sel.to(device)], ids, contrastive_weight=0.0)
+            losses.append(out["caption_loss"].item() * len(ids))
+            n += len(ids)
+    if len(data) > 1 and data.has[:, 0].all():
+        video, _ = model.encode_video(data.frames.to(device))
+        text = model.encode_text(data.ids[:, 0].to(device))
+        # a retrieval hit: the clip's own short caption is the nearest, or ties it (templated
+        # captions repeat across clips, so an identical caption counts)
+        sim = video @ text.T
+        best = sim.argmax(1).cpu()
+        same = (data.ids[best, 0] == data.ids[:, 0]).all(1)
+        hits = same.float().mean().item()
+    model.train()
+    return {"val_loss": sum(losses) / max(n, 1), "val_r1": hits}
+
+
+def fit(model, tok, train: CaptionData, val: CaptionData, cfg: TrainConfig, out_dir, device="cpu",
+        rank: int = 0, report=None, stop_at: int | None = None, log=print) -> list[dict]:
+    """Train `model` (possibly DDP-wrapped) from step 0, or resume from <out_dir>/checkpoint.
+
+    `stop_at`: end this run after that step with a checkpoint (a time-sliced run; a later
+    call resumes). `report(metrics)` is called at each log step (Ray Train passes its own).
+    Returns the logged history (list of dicts: step, loss, caption_loss, contrastive_loss, lr, ...).
+    """
+    raw = getattr(model, "module", model)  # the captioner inside a DDP wrapper
+    decay = [p for p in raw.parameters() if p.dim() >= 2]
+    no_decay = [p for p in raw.parameters() if p.dim() < 2]  # norms, biases, logit scale
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    gen = torch.Generator().manual_seed(cfg.seed + rank)
+    step, history = 0, []
+    ckpt = _latest_checkpoint(Path(out_dir))
+    if ckpt is not None:
+        step = load_checkpoint(ckpt, raw, opt, gen)["step"]
+        log(f"captioner: resumed from {ckpt} at step {step}")
+    use_bf16 = torch.device(device).type == "cuda"
+    log(f"captioner: training on {device} ({'bf16 autocast' if use_bf16 else 'fp32'}), "
+        f"{len(train)} train / {len(val)} val clips, steps {step}->{cfg.steps}")
+    model.train()
+    t0 = time.time()
+    while step < cfg.steps:
+        frames, ids = sample_batch(train, cfg.batch_size, gen)
+        frames, ids = frames.to(device), ids.to(device)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_bf16):
+            out = model(frames, ids, contrastive_weight=cfg.contrastive_weight)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+        opt.step()
+        step += 1
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            rec = {"step": step, "lr": opt.param_groups[0]["lr"], "grad_norm": grad_norm.item(),
+                   **{k: v.item() for k, v in out.items()}, "sec": round(time.time() - t0, 1)}
+            if len(val) and (step % cfg.eval_every == 0 or step == cfg.steps):
+                rec.update(evaluate_loss(raw, val, device))
+            history.append(rec)
+            log("captioner: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                         for k, v in rec.items()))
+            if report is not None:
+                report(rec)
+        last = step == cfg.steps or step == stop_at
+        if rank == 0 and (step % cfg.ckpt_every == 0 or last):
+            save_checkpoint(out_dir, raw, tok, opt, step, gen, {"train_config": asdict(cfg)})
+        if step == stop_at:
+            break
+    if rank == 0:
+        with open(Path(out_dir) / "history.jsonl", "a") as f:
+            for rec in history:
+                f.write(json.dumps(rec) + "\n")
+    return history
+
+
+# ---------------------------------------------------------------- entry points
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train worker: the same prepare + fit, with DDP via ray.train.torch.prepare_model.
+
+    config: {"dataset_root", "version", "out_dir", "train": asdict(TrainConfig)}.
+    """
+    import ray.train
+    import ray.train.torch
+    cfg = TrainConfig(**config["train"])
+    ctx = ray.train.get_context()
+    torch.manual_seed(cfg.seed)  # identical initial weights on every worker
+    tok, mcfg, train, val, _ = prepare(config["dataset_root"], config["version"], config["out_dir"], cfg)
+    model = ray.train.torch.prepare_model(VideoCaptioner(mcfg))
+    device = ray.train.torch.get_device()
+    fit(model, tok, train, val, cfg, config["out_dir"], device=device, rank=ctx.get_world_rank(),
+        report=lambda m: ray.train.report(m))
+
+
+def train_captioner(dataset_root, version: int | None, out_dir, cfg: TrainConfig | None = None,
+                    num_workers: int = 0, stop_at: int | None = None, log=print) -> Path:
+    """Train (or resume) a captioner on version `version` (None = latest) of <dataset_root>/clips.
+
+    num_workers = 0 runs the loop in this process; >= 1 runs it under Ray Train's TorchTrainer
+    with that many workers (one GPU each when CUDA is present). Returns the checkpoint dir,
+    which `load_captioner` and `caption_dataset` take.
+    """
+    cfg = cfg or TrainConfig()
+    out = Path(out_dir).resolve()
+    if num_workers >= 1:
+        from ray.train import RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+        use_gpu = torch.cuda.is_available()
+        log(f"captioner: Ray Train with {num_workers} worker(s), use_gpu={use_gpu}")
+        TorchTrainer(train_loop_per_worker,
+                     train_loop_config={"dataset_root": str(Path(dataset_root).resolve()), "version": version,
+                                        "out_dir": str(out), "train": asdict(cfg)},
+                     scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+                     run_config=RunConfig(storage_path=str(out / "ray_results"), name="captioner")).fit()
+        return out / "checkpoint"
+    torch.manual_seed(cfg.seed)
+    tok, mcfg, train, val, info = prepare(dataset_root, version, out, cfg)
+    log(f"captioner: data {json.dumps({k: v for k, v in info.items() if k != 'decode_errors'})}, "
+        f"{len(info['decode_errors'])} unreadable clips skipped")
+    model = VideoCaptioner(mcfg).to(_device())
+    fit(model, tok, train, val, cfg, out, device=_device(), stop_at=stop_at, log=log)
+    return out / "checkpoint"

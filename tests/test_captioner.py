@@ -1,0 +1,321 @@
+"""The video captioner on a tiny rendered dataset: a coloured square moving left or right.
+
+Real PyAV-encoded mp4s, a real Delta clips table, a real (tiny) model trained for a few dozen
+steps, real local Ray for batch captioning.
+"""
+import hashlib
+import json
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+import av
+import imageio_ffmpeg
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from deltalake import DeltaTable, write_deltalake
+
+from captioner import decode
+from captioner.data import parse_clip_uri, read_clip_frames, sample_indices
+from captioner.metrics import attribute_accuracy, caption_scores
+from captioner.model import (VideoCaptioner, build_tokenizer, checkpoint_hash, decode_caption,
+                             encode_caption, load_captioner, preset, save_captioner)
+from captioner.train import TrainConfig, prepare, split_by_source, train_captioner
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
+DIRECTIONS = ("left", "right")
+N_FRAMES, SIZE = 16, 64
+
+# the clips-table columns we fill (pipeline/schema.py); others stay null
+COLUMNS = [("clip_id", pa.string()), ("source_uri", pa.string()), ("source_sha256", pa.string()),
+           ("start_frame", pa.int64()), ("end_frame", pa.int64()), ("fps", pa.float64()),
+           ("width", pa.int64()), ("height", pa.int64()), ("rotation", pa.int64()),
+           ("clip_uri", pa.string()), ("status", pa.string()), ("reason", pa.string()),
+           ("caption_teacher_short", pa.string()), ("caption_teacher_dense", pa.string()),
+           ("caption_short", pa.string()), ("caption_dense", pa.string()), ("caption_model", pa.string())]
+
+
+def square_frames(colour, direction, n=N_FRAMES, size=SIZE, seed=0):
+    """(n, size, size, 3) uint8: a 16 px square crossing a grey background."""
+    rng = np.random.default_rng(seed)
+    bg = rng.integers(90, 150)
+    y = rng.integers(8, size - 24)
+    xs = np.linspace(4, size - 20, n).astype(int)
+    if direction == "left":
+        xs = xs[::-1]
+    out = np.full((n, size, size, 3), bg, np.uint8)
+    for i, x in enumerate(xs):
+        out[i, y:y + 16, x:x + 16] = COLOURS[colour]
+    return out
+
+
+def write_mp4(path, frames, fps=16):
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=fps)
+        s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        s.options = {"crf": "18", "g": "8"}
+        for f in frames:
+            for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def captions(colour, direction):
+    other = "right" if direction == "left" else "left"
+    return (f"a {colour} square moving {direction}",
+            f"a small {colour} square slides from {other} to {direction} across a grey background. "
+            f"the camera is static.")
+
+
+def make_dataset(root: Path, reps=3):
+    """Clips of every colour x direction, `reps` each. Most are their own mp4; the last rep of
+    each colour is two shots of one longer source, referenced as `#frames=` ranges."""
+    videos = root / "videos"
+    videos.mkdir(parents=True)
+    rows = []
+
+    def row(src, start, end, uri, colour, direction):
+        sha = hashlib.sha256(Path(src).read_bytes()).hexdigest()
+        short, dense = captions(colour, direction)
+        rows.append({"clip_id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{sha}:{start}-{end}")),
+                     "source_uri": str(src), "source_sha256": sha, "start_frame": start, "end_frame": end,
+                     "fps": 16.0, "width": SIZE, "height": SIZE, "rotation": 0, "clip_uri": uri,
+                     "status": "kept", "caption_teacher_short": short, "caption_teacher_dense": dense,
+                     "colour": colour, "direction": direction})
+
+    for ci, colour in enumerate(COLOURS):
+        for rep in range(reps - 1):
+            for direction in DIRECTIONS:
+                p = videos / f"{colour}_{direction}_{rep}.mp4"
+                write_mp4(p, square_frames(colour, direction, seed=100 * ci + 10 * rep + len(direction)))
+                row(p, 0, N_FRAMES, str(p), colour, direction)
+        src = videos / f"{colour}_two_shots.mp4"
+        write_mp4(src, np.concatenate([square_frames(colour, d, seed=7 + ci) for d in DIRECTIONS]))
+        for k, direction in enumerate(DIRECTIONS):
+            a, b = k * N_FRAMES, (k + 1) * N_FRAMES
+            row(src, a, b, f"{src}#frames={a}-{b}", colour, direction)
+    # a filtered clip and a rejected source: never trained on, never captioned
+    rows.append({**rows[0], "clip_id": str(uuid.uuid4()), "status": "filtered", "reason": "blur 0.9 > 0.5"})
+    rows.append({"source_uri": str(videos / "broken.mp4"), "status": "rejected", "reason": "probe failed"})
+    table = pa.Table.from_pylist(rows, schema=pa.schema(COLUMNS))
+    write_deltalake(str(root / "clips"), table, mode="overwrite")
+    return rows
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ds")
+    return root, make_dataset(root)
+
+
+TINY = TrainConfig(preset="tiny", steps=200, batch_size=16, lr=3e-3, contrastive_weight=0.1, warmup_steps=10, val_fraction=0.3,
+                   eval_every=100, ckpt_every=100, log_every=25, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory):
+    root, _ = dataset
+    out = tmp_path_factory.mktemp("run")
+    ckpt = train_captioner(root, None, out, TINY, log=lambda *_: None)
+    return out, ckpt
+
+
+# ---------------------------------------------------------------- data
+
+def test_clip_uri_and_sampling():
+    assert parse_clip_uri("/a/b.mp4") == ("/a/b.mp4", 0, None)
+    assert parse_clip_uri("/a/b#c.mp4#frames=10-20") == ("/a/b#c.mp4", 10, 20)
+    with pytest.raises(ValueError):
+        parse_clip_uri("/a/b.mp4#frames=5-5")
+    assert sample_indices(10, 26, 4).tolist() == [12, 16, 20, 24]
+    assert sample_indices(0, 2, 4).tolist() == [0, 0, 1, 1]  # fewer frames than T: repeats
+
+
+def test_read_frames_ranges_and_rotation(tmp_path):
+    frames = np.concatenate([square_frames("red", "left"), square_frames("blue", "right")])
+    src = tmp_path / "src.mp4"
+    write_mp4(src, frames)
+    first = read_clip_frames(str(src), 4, 32)
+    assert first.shape == (4, 32, 32, 3) and first.dtype == np.uint8
+    shot2 = read_clip_frames(f"{src}#frames=16-32", 2, 64)
+    blue = (shot2[..., 2] > 180) & (shot2[..., 0] < 80)
+    assert blue.sum() > 100 and not ((shot2[..., 0] > 180) & (shot2[..., 2] < 80)).any()
+    # a 90 degree display matrix (what phones write): frames come out upright
+    wide = np.zeros((N_FRAMES, 32, 64, 3), np.uint8)
+    wide[:, :8] = 255  # a white stripe along the top edge of the stored picture
+    plain, rotated = tmp_path / "wide.mp4", tmp_path / "rot.mp4"
+    write_mp4(plain, wide)
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-display_rotation", "90", "-i",
+                    str(plain), "-c", "copy", str(rotated)], check=True)
+    with av.open(str(rotated)) as c:
+        assert next(c.decode(video=0)).rotation == 90
+    up = read_clip_frames(str(rotated), 1, 32)[0]
+    # shown rotated 90 degrees counter-clockwise (as ffmpeg's autorotate does): top becomes left
+    assert up[:, :4].mean() > 200 and up[:, -4:].mean() < 50
+    with pytest.raises(ValueError, match="cannot decode"):
+        read_clip_frames(str(tmp_path / "missing.mp4"), 4, 32)
+    (tmp_path / "junk.mp4").write_bytes(b"not a video")
+    with pytest.raises(ValueError, match="junk.mp4"):
+        read_clip_frames(str(tmp_path / "junk.mp4"), 4, 32)
+
+
+def test_split_by_source_has_no_leakage(dataset):
+    root, rows = dataset
+    kept = [r for r in rows if r.get("status") == "kept"]
+    val = split_by_source([r["source_sha256"] for r in kept], 0.3, seed=0)
+    assert 0 < val.sum() < len(kept)
+    train_src = {r["source_sha256"] for r, v in zip(kept, val) if not v}
+    val_src = {r["source_sha256"] for r, v in zip(kept, val) if v}
+    assert not train_src & val_src
+    assert (val == split_by_source([r["source_sha256"] for r in kept], 0.3, seed=0)).all()
+
+
+# ---------------------------------------------------------------- model + decoding
+
+def _untrained():
+    tok = build_tokenizer([c for col in COLOURS for d in DIRECTIONS for c in captions(col, d)])
+    torch.manual_seed(0)
+    return VideoCaptioner(preset("tiny", vocab_size=tok.get_vocab_size())).eval(), tok
+
+
+def test_tokenizer_roundtrip():
+    tok = build_tokenizer(["A red square, moving left."])
+    ids = encode_caption(tok, "a red square, moving LEFT.", "dense", 16)
+    assert ids[0] == tok.token_to_id("<dense>") and ids[-1] == tok.token_to_id("<eos>")
+    assert decode_caption(tok, ids) == "a red square, moving left."
+    assert decode_caption(tok, encode_caption(tok, "a purple square", "short", 16)) == "a square"
+
+
+def test_decoding_cache_matches_full_forward_and_is_seeded():
+    model, tok = _untrained()
+    frames = torch.from_numpy(np.stack([square_frames("red", "left", 4, 48)[:, 8:40, 8:40], square_frames("blue", "right", 4, 48)[:, 8:40, 8:40]]))
+    _, cond = model.encode_video(frames)
+    style = torch.full((2,), tok.token_to_id("<short>"))
+    g = decode.greedy(model, cond, style, max_len=12)
+    # the KV-cached loop picks what a full forward over the prefix picks, at every step
+    for b, seq in enumerate(g):
+        ids = torch.tensor([[style[b].item()] + seq])
+        logits, _ = model.step(ids, cond[b:b + 1])
+        logits[..., decode.NEVER] = float("-inf")
+        full = logits[0].argmax(-1).tolist()
+        assert full[:len(seq)] == seq
+    assert decode.beam_search(model, cond, style, 12, num_beams=1) == g
+    beams = decode.beam_search(model, cond, style, 12, num_beams=3)
+    assert beams == decode.beam_search(model, cond, style, 12, num_beams=3) and len(beams) == 2
+    a = decode.top_p(model, cond, style, 12, p=0.9, seed=1)
+    assert a == decode.top_p(model, cond, style, 12, p=0.9, seed=1)
+    assert a != decode.top_p(model, cond, style, 12, p=0.9, seed=2)
+    assert all(t >= 5 for s in a + beams + g for t in s)  # never pad / unk / style tokens
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path):
+    model, tok = _untrained()
+    ckpt = save_captioner(model, tok, tmp_path / "ck")
+    loaded, tok2 = load_captioner(ckpt)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    h = checkpoint_hash(ckpt)
+    assert h.startswith("captioner-") and h == checkpoint_hash(ckpt)
+    blob = (ckpt / "model.safetensors").read_bytes()
+    (ckpt / "model.safetensors").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(ValueError, match="model.safetensors"):
+        load_captioner(ckpt)
+    (ckpt / "model.safetensors").write_bytes(b"\x80\x04pickle-not-welcome")
+    with pytest.raises(ValueError, match="model.safetensors"):
+        load_captioner(ckpt)
+    (ckpt / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json"):
+        load_captioner(ckpt)
+
+
+# ---------------------------------------------------------------- training
+
+def test_training_learns_colour_on_held_out_sources(trained, dataset):
+    out, ckpt = trained
+    hist = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert hist[-1]["caption_loss"] < 0.5 * hist[0]["caption_loss"]
+    assert hist[-1]["val_loss"] < 1.0
+    root, rows = dataset
+    cfg = TrainConfig(**{**TINY.__dict__})
+    _, _, _, val, info = prepare(root, None, out, cfg)
+    assert info["val_clips"] >= 4
+    val_rows = {r["clip_id"]: r for r in rows if r.get("clip_id")}
+    model, tok = load_captioner(ckpt)
+    shorts = decode.describe(model, tok, val.frames, "short", "greedy")
+    dense = decode.describe(model, tok, val.frames, "dense", "beam", num_beams=3)
+    truth = [{"colour": val_rows[c]["colour"], "direction": val_rows[c]["direction"]} for c in val.clip_ids]
+    acc = attribute_accuracy(shorts, truth, {"colour": list(COLOURS), "direction": list(DIRECTIONS)})
+    assert acc["colour"] > 0.5, (shorts, truth)  # chance is 0.25
+    assert all(d.endswith("the camera is static.") for d in dense), dense
+    refs = {i: [captions(t["colour"], t["direction"])[0]] for i, t in enumerate(truth)}
+    scores = caption_scores(refs, dict(enumerate(shorts)))
+    assert scores["BLEU-4"] > 0.3
+
+
+def test_exact_resume(dataset, tmp_path):
+    root, _ = dataset
+    cfg = TrainConfig(preset="tiny", steps=6, batch_size=4, lr=1e-3, warmup_steps=2, val_fraction=0.3,
+                      eval_every=3, ckpt_every=100, log_every=3, seed=3)
+    quiet = lambda *_: None  # noqa: E731
+    straight = train_captioner(root, None, tmp_path / "a", cfg, log=quiet)
+    train_captioner(root, None, tmp_path / "b", cfg, stop_at=3, log=quiet)
+    assert json.loads((tmp_path / "b" / "checkpoint" / "train_state.json").read_text())["step"] == 3
+    assert not (tmp_path / "b" / "checkpoint.tmp").exists()
+    resumed = train_captioner(root, None, tmp_path / "b", cfg, log=quiet)
+    a, _ = load_captioner(straight)
+    b, _ = load_captioner(resumed)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
+
+
+# ---------------------------------------------------------------- batch captioning
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_caption_dataset_writes_one_new_version_and_resumes(trained, dataset, ray_session, tmp_path):
+    from captioner.caption import caption_dataset
+    src_root, _ = dataset
+    root = tmp_path / "copy"
+    shutil.copytree(src_root, root)  # the module's dataset stays untouched for other tests
+    dt = DeltaTable(str(root / "clips"))
+    # one kept clip now points at a file that is gone: it must keep its captions and get a reason
+    table = dt.to_pyarrow_table()
+    uris = table["clip_uri"].to_pylist()
+    kept = [i for i, s in enumerate(table["status"].to_pylist()) if s == "kept"]
+    uris[kept[0]] = str(root / "videos" / "gone.mp4")
+    shorts = table["caption_short"].to_pylist()
+    shorts[kept[0]] = "an older caption"
+    table = table.set_column(table.column_names.index("clip_uri"), "clip_uri", pa.array(uris))
+    table = table.set_column(table.column_names.index("caption_short"), "caption_short", pa.array(shorts))
+    write_deltalake(str(root / "clips"), table, mode="overwrite")
+    parent = DeltaTable(str(root / "clips")).version()
+
+    _, ckpt = trained
+    summary = caption_dataset(root, ckpt, batch_size=8, method="greedy", log=lambda *_: None)
+    n_kept = len(kept)
+    assert summary["version"] == parent + 1
+    assert summary["captioned"] == n_kept - 1 and summary["failed"] == 1
+    dt = DeltaTable(str(root / "clips"))
+    meta = dt.history(1)[0]  # newest commit first
+    assert meta["spacetime.operation"] == "caption" and json.loads(meta["counts"])["failed"] == 1
+    assert meta.get("caption_model") == checkpoint_hash(ckpt) and meta.get("parent_version") == str(parent)
+    rows = dt.to_pyarrow_table().to_pylist()
+    assert len(rows) == len(table)  # filtered and rejected rows are kept, untouched
+    broken = [r for r in rows if (r["clip_uri"] or "").endswith("gone.mp4")][0]
+    assert broken["caption_short"] == "an older caption" and "gone.mp4" in broken["caption_error"]
+    good = [r for r in rows if r["status"] == "kept" and not r["caption_error"]]
+    assert len(good) == n_kept - 1
+    assert all(r["caption_model"] == checkpoint_hash(ckpt) and r["caption_short"] and r["caption_dense"] for r in good)
+    assert all(r["caption_model"] is None for r in rows if r["status"] != "kept")
+    # rerun: only the unreadable clip is tried again; one more commit
+    again = caption_dataset(root, ckpt, batch_size=8, method="greedy", log=lambda *_: None)
+    assert again["skipped"] == n_kept - 1 and again["captioned"] == 0 and again["failed"] == 1

@@ -1,0 +1,94 @@
+"""The prompt upsampler: a tiny T5 trained on templated (short -> dense) pairs, the LLM backend
+on a tiny GPT-2 dir saved locally, the no-backend fallback and prompt validation."""
+import itertools
+import warnings
+
+import pyarrow as pa
+import pytest
+import torch
+from deltalake import write_deltalake
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from captioner.metrics import attribute_accuracy, caption_scores
+from captioner.model import build_tokenizer
+from captioner.upsample import (LLMUpsampler, T5Upsampler, UpsamplerConfig, caption_pairs, few_shot_examples,
+                                load_upsampler, train_upsampler, upsample)
+
+COLOURS = ["red", "green", "blue", "yellow", "white", "orange"]
+SHAPES = {"square": "grey", "circle": "black", "triangle": "sandy"}  # shape -> the background it sits on
+DIRECTIONS = ["left", "right"]
+
+
+def pair(colour, shape, direction):
+    other = "right" if direction == "left" else "left"
+    return (f"a {colour} {shape} moving {direction}",
+            f"a small {colour} {shape} glides from the {other} edge to the {direction} edge over a "
+            f"{SHAPES[shape]} background. the camera is static and the light is soft.")
+
+
+ALL = [pair(*c) for c in itertools.product(COLOURS, SHAPES, DIRECTIONS)]
+HELD_OUT = ALL[1::6]  # every combination of colour x shape appears in train except these six
+
+
+@pytest.fixture(scope="module")
+def t5_dir(tmp_path_factory):
+    train = [p for p in ALL if p not in HELD_OUT]
+    cfg = UpsamplerConfig(d_model=64, d_ff=128, num_layers=2, num_heads=4, max_len=40, steps=150,
+                          batch_size=16, lr=3e-3, warmup_steps=10, seed=0)
+    return train_upsampler(train, tmp_path_factory.mktemp("t5"), cfg, log=lambda *_: None)
+
+
+def test_trained_t5_beats_the_raw_prompt_on_held_out_pairs(t5_dir):
+    up = load_upsampler(t5_dir)
+    assert isinstance(up, T5Upsampler)
+    outs = {i: upsample(short, up, seed=0) for i, (short, _) in enumerate(HELD_OUT)}
+    refs = {i: [dense] for i, (_, dense) in enumerate(HELD_OUT)}
+    ours = caption_scores(refs, outs)["BLEU-4"]
+    raw = caption_scores(refs, {i: short for i, (short, _) in enumerate(HELD_OUT)})["BLEU-4"]
+    assert ours > raw + 0.3, (ours, raw, outs)
+    # the user's colour survives upsampling
+    truths = [{"colour": s.split()[1]} for s, _ in HELD_OUT]
+    assert attribute_accuracy(list(outs.values()), truths, {"colour": COLOURS})["colour"] >= 0.5, outs
+    assert upsample(HELD_OUT[0][0], up, seed=0) == outs[0]  # deterministic
+
+
+def test_no_backend_returns_prompt_with_warning(tmp_path):
+    with pytest.warns(UserWarning, match="upsampler"):
+        assert upsample("  a red ball  ") == "a red ball"
+    with pytest.warns(UserWarning, match="not found"):
+        assert load_upsampler(tmp_path / "missing") is None
+
+
+def test_bad_prompts_raise():
+    for bad in ["", "   ", None, "x" * 5000]:
+        with pytest.raises(ValueError):
+            upsample(bad)
+
+
+def test_llm_backend_on_a_local_dir_with_dataset_examples(tmp_path):
+    # a dataset table with captions, for the few-shot examples
+    rows = [{"clip_id": str(i), "status": "kept", "caption_short": s, "caption_dense": d,
+             "caption_teacher_short": None, "caption_teacher_dense": None} for i, (s, d) in enumerate(ALL[:6])]
+    rows.append({"clip_id": "x", "status": "filtered", "caption_short": "never", "caption_dense": "shown",
+                 "caption_teacher_short": None, "caption_teacher_dense": None})
+    write_deltalake(str(tmp_path / "ds" / "clips"), pa.Table.from_pylist(rows), mode="overwrite")
+    assert len(caption_pairs(tmp_path / "ds")) == 6
+    examples = few_shot_examples(tmp_path / "ds", k=2, seed=1)
+    assert examples == few_shot_examples(tmp_path / "ds", k=2, seed=1) and len(examples) == 2
+    # a tiny causal LM saved as a local model dir (what a real instruction-tuned LLM dir looks like)
+    wl = build_tokenizer([t for p in ALL for t in p] + ["system user assistant you are part of a team"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=wl, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    torch.manual_seed(0)
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=1024, n_embd=32, n_layer=1, n_head=2,
+                                    eos_token_id=2, pad_token_id=0, bos_token_id=2))
+    lm.save_pretrained(tmp_path / "llm")
+    tok.save_pretrained(tmp_path / "llm")
+    up = load_upsampler(tmp_path / "llm", examples)
+    assert isinstance(up, LLMUpsampler)
+    msgs = up.messages("a red cube")
+    assert msgs[0]["role"] == "system" and msgs[1]["content"] == examples[0][0] and msgs[-1]["content"] == "a red cube"
+    up.max_new_tokens = 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a, b = up("a red cube", seed=3), up("a red cube", seed=3)
+    assert a == b and isinstance(a, str) and a
