@@ -194,6 +194,122 @@ def train_aesthetic_cmd(dataset: Path = typer.Option(..., "--dataset", help="dat
                f"loss {hist['loss'][0]:.4f} -> {hist['loss'][-1]:.4f}; saved {out}")
 
 
+# --- captioner ------------------------------------------------------------------------------
+
+@app.command("train-captioner")
+def train_captioner_cmd(dataset: Path = typer.Option(..., "--dataset"),
+                        version: Optional[int] = typer.Option(None, "--version", help="table version (default latest)"),
+                        out: Path = typer.Option(Path("runs/captioner"), "--out", help="run dir; re-running resumes"),
+                        preset: str = typer.Option("small", help="model size preset: tiny | small | base"),
+                        steps: int = typer.Option(2000, min=1), batch_size: int = typer.Option(16, min=1),
+                        workers: int = typer.Option(0, min=0, help="Ray Train workers (0 = this process)"),
+                        seed: int = typer.Option(0)):
+    """Train the video captioner on kept clips' teacher captions (validation split by source video)."""
+    from captioner.train import TrainConfig, train_captioner
+
+    _need_table(dataset)
+    cfg = TrainConfig(preset=preset, steps=steps, batch_size=batch_size, seed=seed)
+    try:
+        ckpt = train_captioner(str(dataset), version, out, cfg, num_workers=workers, log=typer.echo)
+    except ValueError as e:
+        fail(str(e))
+    typer.echo(f"captioner checkpoint: {ckpt}")
+
+
+@app.command("caption")
+def caption_cmd(dataset: Path = typer.Option(..., "--dataset"),
+                checkpoint: Path = typer.Option(..., "--checkpoint", help="captioner checkpoint dir"),
+                version: Optional[int] = typer.Option(None, "--version"),
+                batch_size: int = typer.Option(16, min=1), concurrency: int = typer.Option(1, min=1),
+                method: str = typer.Option("beam", help="greedy | beam | top_p")):
+    """Caption every kept clip into caption_short / caption_dense / caption_model: one new version."""
+    from captioner.caption import caption_dataset
+
+    _need_table(dataset)
+    if not checkpoint.is_dir():
+        fail(f"captioner checkpoint not found: {checkpoint}")
+    _quiet_ray()
+    try:
+        s = caption_dataset(str(dataset), str(checkpoint), version, batch_size, concurrency, method, log=typer.echo)
+    except ValueError as e:
+        fail(str(e))
+    typer.echo(json.dumps({k: v for k, v in s.items()}, default=str))
+
+
+@app.command("eval-captioner")
+def eval_captioner_cmd(dataset: Path = typer.Option(..., "--dataset", help="a version captioned by the model"),
+                       version: Optional[int] = typer.Option(None, "--version"),
+                       ground_truth: Optional[Path] = typer.Option(None, "--ground-truth",
+                                                                   help="demo ground_truth.json for the attribute check"),
+                       val_fraction: float = typer.Option(0.1, help="held-out share of source videos (as in training)"),
+                       seed: int = typer.Option(0), out: Path = typer.Option(Path("eval_captioner.json"), "--out")):
+    """BLEU-4, CIDEr, ROUGE-L of our captions against held-out teacher captions (+ attributes on demo footage)."""
+    from captioner.metrics import evaluate
+    from captioner.train import split_by_source
+    from pipeline import store
+
+    _need_table(dataset)
+    t = store.read_clips(dataset, version)
+    rows = [r for r in t.to_pylist() if r["status"] == "kept" and r["caption_dense"] and r["caption_teacher_dense"]]
+    if not rows:
+        fail("no kept clips with both our captions and teacher captions: run `spacetime caption` first")
+    held = split_by_source([r["source_sha256"] for r in rows], val_fraction, seed)
+    rows = [r for r, h in zip(rows, held) if h] or rows
+    hyps = {r["clip_id"]: r["caption_dense"] for r in rows}
+    refs = {r["clip_id"]: [r["caption_teacher_dense"]] for r in rows}
+    truths = None
+    if ground_truth:
+        gt = json.loads(ground_truth.read_text())
+        shots = {(v["file"], s["start_frame"]): s for v in gt["videos"] for s in v["shots"]}
+        truths = {}
+        for r in rows:
+            s = shots.get((Path(r["source_uri"]).name, r["shot_start_frame"]))
+            if s:
+                truths[r["clip_id"]] = {"subject": s["subject"], "colour": (s["colors"] or [None])[0],
+                                        "direction": None if s["direction"] == "none" else s["direction"]}
+    evaluate(hyps, refs, truths, out_json=out, name=str(t["caption_model"][0] if t.num_rows else "captioner"))
+    typer.echo(f"{len(rows)} held-out clips; wrote {out}")
+
+
+@app.command("train-upsampler")
+def train_upsampler_cmd(dataset: Path = typer.Option(..., "--dataset", help="pairs come from caption_short -> caption_dense"),
+                        out: Path = typer.Option(Path("runs/upsampler"), "--out"),
+                        steps: int = typer.Option(2000, min=1), seed: int = typer.Option(0)):
+    """Train the small T5 prompt upsampler on (short -> dense) caption pairs from the table."""
+    from captioner.upsample import UpsamplerConfig, train_upsampler
+
+    _need_table(dataset)
+    try:
+        path = train_upsampler(str(dataset), out, UpsamplerConfig(steps=steps, seed=seed), log=typer.echo)
+    except ValueError as e:
+        fail(str(e))
+    typer.echo(f"upsampler: {path}")
+
+
+@app.command("upsample")
+def upsample_cmd(prompt: str = typer.Argument(..., help="a short prompt, e.g. 'a red car'"),
+                 upsampler: Optional[Path] = typer.Option(None, "--upsampler",
+                                                          help="T5 upsampler dir or a local instruction LLM dir"),
+                 dataset: Optional[Path] = typer.Option(None, "--dataset", help="few-shot examples for an LLM"),
+                 seed: int = typer.Option(0)):
+    """Expand a short prompt into a dense caption in the dataset's style (unchanged, with a warning, without a backend)."""
+    import warnings
+
+    from captioner.upsample import few_shot_examples, load_upsampler, upsample
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        examples = few_shot_examples(str(dataset)) if dataset and upsampler else ()
+        model = load_upsampler(str(upsampler) if upsampler else None, examples)
+        try:
+            text = upsample(prompt, model, seed)
+        except ValueError as e:
+            fail(str(e))
+    for w in caught:
+        typer.secho(f"warning: {w.message}", err=True, fg=typer.colors.YELLOW)
+    typer.echo(text)
+
+
 # --- datasets -------------------------------------------------------------------------------
 
 def _need_table(root: Path):
