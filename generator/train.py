@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from safetensors.torch import load_file, save_file
 
+from generator.conditioning import check_ratios, sample_clean_tokens
 from generator.dit import DiT, DiTConfig
 from generator.flow import RectifiedFlow
 from generator.patches import Packed, pack, pack_sequences
@@ -43,6 +44,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     cfg_dropout: float = 0.1       # probability a sample's text is replaced by the null embedding
+    # frame conditioning (generator/conditioning.py): {strategy: weight} over none/first/last/ends/random;
+    # conditioning.TASK_MIX trains one model for animate/extend/loop/transition. Default: plain t2v.
+    cond_ratios: dict = field(default_factory=lambda: {"none": 1.0})
     max_tokens: int = 4096         # tokens per packed batch (per worker)
     base_tokens: int = 256         # resolution-shift reference (tokens per sample with shift 1)
     logit_mean: float = 0.0
@@ -220,6 +224,7 @@ def train(cfg: TrainConfig, data, rank: int = 0, world_size: int = 1, report=Non
     each log step (Ray Train's ray.train.report). Resumes from cfg.ckpt_dir when it holds one."""
     device = pick_device(cfg.device)
     cuda = device.type == "cuda"
+    check_ratios(cfg.cond_ratios)  # fail before building anything
     torch.manual_seed(cfg.seed)
     model = DiT(cfg.dit).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -251,12 +256,13 @@ def train(cfg: TrainConfig, data, rank: int = 0, world_size: int = 1, report=Non
         for g in opt.param_groups:
             g["lr"] = lr
         drop = torch.rand(len(packed.grids), generator=gen, device=device) < cfg.cfg_dropout
+        clean = sample_clean_tokens(packed, cfg.cond_ratios, gen)  # (N,) bool held at t = 0, or None
 
         def model_fn(z, t):
             return net(z, t, packed.positions, packed.cu_seqlens, text, text_cu, drop)
 
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            loss = flow.loss(model_fn, packed.tokens, packed.cu_seqlens, generator=gen)
+            loss = flow.loss(model_fn, packed.tokens, packed.cu_seqlens, generator=gen, clean=clean)
         step += 1
         if not torch.isfinite(loss):
             skipped += 1

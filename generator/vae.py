@@ -32,10 +32,11 @@ class VAEConfig:
     res_blocks: int = 1                    # residual blocks per stage
     latent_channels: int = 4
     scaling_factor: float = 1.0            # latents are multiplied by this for the DiT (1/std of data latents)
+    patch_size: int = 1                    # pixel (un)shuffle at input/output: p x p pixels -> one position
 
     @property
     def space_factor(self) -> int:
-        return 2 ** (len(self.channels) - 1)
+        return self.patch_size * 2 ** (len(self.channels) - 1)
 
     @property
     def time_factor(self) -> int:
@@ -149,7 +150,8 @@ class Encoder(nn.Module):
         super().__init__()
         ch = cfg.channels
         n_down = len(ch) - 1
-        self.conv_in = CausalConv3d(cfg.in_channels, ch[0])
+        self.patch = cfg.patch_size
+        self.conv_in = CausalConv3d(cfg.in_channels * self.patch ** 2, ch[0])
         layers = []
         for i, c in enumerate(ch):
             cin = ch[max(i - 1, 0)]
@@ -169,6 +171,9 @@ class Encoder(nn.Module):
             self.conv_out.conv.bias[cfg.latent_channels:] = -6.0
 
     def forward(self, x):  # (B, 3, T, H, W) -> (B, 2C, t, h, w): mean and log-variance
+        # space-to-depth first: the full-resolution convolutions dominate the cost, and p x p pixels
+        # folded into channels lose nothing (the decoder unfolds them exactly)
+        x = rearrange(x, "b c t (h p) (w q) -> b (c p q) t h w", p=self.patch, q=self.patch)
         h = self.mid(self.layers(self.conv_in(x)))
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -191,11 +196,13 @@ class Decoder(nn.Module):
                 layers.append(SpaceUp(c))
         self.layers = nn.Sequential(*layers)
         self.norm_out = ChannelRMSNorm(ch[-1])
-        self.conv_out = CausalConv3d(ch[-1], cfg.in_channels)
+        self.patch = cfg.patch_size
+        self.conv_out = CausalConv3d(ch[-1], cfg.in_channels * self.patch ** 2)
 
     def forward(self, z):  # (B, C, t, h, w) -> (B, 3, T, H, W)
         h = self.layers(self.mid(self.conv_in(z)))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        x = self.conv_out(F.silu(self.norm_out(h)))
+        return rearrange(x, "b (c p q) t h w -> b c t (h p) (w q)", p=self.patch, q=self.patch)
 
 
 def _reset_stream(module: nn.Module):

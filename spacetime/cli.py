@@ -29,6 +29,16 @@ def _register_cluster_commands() -> None:
 _register_cluster_commands()
 
 
+def _register_model_commands() -> None:
+    from spacetime import cli_generator, cli_sample
+
+    cli_generator.register(app)
+    cli_sample.register(app)
+
+
+_register_model_commands()
+
+
 def fail(msg: str, code: int = 2) -> None:
     typer.secho(f"error: {msg}", err=True, fg=typer.colors.RED)
     raise typer.Exit(code)

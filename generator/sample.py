@@ -1,0 +1,310 @@
+"""Sampling: text-to-video and text-to-image with a trained DiT and VAE, and the writers.
+
+    video = sample(model, vae, text, frames=17, height=256, width=448, steps=50, cfg_scale=4.0, seed=0)
+    write_video(video, "out.mp4")
+
+The path from prompt to pixels: text embedding (L, D_text) -> seeded noise in latent tokens over the
+patch grid of the requested size -> rectified-flow sampler (Euler or Heun) with classifier-free
+guidance against the model's null text -> latents / scaling_factor -> VAE decode (chunked in time,
+tiled in space for big frames) -> video (3, T, H, W) in [-1, 1].
+
+`generate_latent` is the shared core: the tasks (generator/tasks.py) call it with frames held clean
+(conditioning) and with a partial schedule that starts from a noised input (SDEdit). Sizes are in
+pixels and frames; a latent is (C, t, h, w). The same seed gives the same video.
+"""
+import hashlib
+import json
+import math
+import os
+import warnings
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from generator.conditioning import token_mask
+from generator.dit import DiT, DiTConfig
+from generator.flow import RectifiedFlow, shift_t
+from generator.patches import pack, pack_sequences, unpack
+from generator.vae import VAE, load_state_strict, load_vae
+
+MAX_SIDE = 2048        # pixels: the largest height or width sample() makes
+DECODE_TILE = 512      # pixels: frames larger than this decode tile by tile
+DECODE_OVERLAP = 64
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_checkpoint(path) -> Path:
+    """The weights file of a checkpoint: the file itself, or the one a training dir's latest.json
+    names (its sha256 checked). ValueError when missing or not matching."""
+    p = Path(path)
+    if p.is_dir():
+        latest = p / "latest.json"
+        if not latest.is_file():
+            raise ValueError(f"checkpoint dir {p} has no latest.json")
+        info = json.loads(latest.read_text())
+        p = p / info["file"]
+        if not p.is_file():
+            raise ValueError(f"checkpoint {p} named by {latest} is missing")
+        digest = sha256_file(p)
+        if digest != info["sha256"]:
+            raise ValueError(f"checkpoint {p} is truncated or tampered: sha256 {digest} != recorded {info['sha256']}")
+    if not p.is_file():
+        raise ValueError(f"checkpoint {p} not found")
+    return p
+
+
+def load_model(path, device="cpu"):
+    """(DiT in eval mode, base_tokens) from a training checkpoint (dir or step file: its EMA
+    weights) or a save_dit file (base_tokens then defaults to RectifiedFlow's 256).
+    base_tokens must match training: it sets the resolution shift of the time schedule."""
+    p = resolve_checkpoint(path)
+    try:
+        with safe_open(str(p), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for non-safetensors files
+        raise ValueError(f"checkpoint {p} is not a safetensors file: {e}") from e
+    if "train" in meta:
+        train_cfg = json.loads(meta["train"])["config"]
+        d = dict(train_cfg["dit"])
+        d["patch"] = tuple(d["patch"])
+        model = DiT(DiTConfig(**d))
+        tensors = load_file(str(p), device=str(device))
+        load_state_strict(model, {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}, "DiT (EMA)")
+        base_tokens = int(train_cfg["base_tokens"])
+    elif "config" in meta:
+        from generator.dit import load_dit
+        model, base_tokens = load_dit(str(p), device=device), RectifiedFlow().base_tokens
+    else:
+        raise ValueError(f"checkpoint {p} carries no model config (neither a training checkpoint nor save_dit)")
+    return model.to(device).eval(), base_tokens
+
+
+def load_codec(path, device="cpu") -> VAE:
+    """The VAE saved by generator.vae.save_vae, in eval mode; ValueError when missing."""
+    if not Path(path).is_file():
+        raise ValueError(f"VAE checkpoint {path} not found")
+    try:
+        return load_vae(str(path), device=device).eval()
+    except ValueError:
+        raise
+    except Exception as e:  # safetensors' own errors for a file that is not one
+        raise ValueError(f"VAE checkpoint {path} cannot be loaded: {e}") from e
+
+
+# --------------------------------------------------------------------------------------------
+# Sizes
+# --------------------------------------------------------------------------------------------
+
+def grid_multiples(vae: VAE, patch) -> tuple[int, int, int]:
+    """(frame step, height multiple, width multiple) in pixels/frames that the VAE + patch grid allow:
+    frames = 1 + step * k, with the latent frame count divisible by p_t."""
+    f, s = vae.cfg.time_factor, vae.cfg.space_factor
+    return f, s * patch[1], s * patch[2]
+
+
+def fit_size(vae: VAE, patch, frames: int, height: int, width: int, warn: bool = True):
+    """Nearest (frames, height, width) the patch grid allows, warning when it differs from the request.
+    ValueError for non-positive sizes or a side over MAX_SIDE after rounding."""
+    if min(frames, height, width) < 1:
+        raise ValueError(f"frames, height and width must be positive, got {frames}x{height}x{width}")
+    f, mh, mw = grid_multiples(vae, patch)
+    pt = patch[0]
+    t = max(1, round((frames - 1) / f) + 1)  # latent frames
+    t = math.ceil(t / pt) * pt
+    fit = (1 + f * (t - 1), max(mh, round(height / mh) * mh), max(mw, round(width / mw) * mw))
+    if max(fit[1:]) > MAX_SIDE:
+        raise ValueError(f"size {fit[1]}x{fit[2]} is over the {MAX_SIDE}-pixel limit per side")
+    if warn and fit != (frames, height, width):
+        warnings.warn(f"rounded {frames} frames x {height}x{width} to {fit[0]} x {fit[1]}x{fit[2]} "
+                      f"to fit the patch grid (frames 1 + {f}k, sides multiples of {mh}x{mw})", stacklevel=2)
+    return fit
+
+
+# --------------------------------------------------------------------------------------------
+# Latents <-> pixels
+# --------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def encode_video(vae: VAE, video) -> torch.Tensor:
+    """Video (3, T, H, W) in [-1, 1], T = 1 + time_factor k -> scaled latent (C, t, h, w) (posterior mean)."""
+    x = video[None].to(next(vae.parameters()).device, torch.float32)
+    tile = DECODE_TILE if max(x.shape[-2:]) > DECODE_TILE else None
+    return vae.encode(x, tile=tile, overlap=DECODE_OVERLAP).mean[0] * vae.cfg.scaling_factor
+
+
+@torch.no_grad()
+def decode_latent(vae: VAE, latent) -> torch.Tensor:
+    """Scaled latent (C, t, h, w) -> video (3, 1 + f(t-1), sH, sW) in [-1, 1]. Chunked in time and tiled
+    in space (blended overlaps) past DECODE_TILE pixels, so a 2048x2048 image decodes in bounded memory."""
+    z = latent[None].to(next(vae.parameters()).device, torch.float32) / vae.cfg.scaling_factor
+    f, s = vae.cfg.time_factor, vae.cfg.space_factor
+    tile = DECODE_TILE if max(z.shape[-2:]) * s > DECODE_TILE else None
+    chunk = 4 * f if z.shape[2] > 5 else None
+    return vae.decode(z, chunk_frames=chunk, tile=tile, overlap=DECODE_OVERLAP)[0].clamp(-1, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# The sampler core
+# --------------------------------------------------------------------------------------------
+
+class PartialSchedule(RectifiedFlow):
+    """The same flow with its sampling grids starting at u = start instead of 1 (SDEdit): the
+    unshifted times linspace(start, 0), then each sample's resolution shift."""
+
+    def __init__(self, start: float, **kw):
+        super().__init__(**kw)
+        self.start = start
+
+    def timesteps(self, steps: int, cu_seqlens):
+        lens = cu_seqlens[1:] - cu_seqlens[:-1]
+        u = torch.linspace(self.start, 0, steps + 1, device=cu_seqlens.device)
+        return shift_t(u[None], self.shift(lens)[:, None])
+
+
+def embed_text(text, text_encoder, text_dim: int) -> torch.Tensor:
+    """(L, text_dim) embedding of `text`: a tensor passes through; a string goes through
+    text_encoder(list[str]) -> list[(L, D)]. ValueError on a missing encoder or wrong width."""
+    if isinstance(text, str):
+        if text_encoder is None:
+            raise ValueError("text is a string but no text_encoder was given")
+        text = text_encoder([text])[0]
+    if text.ndim != 2 or text.shape[1] != text_dim or text.shape[0] < 1:
+        raise ValueError(f"text embedding must be (L >= 1, {text_dim}), got {tuple(text.shape)}")
+    return text
+
+
+@torch.no_grad()
+def generate_latent(model: DiT, text, latent_shape, *, steps: int = 50, cfg_scale: float = 4.0, seed: int = 0,
+                    method: str = "euler", base_tokens: int = 256, cond=None, cond_frames=None, init=None,
+                    strength: float = 1.0) -> torch.Tensor:
+    """Sample one scaled latent (C, t, h, w).
+
+    text: (L, text_dim) embedding. cond / cond_frames: a latent (C, t, h, w) and a (t,) bool mask of
+    its latent frames that are given and held clean (t = 0) throughout. init / strength: SDEdit —
+    start from `init` (C, t, h, w) noised to unshifted time `strength` in (0, 1] and integrate
+    round(steps * strength) steps to 0; strength 1 ignores init. Noise comes from `seed` alone."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    device = next(model.parameters()).device
+    C, t, h, w = latent_shape
+    p = pack([torch.zeros(C, t, h, w, device=device)], model.cfg.patch)
+    y, ycu = pack_sequences([text.to(device, torch.float32)])
+    drop = torch.ones(1, dtype=torch.bool, device=device)
+    cond_fn = lambda z, tt: model(z, tt, p.positions, p.cu_seqlens, y, ycu)
+    uncond_fn = lambda z, tt: model(z, tt, p.positions, p.cu_seqlens, y, ycu, drop_text=drop)
+
+    g = torch.Generator().manual_seed(seed)  # CPU generator: the same noise on any device
+    noise = torch.randn(p.tokens.shape, generator=g).to(device)
+    flow = PartialSchedule(strength, base_tokens=base_tokens)
+    n_steps = steps
+    if strength < 1.0 and init is not None:
+        x0 = pack([init.to(device, torch.float32)], model.cfg.patch).tokens
+        t0 = flow.timesteps(1, p.cu_seqlens)[0, 0]
+        noise = (1 - t0) * x0 + t0 * noise  # z at t0 on the straight path from the input to the noise
+        n_steps = max(1, round(steps * strength))
+    elif strength < 1.0:
+        raise ValueError("strength < 1 needs an init latent to start from")
+
+    clean = x_clean = None
+    if cond is not None:
+        if cond.shape != (C, t, h, w) or cond_frames is None or len(cond_frames) != t:
+            raise ValueError(f"cond must be a latent {(C, t, h, w)} with a ({t},) frame mask")
+        clean = token_mask([cond_frames.cpu()], p.grids, p.patch).to(device)
+        x_clean = pack([cond.to(device, torch.float32)], model.cfg.patch).tokens
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        x = flow.sample(cond_fn, noise, p.cu_seqlens, steps=n_steps, method=method, cfg_scale=cfg_scale,
+                        uncond=uncond_fn, clean=clean, x_clean=x_clean)
+    return unpack(x.float(), p)[0]
+
+
+def sample(model: DiT, vae: VAE, text, frames: int = 1, height: int = 256, width: int = 256, steps: int = 50,
+           cfg_scale: float = 4.0, seed: int = 0, method: str = "euler", base_tokens: int = 256,
+           text_encoder=None) -> torch.Tensor:
+    """Text-to-video (frames > 1) or text-to-image (frames = 1) -> video (3, T, H, W) in [-1, 1].
+
+    text: a prompt string (needs text_encoder(list[str]) -> list[(L, D)]) or its (L, D) embedding.
+    frames / height / width: pixels; rounded to the patch grid with a warning (see fit_size).
+    base_tokens: the training config's resolution-shift reference (load_model returns it)."""
+    frames, height, width = fit_size(vae, model.cfg.patch, frames, height, width)
+    emb = embed_text(text, text_encoder, model.cfg.text_dim)
+    shape = vae.latent_shape(frames, height, width)
+    latent = generate_latent(model, emb, shape, steps=steps, cfg_scale=cfg_scale, seed=seed, method=method,
+                             base_tokens=base_tokens)
+    return decode_latent(vae, latent)
+
+
+# --------------------------------------------------------------------------------------------
+# Writers: temp file, then rename, so a failure never leaves half a file under the real name
+# --------------------------------------------------------------------------------------------
+
+def to_uint8(video) -> "numpy.ndarray":
+    """(3, T, H, W) in [-1, 1] -> (T, H, W, 3) uint8."""
+    return ((video.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+
+
+def _partial(path: Path) -> Path:
+    return path.with_name(f".{path.name}.partial")
+
+
+def write_video(video, path, fps: float = 24.0) -> Path:
+    """Write (3, T, H, W) in [-1, 1] to `path`: .mp4 (H.264 via PyAV's libx264, yuv420p) or .png
+    (T must be 1). Written to a hidden temp file and renamed into place."""
+    import av  # PyAV: only the writers need it, so the sampler runs where av is not installed
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".mp4", ".png"):
+        raise ValueError(f"output must end in .mp4 or .png, got {path.name!r}")
+    frames = to_uint8(video)
+    if suffix == ".png" and len(frames) != 1:
+        raise ValueError(f"a .png holds one frame, the video has {len(frames)}: write .mp4")
+    T, H, W, _ = frames.shape
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _partial(path)
+    try:
+        if suffix == ".mp4":
+            with av.open(str(tmp), "w", format="mp4") as c:
+                s = c.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+                s.width, s.height, s.pix_fmt = W, H, "yuv420p"
+                s.codec_context.options = {"crf": "12", "preset": "medium"}
+                for a in frames:
+                    for packet in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                        c.mux(packet)
+                for packet in s.encode():
+                    c.mux(packet)
+        else:
+            with av.open(str(tmp), "w", format="image2", options={"update": "1"}) as c:
+                s = c.add_stream("png")
+                s.width, s.height, s.pix_fmt = W, H, "rgb24"
+                for packet in s.encode(av.VideoFrame.from_ndarray(frames[0], format="rgb24")):
+                    c.mux(packet)
+                for packet in s.encode():
+                    c.mux(packet)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_json(obj, path) -> Path:
+    """JSON to `path` via a temp file and rename."""
+    path = Path(path)
+    tmp = _partial(path)
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+    return path

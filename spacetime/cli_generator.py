@@ -1,0 +1,292 @@
+"""Generator commands of the `spacetime` CLI: train-vae, precompute, train.
+
+    spacetime train-vae  --dataset ROOT [--version N] --out runs/vae [--steps 500 --frames 9 --size 64]
+    spacetime precompute --dataset ROOT --version N --vae runs/vae [--text-encoder open_clip:ViT-B-32]
+    spacetime train      --dataset ROOT --latents-version M --out runs/dit [--preset DiT_XS] [--workers K]
+
+`register(app)` adds them to the main typer app (spacetime/cli.py). Errors are one line on stderr
+with exit status 2 (bad input) or 1 (failure); precompute exits 3 when some kept clips have no latent
+because they could not be read (this run or, per its error log, before).
+The VAE trains in a local loop (generator.train.train_vae) in this process; the DiT trains in this
+process, or over K Ray Train TorchTrainer workers (DDP) with --workers K.
+"""
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def _fail(msg: str, code: int = 2):
+    typer.secho(f"error: {msg}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code)
+
+
+def _ints(text: str, what: str) -> tuple:
+    try:
+        vals = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        _fail(f"{what} must be comma-separated integers, got {text!r}")
+    if not vals or min(vals) < 1:
+        _fail(f"{what} must be positive integers, got {text!r}")
+    return vals
+
+
+def _latest_clips_version(root: Path) -> int:
+    from deltalake import DeltaTable
+
+    path = str(root / "clips")
+    if not DeltaTable.is_deltatable(path):
+        _fail(f"no clips table under {root}")
+    return DeltaTable(path).version()
+
+
+def _vae_file(path: Path) -> Path:
+    """A VAE checkpoint: the file, or vae.safetensors inside a train-vae output dir."""
+    p = path / "vae.safetensors" if path.is_dir() else path
+    if not p.is_file():
+        _fail(f"VAE checkpoint not found: {p}")
+    return p
+
+
+def _write_json(path: Path, obj: dict):
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)  # a crash mid-write leaves the previous file intact
+
+
+def _preset_config(name: str, **kw):
+    """DiTConfig of a size preset (DiT_T, DiT-XS, ...), built on the meta device: no weights allocated."""
+    import torch
+
+    from generator.dit import DiT_models
+
+    key = name.replace("_", "-")
+    if key not in DiT_models:
+        _fail(f"unknown preset {name!r}; choose one of {', '.join(k.replace('-', '_') for k in DiT_models)}")
+    with torch.device("meta"):
+        return DiT_models[key](**kw).cfg
+
+
+def train_vae_cmd(
+        dataset: Path = typer.Option(..., "--dataset", help="dataset root holding the clips table"),
+        version: Optional[int] = typer.Option(None, "--version", help="clips table version (default: latest)"),
+        out: Path = typer.Option(..., "--out", help="directory for vae.safetensors and vae.json"),
+        steps: int = typer.Option(500, "--steps", min=1, help="optimizer steps"),
+        frames: int = typer.Option(9, "--frames", min=1, help="frames per training clip (1 + 4k)"),
+        size: int = typer.Option(64, "--size", min=8, help="training crop size in pixels (square, a multiple of the space factor)"),
+        channels: str = typer.Option("64,128,256,256", "--channels", help="VAE stage widths; len-1 2x spatial downsamplings"),
+        latent_channels: int = typer.Option(4, "--latent-channels", min=1),
+        batch_size: int = typer.Option(4, "--batch-size", min=1),
+        lr: float = typer.Option(1e-3, "--lr"),
+        max_clips: int = typer.Option(256, "--max-clips", min=1, help="decode at most this many kept clips"),
+        max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help="stop training after this long"),
+        seed: int = typer.Option(0, "--seed")):
+    """Train the causal video VAE on kept clips' frames (centre crops), then set its latent scaling factor."""
+    import numpy as np
+    import torch
+
+    from generator.precompute import decode_clip, kept_clips, sha256_file
+    from generator.train import train_vae
+    from generator.vae import VAE, VAEConfig, save_vae
+
+    root = dataset.resolve()
+    version = _latest_clips_version(root) if version is None else version
+    ch = _ints(channels, "--channels")
+    try:
+        cfg = VAEConfig(channels=ch, latent_channels=latent_channels, time_downsample=min(2, len(ch) - 1))
+        vae = VAE(cfg)
+        vae.latent_shape(frames, size, size)  # validates frames = 1 + 4k and size % space factor
+    except ValueError as e:
+        _fail(str(e))
+    try:
+        rows = kept_clips(root, version)
+    except ValueError as e:
+        _fail(str(e))
+    videos, short, bad = [], 0, 0
+    for r in rows[:max_clips]:
+        if r["n_frames"] and r["n_frames"] < frames:
+            short += 1
+            continue
+        try:  # square centre crop: the one-tensor batch of train_vae needs one size
+            v, _ = decode_clip(r["clip_uri"], r["n_frames"] or None, (frames,), (size,), cfg.space_factor, max_aspect=1.0)
+        except Exception as e:  # noqa: BLE001 - an unreadable clip is reported and skipped
+            bad += 1
+            typer.secho(f"skipping clip {r['clip_id']}: {e}", err=True)
+            continue
+        videos.append(torch.from_numpy(np.ascontiguousarray(v)).permute(3, 0, 1, 2).float() / 127.5 - 1.0)
+    if not videos:
+        _fail(f"no kept clip of version {version} has {frames} readable frames ({short} too short, {bad} unreadable)")
+    x = torch.stack(videos)  # (N, 3, T, H, W)
+    typer.echo(f"train-vae: {len(videos)} clips of {frames}x{size}x{size} from {root} version {version} "
+               f"({short} too short, {bad} unreadable); {steps} steps on CPU (local loop)")
+    torch.manual_seed(seed)
+    t0 = time.time()
+    every = max(1, steps // 10)
+    hist = train_vae(vae, x, steps, lr=lr, batch_size=min(batch_size, len(videos)), seed=seed, log_every=0,
+                     max_seconds=max_seconds)
+    for h in hist[every - 1::every]:
+        typer.echo(f"  step {h['step']:>6} loss {h['loss']:.4f} psnr {h['psnr']:.2f} dB")
+    with torch.no_grad():  # the DiT wants unit-variance latents: scale by 1 / std of the data's latents
+        means = torch.cat([vae.encode(x[i:i + 8]).mean for i in range(0, len(x), 8)])
+    vae.cfg.scaling_factor = float(1.0 / means.std().clamp_min(1e-6))
+    out.mkdir(parents=True, exist_ok=True)
+    save_vae(vae, str(out / "vae.safetensors"))
+    info = {"dataset": str(root), "clips_version": version, "clips": len(videos), "frames": frames, "size": size,
+            "config": asdict(cfg), "steps": len(hist), "final_loss": hist[-1]["loss"], "final_psnr": hist[-1]["psnr"],
+            "seconds": round(time.time() - t0, 1), "sha256": sha256_file(out / "vae.safetensors")}
+    _write_json(out / "vae.json", info)
+    typer.echo(f"wrote {out / 'vae.safetensors'} (psnr {hist[-1]['psnr']:.2f} dB, scaling factor "
+               f"{cfg.scaling_factor:.3f}, sha {info['sha256'][:12]})")
+
+
+def precompute_cmd(
+        dataset: Path = typer.Option(..., "--dataset", help="dataset root holding the clips table"),
+        version: int = typer.Option(..., "--version", help="clips table version whose kept clips to encode"),
+        vae: Path = typer.Option(..., "--vae", help="VAE checkpoint (file, or a train-vae output dir)"),
+        text_encoder: str = typer.Option("open_clip:ViT-B-32", "--text-encoder",
+                                         help="open_clip:<model> (config; weights from --text-weights) or t5:<local dir>"),
+        text_weights: Optional[Path] = typer.Option(None, "--text-weights", help="local open_clip weights file"),
+        short_sides: str = typer.Option("64,128,256", "--short-sides", help="short-side buckets in pixels"),
+        frame_buckets: str = typer.Option("1,5,9,17,33", "--frame-buckets", help="frame-count buckets (1 + 4k)"),
+        patch: str = typer.Option("1,2,2", "--patch", help="DiT patch (t,h,w) the latents must divide into"),
+        max_clips: Optional[int] = typer.Option(None, "--max-clips", help="encode at most this many new clips this run"),
+        concurrency: int = typer.Option(1, "--concurrency", min=1, help="actors per encoder stage"),
+        retry_errors: bool = typer.Option(False, "--retry-errors", help="retry clips the error log names as unreadable")):
+    """Encode kept clips into VAE latents + caption embeddings: the `latents` table (one commit; reruns skip done rows)."""
+    import torch
+
+    from generator.precompute import precompute
+
+    root = dataset.resolve()
+    vae_path = _vae_file(vae)
+    if text_weights is not None and not text_weights.is_file():
+        _fail(f"text encoder weights not found: {text_weights}")
+    typer.echo(f"precompute: {root} clips version {version}, VAE {vae_path}, text {text_encoder}, "
+               f"{'GPU' if torch.cuda.is_available() else 'CPU'}")
+    last = [0.0]
+
+    def progress(done, total):
+        if time.time() - last[0] > 5 or done == total:
+            last[0] = time.time()
+            typer.echo(f"  {done}/{total} clips")
+    try:
+        res = precompute(root, version, str(vae_path), text_encoder, str(text_weights) if text_weights else None,
+                         short_sides=_ints(short_sides, "--short-sides"),
+                         frame_buckets=_ints(frame_buckets, "--frame-buckets"), patch=_ints(patch, "--patch"),
+                         max_clips=max_clips, concurrency=concurrency, retry_errors=retry_errors, progress=progress)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    except Exception as e:  # noqa: BLE001 - e.g. an unknown open_clip model or a failed Ray job, in one line
+        _fail(f"precompute failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}", 1)
+    for err in res.errors:
+        typer.secho(f"  unreadable: {err['clip_id']} {err['clip_uri']}: {err['reason']}", err=True)
+    where = f"latents version {res.version}" if res.version is not None else "nothing new to write"
+    typer.echo(f"precompute: wrote {res.written}, skipped {res.skipped} (already encoded), errors {len(res.errors)}, "
+               f"{res.known_errors} skipped as unreadable before (--retry-errors to retry); {where} "
+               f"(vae {res.vae_sha[:12]}, text {res.text_encoder_sha[:12]})")
+    if res.errors or res.known_errors:  # finished, but not every kept clip has a latent
+        raise typer.Exit(3)
+
+
+def train_cmd(
+        dataset: Path = typer.Option(..., "--dataset", help="dataset root holding the latents table"),
+        latents_version: int = typer.Option(..., "--latents-version", help="latents table version to train on (pinned)"),
+        out: Path = typer.Option(..., "--out", help="run directory: checkpoints, run.json, history.jsonl"),
+        preset: str = typer.Option("DiT_XS", "--preset", help="model size: DiT_T, DiT_XS, DiT_S, DiT_B, DiT_L, DiT_XL"),
+        patch: str = typer.Option("1,2,2", "--patch", help="patch (t,h,w) in latent units"),
+        steps: int = typer.Option(1000, "--steps", min=1),
+        lr: float = typer.Option(1e-4, "--lr"),
+        warmup_steps: int = typer.Option(100, "--warmup-steps", min=0),
+        max_tokens: int = typer.Option(4096, "--max-tokens", min=1, help="tokens per packed batch (per worker)"),
+        base_tokens: int = typer.Option(256, "--base-tokens", min=1, help="resolution-shift reference token count"),
+        budget_flops: Optional[float] = typer.Option(None, "--budget-flops", help="stop after this many training FLOPs"),
+        budget_seconds: Optional[float] = typer.Option(None, "--budget-seconds", help="stop after this many seconds"),
+        ckpt_every: int = typer.Option(0, "--ckpt-every", min=0, help="checkpoint every N steps (0: at the end)"),
+        log_every: int = typer.Option(10, "--log-every", min=1),
+        vae_sha: Optional[str] = typer.Option(None, "--vae-sha", help="pick an encoder pair when the table has several"),
+        text_encoder_sha: Optional[str] = typer.Option(None, "--text-encoder-sha"),
+        resume: bool = typer.Option(False, "--resume", help="continue the checkpoint in --out exactly"),
+        workers: int = typer.Option(1, "--workers", min=1, help="Ray Train TorchTrainer workers (DDP) when > 1"),
+        seed: int = typer.Option(0, "--seed")):
+    """Train the DiT with rectified flow on a pinned latents table version; safetensors checkpoints in --out."""
+    import torch
+
+    from generator.data import LatentBatches
+    from generator.train import CheckpointError, TrainConfig, train
+
+    root = dataset.resolve()
+    pt = _ints(patch, "--patch")
+    if len(pt) != 3:
+        _fail(f"--patch needs three integers t,h,w, got {patch!r}")
+    try:
+        data = LatentBatches(root, latents_version, pt, max_tokens, seed, vae_sha=vae_sha, text_encoder_sha=text_encoder_sha)
+    except ValueError as e:
+        _fail(str(e))
+    has_ckpt = (out / "latest.json").is_file()
+    manifest_path = out / "run.json"
+    if has_ckpt and not resume:
+        _fail(f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
+    if resume and manifest_path.is_file():
+        prev = json.loads(manifest_path.read_text())
+        if prev.get("latents_version") != data.version or prev.get("vae_sha") != data.vae_sha:
+            _fail(f"{out} was trained on latents version {prev.get('latents_version')}, not {data.version}: "
+                  f"resume would not be exact")
+    dit = _preset_config(preset, in_channels=data.channels, text_dim=data.text_dim, patch=pt)
+    cfg = TrainConfig(dit=dit, steps=steps, lr=lr, warmup_steps=warmup_steps, max_tokens=max_tokens,
+                      base_tokens=base_tokens, seed=seed, log_every=log_every, ckpt_dir=str(out),
+                      ckpt_every=ckpt_every, resume=resume, max_seconds=budget_seconds, max_flops=budget_flops)
+    clips_versions = sorted(set(data.table["clips_version"].to_pylist()))
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {"dataset": str(root), "latents_version": data.version, "clips_versions": clips_versions,
+                "vae_sha": data.vae_sha, "text_encoder_sha": data.text_encoder_sha, "samples": len(data),
+                "preset": preset, "workers": workers, "train": asdict(cfg), "started_at": time.time()}
+    _write_json(manifest_path, manifest)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    typer.echo(f"train: {preset} on {len(data)} latents (version {data.version}, {data.channels} ch, text dim "
+               f"{data.text_dim}), {steps} steps, {workers} worker(s) on {device}")
+
+    if workers > 1:
+        from functools import partial
+
+        from ray.train import RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        from generator.train import train_loop_per_worker
+
+        make_data = partial(LatentBatches.for_ray_worker, str(root), data.version, pt, max_tokens, seed,
+                            vae_sha=data.vae_sha, text_encoder_sha=data.text_encoder_sha)
+        trainer = TorchTrainer(train_loop_per_worker, train_loop_config={"train": asdict(cfg), "data": make_data},
+                               scaling_config=ScalingConfig(num_workers=workers, use_gpu=device == "cuda"),
+                               run_config=RunConfig(name="dit", storage_path=str((out / "ray").resolve())))
+        try:
+            result = trainer.fit()
+        except Exception as e:  # noqa: BLE001 - a worker's failure, in one line
+            _fail(f"distributed training failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", 1)
+        final = {"metrics": result.metrics}
+    else:
+        def report(rec):
+            typer.echo(f"  step {rec['step']:>6} loss {rec['loss']:.4f} lr {rec['lr']:.2e} "
+                       f"grad {rec['grad_norm']:.3f} tokens {rec['tokens']}")
+        try:
+            res = train(cfg, data, report=report)
+        except (ValueError, CheckpointError) as e:  # a checkpoint that does not match, or is corrupt
+            _fail(str(e))
+        with open(out / "history.jsonl", "a") as f:  # every step's record; a resumed run appends
+            f.writelines(json.dumps(rec) + "\n" for rec in res.history)
+        final = {"step": res.step, "skipped": res.skipped, "stop_reason": res.stop_reason,
+                 "final_loss": res.history[-1]["loss"] if res.history else None}
+    latest = json.loads((out / "latest.json").read_text()) if (out / "latest.json").is_file() else {}
+    manifest.update(finished_at=time.time(), result=final, checkpoint=latest)
+    _write_json(manifest_path, manifest)
+    typer.echo(f"train: done ({final}); checkpoint {out / latest.get('file', '?')}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add train-vae, precompute and train to the `spacetime` app."""
+    app.command("train-vae")(train_vae_cmd)
+    app.command("precompute")(precompute_cmd)
+    app.command("train")(train_cmd)

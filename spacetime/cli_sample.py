@@ -1,0 +1,154 @@
+"""`spacetime sample` (text-to-video / text-to-image) and `spacetime generate` (the image and video
+prompting tasks, prompt upsampled first). `register(app)` adds both to the spacetime Typer app.
+
+Each writes the video (.mp4) or image (.png) atomically and a JSON sidecar `<out>.json` with what
+made it: prompt, upsampled prompt, seed, task, sizes, sampler settings and the checkpoints' sha256.
+Bad input is a one-line error and exit status 2; nothing is left half-written.
+"""
+import warnings
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+import typer
+
+TASKS = ("animate", "extend", "loop", "edit", "transition", "image")
+
+
+def _fail(msg: str, code: int = 2):
+    typer.secho(f"error: {msg}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code)
+
+
+def _text_encoder(name: str, text_dim: int):
+    """text_encoder(list[str]) -> list[(L, text_dim)]. 'words': the fixed per-word embeddings the shapes
+    demo trains with (generator.shapes.embed_caption); 'open_clip:<model>' / 't5:<dir>': the encoder
+    `spacetime precompute` used for the latents table (it must be the same one the DiT trained with)."""
+    if name == "words":
+        from generator.shapes import embed_caption
+        return lambda prompts: [embed_caption(p, text_dim) for p in prompts]
+    if name.startswith(("open_clip:", "t5:")):
+        from generator.precompute import TextEncoder
+        enc = TextEncoder(name)
+        return lambda prompts: [e.float() for e in enc(prompts)]
+    raise ValueError(f"unknown text encoder {name!r}; use words, open_clip:<model> or t5:<dir>")
+
+
+def _load(checkpoint: Path, vae_path: Path):
+    from generator.sample import load_codec, load_model, resolve_checkpoint, sha256_file
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, base_tokens = load_model(checkpoint, device)
+    vae = load_codec(vae_path, device)
+    info = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256_file(resolve_checkpoint(checkpoint)),
+            "vae": str(vae_path), "vae_sha256": sha256_file(vae_path), "device": device}
+    return model, vae, base_tokens, info
+
+
+def _sidecar(out: Path, record: dict) -> Path:
+    from generator.sample import write_json
+    return write_json(record, out.with_name(out.name + ".json"))
+
+
+def sample_cmd(prompt: str = typer.Option(..., "--prompt", help="what to generate"),
+               frames: int = typer.Option(17, "--frames", min=1, help="frames (1 = an image; rounded to 1 + 4k)"),
+               height: int = typer.Option(256, "--height", min=1, help="pixels (rounded to the patch grid)"),
+               width: int = typer.Option(256, "--width", min=1, help="pixels (rounded to the patch grid)"),
+               checkpoint: Path = typer.Option(..., "--checkpoint", help="DiT: training checkpoint dir/file or save_dit file"),
+               vae: Path = typer.Option(..., "--vae", help="VAE safetensors (save_vae)"),
+               out: Path = typer.Option(..., "--out", help="output .mp4 (or .png for one frame)"),
+               seed: int = typer.Option(0, "--seed"),
+               steps: int = typer.Option(50, "--steps", min=1),
+               cfg: float = typer.Option(4.0, "--cfg", help="classifier-free guidance scale"),
+               method: str = typer.Option("euler", "--method", help="euler | heun"),
+               fps: float = typer.Option(24.0, "--fps"),
+               text_encoder: str = typer.Option("words", "--text-encoder")):
+    """Text-to-video or text-to-image with a trained DiT + VAE (the prompt is used as written)."""
+    from generator.sample import sample, write_video
+    try:
+        if out.suffix.lower() not in (".mp4", ".png"):
+            raise ValueError(f"--out must end in .mp4 or .png, got {out.name!r}")
+        model, codec, base_tokens, info = _load(checkpoint, vae)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            video = sample(model, codec, prompt, frames, height, width, steps, cfg, seed, method, base_tokens,
+                           text_encoder=_text_encoder(text_encoder, model.cfg.text_dim))
+        for w in caught:
+            typer.echo(f"warning: {w.message}", err=True)
+        write_video(video, out, fps)
+    except ValueError as e:
+        _fail(str(e))
+    _, T, H, W = video.shape
+    _sidecar(out, {"task": "sample", "prompt": prompt, "upsampled_prompt": None, "seed": seed, "frames": T,
+                   "height": H, "width": W, "steps": steps, "cfg": cfg, "method": method, "fps": fps,
+                   "text_encoder": text_encoder, **info})
+    typer.echo(f"wrote {out} ({T} frames, {W}x{H})")
+
+
+def generate_cmd(task: str = typer.Option(..., "--task", help="|".join(TASKS)),
+                 prompt: str = typer.Option(..., "--prompt", help="what the result should show"),
+                 inputs: Optional[List[Path]] = typer.Option(None, "--input", help="image/video input (twice for transition)"),
+                 checkpoint: Path = typer.Option(..., "--checkpoint"),
+                 vae: Path = typer.Option(..., "--vae"),
+                 out: Path = typer.Option(..., "--out", help="output .mp4 (or .png for one frame)"),
+                 frames: int = typer.Option(17, "--frames", min=1, help="output frames (edit: the input's)"),
+                 height: int = typer.Option(256, "--height", min=1, help="sets the output area (size for image/loop)"),
+                 width: int = typer.Option(256, "--width", min=1),
+                 direction: str = typer.Option("forward", "--direction", help="extend: forward | backward"),
+                 strength: float = typer.Option(0.5, "--strength", help="edit: noise level in (0, 1]"),
+                 no_upsample: bool = typer.Option(False, "--no-upsample", help="use the prompt as written"),
+                 upsampler: Optional[Path] = typer.Option(None, "--upsampler", help="prompt upsampler dir (T5 or local LLM)"),
+                 seed: int = typer.Option(0, "--seed"),
+                 steps: int = typer.Option(50, "--steps", min=1),
+                 cfg: float = typer.Option(4.0, "--cfg"),
+                 method: str = typer.Option("euler", "--method"),
+                 fps: float = typer.Option(24.0, "--fps"),
+                 max_frames: int = typer.Option(129, "--max-frames", help="longest video the model supports"),
+                 text_encoder: str = typer.Option("words", "--text-encoder")):
+    """Animate an image, extend a video forward/backward, loop, edit (SDEdit) or join two videos."""
+    from generator.tasks import INPUTS, run_task
+    inputs = list(inputs or [])
+    try:
+        if task not in INPUTS:
+            raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+        lo, hi = INPUTS[task]
+        if not lo <= len(inputs) <= hi:
+            raise ValueError(f"task {task} takes {lo if lo == hi else f'{lo} to {hi}'} --input, got {len(inputs)}")
+        if out.suffix.lower() not in (".mp4", ".png"):
+            raise ValueError(f"--out must end in .mp4 or .png, got {out.name!r}")
+        for p in inputs:
+            if not p.is_file():
+                raise ValueError(f"input {p} not found")
+        text = prompt
+        if not no_upsample:
+            from captioner.upsample import load_upsampler, upsample
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                text = upsample(prompt, load_upsampler(upsampler), seed=seed)
+            for w in caught:
+                typer.echo(f"warning: {w.message}", err=True)
+            typer.echo(f"upsampled prompt: {text}", err=True)
+        model, codec, base_tokens, info = _load(checkpoint, vae)
+        res = run_task(task, model, codec, text, [str(p) for p in inputs], out, frames, height, width, direction,
+                       strength, fps, text_encoder=_text_encoder(text_encoder, model.cfg.text_dim),
+                       max_frames=max_frames, steps=steps, cfg_scale=cfg, seed=seed, method=method,
+                       base_tokens=base_tokens)
+    except ValueError as e:
+        _fail(str(e))
+    _, T, H, W = res.video.shape
+    record = {"task": task, "prompt": prompt, "upsampled_prompt": None if no_upsample else text,
+              "upsampler": None if no_upsample or upsampler is None else str(upsampler), "seed": seed,
+              "inputs": [str(p) for p in inputs], "frames": T, "height": H, "width": W, "steps": steps, "cfg": cfg,
+              "method": method, "fps": fps, "text_encoder": text_encoder, **info}
+    if task == "extend":
+        record["direction"] = direction
+    if task == "edit":
+        record["strength"] = strength
+    _sidecar(out, record)
+    typer.echo(f"wrote {out} ({T} frames, {W}x{H}) and {out.name}.json")
+
+
+def register(app: typer.Typer) -> None:
+    """Add `sample` and `generate` to the spacetime app."""
+    app.command("sample", help="Text-to-video / text-to-image with a trained DiT + VAE.")(sample_cmd)
+    app.command("generate", help="Prompt with images and videos: animate | extend | loop | edit | transition | "
+                                 "image; the prompt is upsampled first (--no-upsample to skip).")(generate_cmd)

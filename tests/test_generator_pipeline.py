@@ -1,0 +1,247 @@
+"""Generator data path end to end: clips table -> train-vae -> precompute (Ray) -> latents table -> DiT training.
+
+A tiny dataset is built here: mp4 clips rendered with PyAV (one a rotated source read by frame
+range), a PNG image (a 1-frame clip), an unreadable file, and a clips Delta table with the contract
+columns. Everything runs through the real CLI commands, real Ray Data and real Delta files.
+"""
+import json
+import subprocess
+
+import av
+import cv2
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+import typer
+from deltalake import DeltaTable, write_deltalake
+from typer.testing import CliRunner
+
+from generator.data import LatentBatches, load_pairs, read_latents
+from generator.precompute import decode_clip, pick_frames, pick_size, tensor_from_bytes
+from pipeline.schema import CLIPS_SCHEMA
+from spacetime.cli_generator import register
+
+VAE_CHANNELS = "8,16,16"   # space factor 4, time factor 4: seconds to train on CPU
+# a small open_clip config (text width 256) keeps model builds to about a second; ViT-B-32 is the default
+ENCODERS = ["--text-encoder", "open_clip:ViT-S-32-alt", "--short-sides", "32", "--frame-buckets", "1,5,9,17"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # shared 2-core machine: avoid OpenMP spin contention
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def app():
+    a = typer.Typer()
+    register(a)
+    return a
+
+
+def frame_image(i: int, w: int, h: int) -> np.ndarray:
+    """RGB frame i: grey level 10*i (capped) in the top-right block, a blue top-left marker, a moving red bar."""
+    img = np.full((h, w, 3), 60, np.uint8)
+    img[: h // 4, -w // 4:] = min(10 * i, 255)
+    img[: h // 4, : w // 4] = (0, 0, 255)
+    x = (3 * i) % (w - 8)
+    img[h // 2: h // 2 + 8, x:x + 8] = (230, 40, 40)
+    return img
+
+
+def render(path, n: int, w: int, h: int):
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=12, options={"crf": "12"})
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        for i in range(n):
+            for p in s.encode(av.VideoFrame.from_ndarray(frame_image(i, w, h), format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def clip_row(clip_id, uri, start, end, status="kept", **kw):
+    return {"clip_id": clip_id, "clip_uri": uri, "source_uri": uri, "start_frame": start, "end_frame": end,
+            "fps": 12.0, "status": status, **kw}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    import imageio_ffmpeg
+
+    d = tmp_path_factory.mktemp("gen_ds")
+    media = d / "media"
+    media.mkdir()
+    render(media / "a.mp4", 20, 64, 48)
+    render(media / "b.mp4", 12, 48, 48)
+    render(media / "upright.mp4", 30, 64, 48)
+    # the source of a reference clip, stored sideways: its display matrix turns it 90 degrees ccw
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-v", "error", "-display_rotation", "90",
+                    "-i", str(media / "upright.mp4"), "-c", "copy", str(media / "rotated.mp4")], check=True)
+    cv2.imwrite(str(media / "image.png"), cv2.cvtColor(frame_image(3, 40, 56), cv2.COLOR_RGB2BGR))
+    (media / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not really a video" * 10)
+    rows = [
+        clip_row("clip-a", str(media / "a.mp4"), 0, 20, caption_dense="a red bar slides right over grey"),
+        clip_row("clip-b", str(media / "b.mp4"), 0, 12, caption_teacher_dense="a square frame with a red bar"),
+        clip_row("clip-ref", f"{media / 'rotated.mp4'}#frames=4-14", 4, 14, caption_short="a sideways clip",
+                 rotation=270),
+        clip_row("clip-img", str(media / "image.png"), 0, 1, caption_dense="a still image"),
+        clip_row("clip-broken", str(media / "broken.mp4"), 0, 10, caption_dense="never decoded"),
+        clip_row("clip-filtered", str(media / "a.mp4"), 0, 20, status="filtered", reason="motion < 0.1"),
+        clip_row(None, str(media / "missing.mp4"), None, None, status="rejected", reason="unreadable"),
+    ]
+    table = pa.Table.from_pylist([{c: r.get(c) for c in CLIPS_SCHEMA.names} for r in rows], schema=CLIPS_SCHEMA)
+    write_deltalake(str(d / "clips"), table)
+    return d
+
+
+def test_buckets_and_decode(dataset):
+    assert pick_frames(20) == 17 and pick_frames(1) == 1 and pick_frames(33) == 33
+    assert pick_size(1920, 1080, multiple=16) == (448, 256)       # aspect kept, long side rounded down
+    assert pick_size(1080, 1920, multiple=16) == (256, 448)
+    assert pick_size(48, 40, multiple=16) == (64, 64)             # smaller than every bucket: upscaled
+    assert pick_size(1000, 100, (64,), 16, max_aspect=2.0) == (128, 64)
+    media = dataset / "media"
+    # reference URI: source frames 4..13 (10 frames) -> the 9-frame bucket from the middle (offset 0)
+    v, off = decode_clip(f"{media / 'rotated.mp4'}#frames=4-14", 10, short_sides=(32,), multiple=8)
+    assert off == 0 and v.shape == (9, 40, 32, 3)                  # displayed portrait: rotation honoured
+    grey = [int(f[:3, :3].mean()) for f in v]                      # the top-right grey block ends up top-left
+    assert abs(grey[0] - 40) < 8 and abs(grey[-1] - 120) < 8, grey  # first = source frame 4, last = 12
+    blue = v[0, -4:, :4].astype(int).mean((0, 1))                  # the top-left marker ends up bottom-left
+    assert blue[2] > 150 and blue[0] < 80, blue
+    v, off = decode_clip(str(media / "a.mp4"), 20, short_sides=(32,), multiple=8)
+    assert v.shape == (17, 32, 40, 3) and off == 1
+    img, _ = decode_clip(str(media / "image.png"), 1, short_sides=(32,), multiple=8)
+    assert img.shape == (1, 40, 32, 3)
+
+
+@pytest.fixture(scope="module")
+def vae_dir(app, dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("vae")
+    r = CliRunner().invoke(app, ["train-vae", "--dataset", str(dataset), "--out", str(out), "--steps", "20",
+                                 "--frames", "5", "--size", "32", "--channels", VAE_CHANNELS, "--batch-size", "2"])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_train_vae_cli(vae_dir):
+    info = json.loads((vae_dir / "vae.json").read_text())
+    assert info["clips"] == 3                       # a, b and the reference clip have >= 5 frames; the image not
+    assert info["clips_version"] == 0 and info["steps"] == 20
+    from generator.vae import load_vae
+
+    vae = load_vae(str(vae_dir / "vae.safetensors"))
+    assert vae.cfg.channels == (8, 16, 16) and vae.cfg.scaling_factor > 0 and vae.cfg.scaling_factor != 1.0
+
+
+@pytest.fixture(scope="module")
+def latents(app, dataset, vae_dir, ray_session):
+    r = CliRunner().invoke(app, ["precompute", "--dataset", str(dataset), "--version", "0", "--vae", str(vae_dir),
+                                 *ENCODERS])
+    return r
+
+
+def test_precompute_writes_the_latents_table(latents, dataset, vae_dir):
+    assert latents.exit_code == 3, latents.output           # finished, but one clip was unreadable
+    assert "clip-broken" in latents.output
+    dt = DeltaTable(str(dataset / "latents"))
+    assert dt.version() == 0
+    t = dt.to_pyarrow_table().sort_by("clip_id")
+    rows = {r["clip_id"]: r for r in t.to_pylist()}
+    assert sorted(rows) == ["clip-a", "clip-b", "clip-img", "clip-ref"]   # kept and readable only
+    # bucket = latent (frames, height, width): 17 -> 5, 9 -> 3, 1 -> 1 frames; 4x spatial
+    assert rows["clip-a"]["bucket"] == {"frames": 5, "height": 8, "width": 10}
+    assert rows["clip-b"]["bucket"] == {"frames": 3, "height": 8, "width": 8}
+    assert rows["clip-ref"]["bucket"] == {"frames": 3, "height": 10, "width": 8}
+    assert rows["clip-img"]["bucket"] == {"frames": 1, "height": 10, "width": 8}
+    for r in rows.values():
+        z = tensor_from_bytes(r["latent"], "latent")
+        assert z.shape == (4, *r["bucket"].values()) and torch.isfinite(z).all()
+        y = tensor_from_bytes(r["text_embedding"], "text")
+        assert y.ndim == 2 and y.shape[1] == 256 and y.shape[0] >= 3
+        assert r["clips_version"] == 0 and len(r["vae_sha"]) == 64 and len(r["text_encoder_sha"]) == 64
+    # caption fallbacks: dense, else the teacher's dense, else short
+    assert rows["clip-b"]["caption"] == "a square frame with a red bar"
+    assert rows["clip-ref"]["caption"] == "a sideways clip"
+    vae_sha = json.loads((vae_dir / "vae.json").read_text())["sha256"]
+    assert rows["clip-a"]["vae_sha"] == vae_sha
+    lineage = json.loads(dt.history(1)[0]["spacetime"])
+    assert lineage["clips_version"] == 0 and lineage["rows_written"] == 4 and lineage["errors"] == 1
+    assert lineage["vae_sha"] == vae_sha and lineage["error_list"][0]["clip_id"] == "clip-broken"
+
+
+def test_precompute_rerun_skips_everything(app, latents, dataset, vae_dir):
+    r = CliRunner().invoke(app, ["precompute", "--dataset", str(dataset), "--version", "0", "--vae", str(vae_dir),
+                                 *ENCODERS])
+    assert r.exit_code == 3 and "wrote 0, skipped 4 (already encoded), errors 0, 1 skipped as unreadable" in r.output, \
+        r.output                                                     # the error log remembers the broken clip
+    assert DeltaTable(str(dataset / "latents")).version() == 0      # no new commit
+    logged = [json.loads(line) for line in (dataset / "latents_errors.jsonl").read_text().splitlines()]
+    assert [e["clip_id"] for e in logged] == ["clip-broken"] and logged[0]["reason"]
+
+
+def test_latent_batches_pack_mixed_buckets_and_resume(latents, dataset):
+    a = LatentBatches(dataset, 0, (1, 2, 2), max_tokens=10_000, seed=3)
+    assert len(a) == 4 and a.channels == 4 and a.text_dim == 256
+    first = next(a)
+    grids = sorted(first["packed"].grids)
+    assert grids == [(1, 5, 4), (3, 4, 4), (3, 5, 4), (5, 4, 5)]     # image and videos in one packed batch
+    # a tight token budget: several batches per epoch; resume from a state_dict continues exactly
+    b = LatentBatches(dataset, 0, (1, 2, 2), max_tokens=110, seed=3)
+    seq = [next(b)["packed"].tokens for _ in range(3)]
+    state = b.state_dict()
+    after = [next(b)["packed"].tokens for _ in range(4)]
+    c = LatentBatches(dataset, 0, (1, 2, 2), max_tokens=110, seed=3)
+    c.load_state_dict(state)
+    assert all(torch.equal(x, y) for x, y in zip(after, [next(c)["packed"].tokens for _ in range(4)]))
+    d = LatentBatches(dataset, 0, (1, 2, 2), max_tokens=110, seed=3)
+    assert all(torch.equal(x, next(d)["packed"].tokens) for x in seq)  # same seed, same order
+    with pytest.raises(ValueError, match="resume would not be exact"):
+        d.load_state_dict({**state, "rows": 99})
+    assert len(load_pairs(dataset, 0)) == 4
+    table, version = read_latents(dataset, vae_sha=a.vae_sha[:8])
+    assert table.num_rows == 4 and version == 0
+
+
+def test_train_dit_from_the_table_loss_falls(app, latents, dataset, tmp_path):
+    out = tmp_path / "dit"
+    args = ["train", "--dataset", str(dataset), "--latents-version", "0", "--out", str(out), "--preset", "DiT_T",
+            "--lr", "2e-3", "--warmup-steps", "5", "--max-tokens", "400", "--base-tokens", "64", "--log-every", "20"]
+    r = CliRunner().invoke(app, [*args, "--steps", "80"])
+    assert r.exit_code == 0, r.output
+    losses = [json.loads(line)["loss"] for line in (out / "history.jsonl").read_text().splitlines()]
+    assert len(losses) == 80
+    assert np.mean(losses[-15:]) < 0.7 * np.mean(losses[:15]), (losses[:15], losses[-15:])
+    run = json.loads((out / "run.json").read_text())
+    assert run["latents_version"] == 0 and run["clips_versions"] == [0] and run["result"]["step"] == 80
+    assert (out / run["checkpoint"]["file"]).is_file()
+    # an existing checkpoint is never silently overwritten or resumed
+    r = CliRunner().invoke(app, [*args, "--steps", "90"])
+    assert r.exit_code == 2 and "--resume" in r.output
+    r = CliRunner().invoke(app, [*args, "--steps", "85", "--resume"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "run.json").read_text())["result"]["step"] == 85
+
+
+@pytest.mark.slow
+def test_train_dit_ddp_over_ray_train_workers(app, latents, dataset, tmp_path):
+    """--workers 2: Ray Train TorchTrainer, DDP over gloo on CPU; rank 0 writes the checkpoint."""
+    out = tmp_path / "ddp"
+    r = CliRunner().invoke(app, ["train", "--dataset", str(dataset), "--latents-version", "0", "--out", str(out),
+                                 "--preset", "DiT_T", "--steps", "6", "--max-tokens", "200", "--workers", "2",
+                                 "--log-every", "3"])
+    assert r.exit_code == 0, r.output
+    run = json.loads((out / "run.json").read_text())
+    assert run["workers"] == 2 and run["checkpoint"]["step"] == 6

@@ -1,0 +1,358 @@
+"""Sampling and prompting with images and videos: conditioning masks (ratios, training that uses
+them), t2v/t2i sizes, each task's contract on a tiny model, bad inputs, atomic writes, the CLI."""
+import json
+import os
+import random
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import typer
+from typer.testing import CliRunner
+
+from generator import tasks
+from generator.conditioning import STRATEGIES, TASK_MIX, check_ratios, frame_mask, sample_clean_tokens
+from generator.dit import DiT, DiTConfig
+from generator.flow import RectifiedFlow
+from generator.patches import pack, pack_sequences
+from generator.sample import decode_latent, fit_size, load_model, sample, sha256_file, write_video
+from generator.shapes import embed_caption, make_dataset, make_video
+from generator.train import TrainConfig, train
+from generator.vae import VAE, VAEConfig, save_vae
+
+TEXT_DIM = 8
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # shared 2-core machine: no OpenMP spin contention
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def vae():
+    torch.manual_seed(0)  # 4x time, 4x space, 4 channels: grid multiple 8 px with patch (1, 2, 2)
+    return VAE(VAEConfig(channels=(8, 8, 8), time_downsample=2, latent_channels=4)).eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(1)
+    m = DiT(DiTConfig(in_channels=4, hidden_size=32, depth=1, num_heads=2, text_dim=TEXT_DIM)).eval()
+    with torch.no_grad():  # adaLN-Zero starts as v = 0; give the tiny model a non-trivial output
+        for p in m.parameters():
+            if p.abs().sum() == 0 and p.ndim == 2:
+                p.normal_(0, 0.02)
+    return m
+
+
+def encoder(prompts):
+    return [embed_caption(p, TEXT_DIM) for p in prompts]
+
+
+KW = dict(steps=3, cfg_scale=2.0, seed=0, text_encoder=encoder)
+
+
+def video(T=9, H=24, W=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(T, 3, H, W, generator=g) * 2 - 1
+
+
+# ------------------------------------------------------------------ conditioning masks
+
+def _kind(m):
+    """Classify a frame mask: none / first / last / ends / other."""
+    m = m.tolist()
+    if not any(m):
+        return "none"
+    k1 = next(i for i, v in enumerate(m) if not v)
+    k2 = next(i for i, v in enumerate(reversed(m)) if not v)
+    middle_clean = any(m[k1:len(m) - k2])
+    if middle_clean:
+        return "other"
+    return {(True, False): "first", (False, True): "last", (True, True): "ends"}[(k1 > 0, k2 > 0)]
+
+
+def test_mask_ratios_follow_the_config():
+    n, T = 1200, 6
+    p = pack([torch.zeros(4, T, 2, 2) for _ in range(n)])  # one token per latent frame
+    g = torch.Generator().manual_seed(0)
+    ratios = {"none": 0.5, "first": 0.2, "last": 0.1, "ends": 0.2}
+    clean = sample_clean_tokens(p, ratios, g).view(n, T)
+    kinds = [_kind(m) for m in clean]
+    for s, r in ratios.items():
+        assert abs(kinds.count(s) / n - r) < 0.05, (s, kinds.count(s) / n)
+    assert not clean.all(1).any()  # something is always left to generate
+    # random: k clean frames anywhere, never all, never none
+    for _ in range(50):
+        m = frame_mask("random", T, g)
+        assert 1 <= int(m.sum()) <= T - 1
+    # images have no context: a 1-frame sample is never conditioned
+    p1 = pack([torch.zeros(4, 1, 2, 2) for _ in range(20)])
+    assert sample_clean_tokens(p1, {"first": 1.0}, g) is None
+
+
+def test_ratio_validation_and_none_draws_nothing():
+    with pytest.raises(ValueError, match="unknown"):
+        check_ratios({"middle": 1.0})
+    with pytest.raises(ValueError, match=">= 0"):
+        check_ratios({"none": 1.0, "first": -0.5})
+    assert set(check_ratios(TASK_MIX)) == set(STRATEGIES)
+    g = torch.Generator().manual_seed(3)
+    before = g.get_state().clone()
+    assert sample_clean_tokens(pack([torch.zeros(4, 3, 2, 2)]), {"none": 1.0}, g) is None
+    assert torch.equal(g.get_state(), before)  # no draw: training without conditioning is unchanged
+    with pytest.raises(ValueError, match="unknown"):
+        train(TrainConfig(dit=DiTConfig(in_channels=4, hidden_size=32, depth=1, num_heads=2, text_dim=TEXT_DIM),
+                          steps=1, cond_ratios={"bogus": 1.0}), [])
+
+
+def pixel_latent(v):
+    """(9, 3, 32, 32) video -> stand-in latent (3, 3, 8, 8): pooled pixels of frames 0, 4, 8."""
+    z = F.avg_pool3d(v.permute(1, 0, 2, 3)[None], (1, 4, 4))[0]
+    return z[:, ::4].contiguous()
+
+
+def test_empty_mask_keeps_the_unconditional_loss(model):
+    lat = [torch.randn(4, 3, 4, 4), torch.randn(4, 2, 4, 6)]
+    p = pack(lat)
+    y, ycu = pack_sequences([embed_caption("a red circle", TEXT_DIM), embed_caption("blue", TEXT_DIM)])
+    fn = lambda z, t: model(z, t, p.positions, p.cu_seqlens, y, ycu)
+    rf = RectifiedFlow(base_tokens=16)
+    plain = rf.loss(fn, p.tokens, p.cu_seqlens, generator=torch.Generator().manual_seed(0))
+    empty = rf.loss(fn, p.tokens, p.cu_seqlens, generator=torch.Generator().manual_seed(0),
+                    clean=torch.zeros(len(p.tokens), dtype=torch.bool))
+    torch.testing.assert_close(plain, empty)  # per-token t = per-sample t when nothing is clean
+
+
+def test_conditioned_training_uses_the_given_frames():
+    """Train with half the samples conditioned on their first frame; the model must then predict the
+    rest better given the true first frame than a first frame from another video with the same
+    caption (the shape elsewhere). Chance = 50%."""
+    data = make_dataset(64, frames=9, size=32, seed=0)
+    pairs = [(pixel_latent(v), embed_caption(c, TEXT_DIM)) for v, c, _ in data]
+    cfg = TrainConfig(dit=DiTConfig(in_channels=3, hidden_size=64, depth=2, num_heads=2, text_dim=TEXT_DIM),
+                      steps=400, lr=2e-3, warmup_steps=5, max_tokens=384, log_every=0, base_tokens=48,
+                      cfg_dropout=0.1, cond_ratios={"none": 0.5, "first": 0.5})
+    res = train(cfg, pairs)
+    losses = [h["loss"] for h in res.history]
+    assert sum(losses[-15:]) < 0.8 * sum(losses[:15]), (losses[:15], losses[-15:])
+    model, rf = res.ema, RectifiedFlow(base_tokens=48)
+    test = make_dataset(32, frames=9, size=32, seed=5)
+    wins = 0
+    for i, (v, cap, (colour, shape, direction)) in enumerate(test):
+        # same caption, another start position: only the first frame tells them apart
+        other = make_video(colour, shape, direction, frames=9, size=32, rng=random.Random(100 + i))
+        z, z_other = pixel_latent(v), pixel_latent(other)
+        y, ycu = pack_sequences([embed_caption(cap, TEXT_DIM)])
+        losses = []
+        for first in (z, z_other):
+            x = torch.cat([first[:, :1], z[:, 1:]], 1)
+            p = pack([x])
+            clean = torch.zeros(len(p.tokens), dtype=torch.bool)
+            clean[:16] = True  # latent frame 0: 4 x 4 tokens
+            fn = lambda zz, t: model(zz, t, p.positions, p.cu_seqlens, y, ycu)
+            g = torch.Generator().manual_seed(i)
+            with torch.no_grad():
+                losses.append(sum(rf.loss(fn, p.tokens, p.cu_seqlens, generator=g, clean=clean).item()
+                                  for _ in range(6)))
+        wins += losses[0] < losses[1]
+    print(f"first-frame conditioning: true frame wins {wins}/{len(test)}")
+    assert wins / len(test) >= 0.7, wins
+
+
+# ------------------------------------------------------------------ t2v / t2i
+
+def test_t2v_t2i_sizes_seeds_and_rounding(model, vae):
+    v = sample(model, vae, "a red circle moving left", frames=9, height=24, width=40, **KW)
+    assert v.shape == (3, 9, 24, 40) and v.abs().max() <= 1
+    img = sample(model, vae, "a red circle", frames=1, height=16, width=48, **KW)
+    assert img.shape == (3, 1, 16, 48)
+    assert torch.equal(v, sample(model, vae, "a red circle moving left", frames=9, height=24, width=40, **KW))
+    assert not torch.equal(v, sample(model, vae, "a red circle moving left", frames=9, height=24, width=40,
+                                     **{**KW, "seed": 1}))
+    with pytest.warns(UserWarning, match="rounded 8 frames x 30x40 to 9 x 32x40"):
+        v2 = sample(model, vae, "x", frames=8, height=30, width=40, **KW)
+    assert v2.shape == (3, 9, 32, 40)
+    with pytest.raises(ValueError, match="2048"):
+        fit_size(vae, model.cfg.patch, 1, 2056, 64)
+    assert fit_size(vae, model.cfg.patch, 1, 2048, 2048) == (1, 2048, 2048)
+    with pytest.raises(ValueError, match="no text_encoder"):
+        sample(model, vae, "x", frames=1, height=16, width=16)
+
+
+def test_big_frames_decode_tile_by_tile(vae):
+    z = torch.randn(4, 1, 136, 144)  # 544 x 576 pixels: past DECODE_TILE, so decoded in blended tiles
+    tiled = decode_latent(vae, z)
+    with torch.no_grad():
+        whole = vae.decode(z[None]).clamp(-1, 1)[0]
+    assert tiled.shape == whole.shape == (3, 1, 544, 576)
+    err = (tiled - whole).abs()
+    assert err.mean() < 0.005 and err.max() < 0.15  # nearly exact: only the seams' blend differs
+
+
+# ------------------------------------------------------------------ tasks
+
+def _check_given(res):
+    """Latent frames given as conditioning come out of the sampler unchanged."""
+    m = res.cond_frames
+    assert m is not None and m.any() and not m.all()
+    assert torch.equal(res.latent[:, m], res.cond[:, m])
+
+
+def test_animate_extend_loop_transition_keep_the_given_frames(model, vae):
+    img = video(1, 20, 30)[0]
+    r = tasks.animate(model, vae, img, "a cat", frames=9, resolution=24, **KW)
+    assert r.video.shape[:2] == (3, 9) and r.cond_frames.tolist() == [True, False, False]
+    _check_given(r)
+    assert r.given[0][0] == 0 and r.given[0][1].shape == (3, 1, *r.video.shape[2:])
+
+    v = video(9, 24, 24)
+    fwd = tasks.extend(model, vae, v, "a cat", frames=17, direction="forward", resolution=24, **KW)
+    assert fwd.video.shape == (3, 17, 24, 24) and fwd.cond_frames.tolist() == [True] * 3 + [False] * 2
+    _check_given(fwd)
+    back = tasks.extend(model, vae, v, "a cat", frames=17, direction="backward", resolution=24, **KW)
+    assert back.cond_frames.tolist() == [False] * 3 + [True] * 2
+    _check_given(back)
+    start, frames = back.given[0]
+    assert start + frames.shape[1] == 17 and frames.shape[1] == 8  # the input's first 8 frames end the output
+
+    lp = tasks.loop(model, vae, "a cat", frames=9, height=24, width=32, **KW)
+    assert lp.video.shape == (3, 9, 24, 32)
+    assert lp.cond_frames.tolist() == [True, False, False, True]  # extra held group past the end, cut
+    _check_given(lp)
+    assert torch.equal(lp.cond[:, 0], tasks.encode_start(vae, lp.given[0][1].permute(1, 0, 2, 3))[:, 0])
+
+    tr = tasks.transition(model, vae, video(9, 24, 24, 1), video(9, 24, 24, 2), "a cat", frames=17, resolution=24,
+                          **KW)
+    assert tr.video.shape == (3, 17, 24, 24) and tr.cond_frames.tolist() == [True, True, False, False, True]
+    _check_given(tr)
+
+
+def test_edit_strength_and_image(model, vae):
+    v = video(9, 24, 24)
+    init = tasks.encode_start(vae, v)
+    d = {}
+    for s in (0.3, 0.9):
+        r = tasks.edit(model, vae, v, "a blue square", strength=s, resolution=24, **{**KW, "steps": 6})
+        assert r.video.shape == (3, 9, 24, 24) and r.cond_frames is None
+        d[s] = (r.latent - init).pow(2).mean().item()
+    assert d[0.3] < d[0.9]
+    im = tasks.image(model, vae, "a cat", height=24, width=56, **KW)
+    assert im.video.shape == (3, 1, 24, 56)
+
+
+def test_bad_inputs_raise_and_write_nothing(model, vae, tmp_path):
+    out = tmp_path / "o.mp4"
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"\x00not a video" * 100)
+    cases = [
+        dict(task="animate", inputs=[str(bad)], match="cannot read|no decodable"),
+        dict(task="animate", inputs=[str(tmp_path / "missing.png")], match="not found"),
+        dict(task="animate", inputs=[], match="takes 1 input"),
+        dict(task="transition", inputs=[video()], match="takes 2 input"),
+        dict(task="image", inputs=[video()], match="takes 0 input"),
+        dict(task="edit", inputs=[video()], strength=0.0, match=r"strength must be in \(0, 1\]"),
+        dict(task="edit", inputs=[video()], strength=1.5, match=r"strength must be in \(0, 1\]"),
+        dict(task="extend", inputs=[video()], frames=201, match="longer than the model supports"),
+        dict(task="extend", inputs=[video()], direction="sideways", match="direction"),
+        dict(task="extend", inputs=[video(17)], frames=9, match="extending needs more"),
+        dict(task="warp", inputs=[], match="unknown task"),
+    ]
+    for c in cases:
+        match = c.pop("match")
+        with pytest.raises(ValueError, match=match):
+            tasks.run_task(model=model, vae=vae, text="a cat", out=out, height=24, width=24, **c, **KW)
+        assert os.listdir(tmp_path) == ["bad.mp4"], c
+    with pytest.raises(ValueError, match="one frame"):
+        write_video(video(5).permute(1, 0, 2, 3), tmp_path / "x.png")
+    assert sorted(os.listdir(tmp_path)) == ["bad.mp4"]
+
+
+def test_inputs_read_with_rotation_and_resized_to_grid(model, vae, tmp_path):
+    path = tmp_path / "rot.mp4"
+    with av.open(str(path), "w") as c:  # coded 32 wide x 16 high, displayed turned 90 degrees clockwise
+        s = c.add_stream("libx264", rate=Fraction(24))
+        s.width, s.height, s.pix_fmt = 32, 16, "yuv420p"
+        s.set_display_rotation(-90)
+        for _ in range(5):
+            a = np.zeros((16, 32, 3), np.uint8)
+            a[:, :8] = 255  # bright left edge -> top edge once turned clockwise
+            for pkt in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                c.mux(pkt)
+        for pkt in s.encode():
+            c.mux(pkt)
+    x = tasks.read_frames(path)
+    assert x.shape == (5, 3, 32, 16)
+    assert x[:, :, :6].mean() > 0.8 and x[:, :, 10:].mean() < -0.8
+    r = tasks.run_task("extend", model, vae, "a cat", [str(path)], tmp_path / "ext.mp4", frames=9, height=32,
+                       width=16, **KW)
+    H, W = r.video.shape[2:]
+    assert H % 8 == 0 and W % 8 == 0 and H > W  # portrait kept
+    back = tasks.read_frames(tmp_path / "ext.mp4")
+    assert back.shape == (9, 3, H, W)
+
+
+# ------------------------------------------------------------------ checkpoints and CLI
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, vae):
+    d = tmp_path_factory.mktemp("ckpt")
+    pairs = [(torch.randn(4, 2, 4, 4), embed_caption("a red circle", TEXT_DIM)) for _ in range(4)]
+    cfg = TrainConfig(dit=DiTConfig(in_channels=4, hidden_size=32, depth=1, num_heads=2, text_dim=TEXT_DIM),
+                      steps=2, max_tokens=64, log_every=0, base_tokens=32, ckpt_dir=str(d / "run"),
+                      cond_ratios=TASK_MIX)
+    train(cfg, pairs)
+    save_vae(vae, str(d / "vae.safetensors"))
+    return d / "run", d / "vae.safetensors"
+
+
+def test_load_model_from_training_dir(checkpoints):
+    run, _ = checkpoints
+    model, base_tokens = load_model(run)
+    assert base_tokens == 32 and model.cfg.text_dim == TEXT_DIM and not model.training
+
+
+def test_cli_sample_and_generate_write_sidecars(checkpoints, tmp_path):
+    from spacetime.cli_sample import register
+    app = typer.Typer()
+    register(app)
+    run, vae_path = checkpoints
+    runner = CliRunner()
+    common = ["--checkpoint", str(run), "--vae", str(vae_path), "--steps", "2", "--seed", "3"]
+
+    out = tmp_path / "t2i.png"
+    r = runner.invoke(app, ["sample", "--prompt", "a red circle", "--frames", "1", "--height", "16", "--width",
+                            "32", "--out", str(out), *common])
+    assert r.exit_code == 0, r.output
+    assert tasks.read_frames(out).shape == (1, 3, 16, 32)
+
+    img = tmp_path / "in.png"
+    write_video(video(1, 16, 24).permute(1, 0, 2, 3), img)
+    out = tmp_path / "anim.mp4"
+    r = runner.invoke(app, ["generate", "--task", "animate", "--prompt", "a red circle", "--input", str(img),
+                            "--frames", "5", "--height", "16", "--width", "24", "--out", str(out), *common])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "anim.mp4.json").read_text())
+    assert meta["task"] == "animate" and meta["seed"] == 3 and meta["prompt"] == "a red circle"
+    assert meta["upsampled_prompt"] == "a red circle"  # no upsampler dir: used as written, with a warning
+    ckpt_file = run / json.loads((run / "latest.json").read_text())["file"]
+    assert meta["checkpoint_sha256"] == sha256_file(ckpt_file)
+    assert tasks.read_frames(out).shape[0] == 5
+
+    out = tmp_path / "loop.mp4"
+    r = runner.invoke(app, ["generate", "--task", "loop", "--prompt", "a red circle", "--no-upsample", "--frames",
+                            "5", "--height", "16", "--width", "16", "--out", str(out), *common])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "loop.mp4.json").read_text())["upsampled_prompt"] is None
+
+    bad = tmp_path / "never.mp4"
+    r = runner.invoke(app, ["generate", "--task", "transition", "--prompt", "x", "--no-upsample", "--input",
+                            str(img), "--out", str(bad), *common])
+    assert r.exit_code == 2 and "takes 2 --input" in r.output
+    assert not bad.exists() and not (tmp_path / "never.mp4.json").exists()
