@@ -58,6 +58,7 @@ class TrainConfig:
     ckpt_every: int = 0            # 0: only at the end
     keep_ckpts: int = 2
     resume: bool = True            # continue from ckpt_dir/latest.json when present
+    init_from: str | None = None   # fine-tune: start from this checkpoint dir's EMA weights (fresh optimizer)
     max_seconds: float | None = None  # compute budget: wall-clock seconds of this run
     max_flops: float | None = None    # compute budget: total training FLOPs (3x forward matmul FLOPs)
 
@@ -209,6 +210,19 @@ def load_checkpoint(ckpt_dir: str, model, ema, opt, gen, data, device) -> dict:
     return meta
 
 
+def init_weights(ckpt_dir: str, model, ema) -> None:
+    """Load a finished run's EMA weights into model and EMA (sha256-checked, keys strict)."""
+    with open(os.path.join(ckpt_dir, "latest.json")) as f:
+        latest = json.load(f)
+    path = os.path.join(ckpt_dir, latest["file"])
+    if not os.path.exists(path) or _sha256(path) != latest["sha256"]:
+        raise CheckpointError(f"checkpoint {path} is missing, truncated or tampered")
+    tensors = load_file(path)
+    weights = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
+    load_state_strict(model, weights, "model (init_from)")
+    load_state_strict(ema, weights, "EMA (init_from)")
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -238,6 +252,9 @@ def train(cfg: TrainConfig, data, rank: int = 0, world_size: int = 1, report=Non
         meta = load_checkpoint(cfg.ckpt_dir, model, ema, opt, gen, batches, device)
         step, skipped, flops = meta["step"], meta["skipped"], meta["flops"]
         log.info("resumed from %s at step %d", cfg.ckpt_dir, step)
+    elif cfg.init_from:
+        init_weights(cfg.init_from, model, ema)
+        log.info("initialised from %s (fine-tuning)", cfg.init_from)
     net = model
     if world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if cuda else None)

@@ -88,7 +88,8 @@ def _transcode_batch(source, batch, crf, preset, timeout_s):
     outs = []
     for k, (_, _, out) in enumerate(batch):
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.stem + ".partial.mp4")
+        # Unique per writer: a killed worker's ffmpeg may still be writing while Ray retries the task.
+        tmp = out.with_name(f"{out.stem}.partial.{uuid.uuid4().hex[:8]}.mp4")
         outs.append((out, tmp))
         cmd += ["-map", f"[o{k}]", "-an", "-c:v", "libx264", "-preset", preset, "-crf", str(crf),
                 "-pix_fmt", "yuv420p", "-threads", "1", "-movflags", "+faststart", str(tmp)]

@@ -262,13 +262,21 @@ def _dup_row(uri: str, original: str, sha: str) -> dict:
 def curate(source_args: list[str], root: str, spec: DatasetSpec, captions: Optional[str] = None,
            progress: Optional[Callable[[int, int, str], None]] = None, ray_address: Optional[str] = None) -> CurateResult:
     """Curate sources into the `clips` table under `root`; returns what this run wrote."""
+    started = time.time()
+    root = str(Path(root).resolve())
+    Path(root).mkdir(parents=True, exist_ok=True)
+    lease = store.acquire_lease(root)
+    try:
+        return _curate(source_args, root, spec, captions, progress, ray_address, started)
+    finally:
+        store.release_lease(lease)
+
+
+def _curate(source_args, root, spec, captions, progress, ray_address, started) -> CurateResult:
     import ray
 
     from pipeline.embed import ClipEmbedder
 
-    started = time.time()
-    root = str(Path(root).resolve())
-    Path(root).mkdir(parents=True, exist_ok=True)
     sources: list[Source] = expand_sources(source_args)
     committed = store.read_clips(root)
     staged = store.load_staged(root)
@@ -334,7 +342,7 @@ def curate(source_args: list[str], root: str, spec: DatasetSpec, captions: Optio
         "embedding_model": spec.embedding.model, "embedding_weights": spec.embedding.pretrained,
         "captions_imported": captions})
     store.clear_staging(root)
-    store.collect_garbage(root, older_than=started)
+    store.collect_garbage(root, older_than=store.oldest_live_start(root, started))
     rej = pc.filter(new, pc.equal(new["status"], "rejected")).select(["source_uri", "reason"]).to_pylist()
     return CurateResult(version, counts, len(sources), skipped, new.num_rows,
                         [(r["source_uri"], r["reason"]) for r in rej])
@@ -404,5 +412,6 @@ def refilter(root: str, spec: DatasetSpec) -> tuple[int, dict]:
                            promote_options="permissive")
     out = out.sort_by([("source_uri", "ascending"), ("start_frame", "ascending")])
     version = store.commit(root, out, "overwrite", {"operation": "refilter", "spec_hash": spec.spec_hash(),
-                                                   "spec_name": spec.name, "refiltered_from": parent})
+                                                   "spec_name": spec.name, "refiltered_from": parent},
+                           expect_version=parent)
     return version, store.status_counts(out)

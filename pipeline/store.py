@@ -96,7 +96,12 @@ def status_counts(table: pa.Table) -> dict[str, int]:
     return counts
 
 
-def commit(root: str | Path, table: pa.Table, mode: str, lineage: dict, retries: int = 8) -> int:
+class TableMoved(ValueError):
+    """An overwrite prepared from version N found the table at a later version: re-run it."""
+
+
+def commit(root: str | Path, table: pa.Table, mode: str, lineage: dict, retries: int = 8,
+           expect_version: Optional[int] = None) -> int:
     """Write `table` as one Delta commit (mode 'append' or 'overwrite'); returns the new version.
 
     `lineage` is recorded in the commit info with the parent version and status counts of the whole
@@ -108,13 +113,18 @@ def commit(root: str | Path, table: pa.Table, mode: str, lineage: dict, retries:
     frame range, so it is the same clip), or a rejected-source row (clip_id null) whose source_uri
     and sha256 already have one, is not written again. That happens when a run commits staged rows a
     concurrent or earlier run committed too. If nothing new is left, no version is made and the
-    current one is returned. Overwrites are the caller's full new state and are re-tried as they are.
+    current one is returned. An overwrite is the caller's full new state computed from some version:
+    pass that as `expect_version`, and a table that moved on meanwhile raises TableMoved instead of
+    silently dropping the rows another writer added.
     """
     path = clips_path(root)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     table = conform(table)
     for attempt in range(retries + 1):
         parent = latest_version(root)
+        if expect_version is not None and parent != expect_version:
+            raise TableMoved(f"{root}: the table moved from version {expect_version} to {parent} while this "
+                             f"{lineage.get('operation', 'write')} was prepared; run it again")
         snapshot = DeltaTable(path, version=parent) if parent is not None else None
         new, counts = table, status_counts(table)
         if parent is not None and mode == "append":
@@ -204,12 +214,18 @@ def staging_dir(root: str | Path) -> Path:
 def stage(root: str | Path, key: str, table: pa.Table) -> Path:
     """Persist one finished source's rows; atomic (write temp, then rename)."""
     d = staging_dir(root)
-    d.mkdir(parents=True, exist_ok=True)
     final = d / f"{key}.parquet"
-    tmp = d / f".{key}.{uuid.uuid4().hex}.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, final)
-    return final
+    for attempt in range(3):
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / f".{key}.{uuid.uuid4().hex}.tmp"
+        try:
+            pq.write_table(table, tmp)
+            os.replace(tmp, final)
+            return final
+        except FileNotFoundError:  # a concurrent run's clear_staging removed our temp file or the directory
+            if attempt == 2:
+                raise
+    raise RuntimeError("unreachable")
 
 
 def load_staged(root: str | Path) -> dict[str, pa.Table]:
@@ -230,7 +246,45 @@ def clear_staging(root: str | Path) -> None:
     if d.is_dir():
         for p in d.iterdir():
             p.unlink(missing_ok=True)
-        d.rmdir()
+        try:
+            d.rmdir()
+        except OSError:  # a concurrent run staged a source meanwhile: its file stays for its commit
+            pass
+
+
+def acquire_lease(root: str | Path) -> Path:
+    """Mark a curate run as live (pid, host, start) so a concurrent run's GC spares its new files."""
+    d = Path(root) / "_runs"
+    d.mkdir(parents=True, exist_ok=True)
+    p = d / f"{uuid.uuid4().hex}.json"
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "started": time.time()}))
+    os.replace(tmp, p)
+    return p
+
+
+def release_lease(lease: Path) -> None:
+    Path(lease).unlink(missing_ok=True)
+
+
+def oldest_live_start(root: str | Path, default: float) -> float:
+    """Earliest start among live runs' leases (stale ones of dead local pids are removed)."""
+    start = default
+    for p in (Path(root) / "_runs").glob("*.json"):
+        try:
+            info = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if info.get("host") == os.uname().nodename:
+            try:
+                os.kill(int(info["pid"]), 0)
+            except ProcessLookupError:
+                p.unlink(missing_ok=True)  # a killed run's lease
+                continue
+            except PermissionError:
+                pass
+        start = min(start, float(info["started"]))
+    return start
 
 
 def collect_garbage(root: str | Path, older_than: float) -> list[Path]:
@@ -258,7 +312,7 @@ def collect_garbage(root: str | Path, older_than: float) -> list[Path]:
     removed = []
     for p in media.rglob("*"):
         if p.is_file() and p.stat().st_mtime < older_than and (
-                p.name.endswith(".partial.mp4") or str(p.resolve()) not in referenced):
+                ".partial" in p.name or str(p.resolve()) not in referenced):
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed
@@ -306,7 +360,8 @@ def resolve_ref(root: str | Path, ref: str | int) -> int:
 def restore(root: str | Path, version: int) -> int:
     """Make an old version's rows the latest state, as a new commit (history is kept)."""
     old = read_clips(root, version)
-    return commit(root, old, "overwrite", {"operation": "restore", "restored_version": version})
+    return commit(root, old, "overwrite", {"operation": "restore", "restored_version": version},
+                  expect_version=latest_version(root))
 
 
 def vacuum(root: str | Path, retain_hours: int, dry_run: bool = True) -> list[str]:

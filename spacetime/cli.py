@@ -320,6 +320,55 @@ def upsample_cmd(prompt: str = typer.Argument(..., help="a short prompt, e.g. 'a
     typer.echo(text)
 
 
+# --- workflows ------------------------------------------------------------------------------
+
+@app.command()
+def retrain(sources: List[str] = typer.Option(..., "--sources", help="new raw footage: files, dirs, globs, manifests"),
+            dataset: Path = typer.Option(..., "--dataset", help="dataset root (a new version is cut)"),
+            run: Path = typer.Option(Path("runs/retrain"), "--run", help="run dir: manifest.json, checkpoints, report"),
+            spec: Optional[Path] = typer.Option(None, "--spec", help="dataset spec (default datasets/demo.yaml values)"),
+            from_checkpoint: Optional[Path] = typer.Option(None, "--from-checkpoint", help="previous DiT run dir to fine-tune"),
+            captioner: Optional[Path] = typer.Option(None, "--captioner", help="current captioner checkpoint (else trained)"),
+            captions: Optional[Path] = typer.Option(None, "--captions", help="teacher captions to import while curating"),
+            previous_run: Optional[Path] = typer.Option(None, "--previous-run", help="run dir to compare samples with"),
+            tiny: bool = typer.Option(False, "--tiny", help="tiny models (the demo's: minutes on 2 CPU cores)")):
+    """Footage -> curate -> caption -> VAE -> latents -> DiT -> fixed-prompt samples -> eval -> report.
+
+    Every stage is skipped when its output for the same inputs exists (content hashes in the run's
+    manifest.json), so re-running after a crash continues where it stopped.
+    """
+    from spacetime.retrain import RetrainConfig, retrain as run_retrain
+
+    _quiet_ray()
+    if spec is not None:
+        _load_spec(spec)
+    try:
+        stages = run_retrain(str(spec) if spec else None, list(sources), str(dataset), str(run),
+                             str(from_checkpoint) if from_checkpoint else None, str(captioner) if captioner else None,
+                             RetrainConfig.tiny() if tiny else RetrainConfig(), str(captions) if captions else None,
+                             str(previous_run) if previous_run else None, log=typer.echo)
+    except (ValueError, RuntimeError) as e:
+        fail(str(e), 1)
+    lin = stages["_lineage"]["outputs"]
+    typer.echo(f"retrain done: dataset version {lin['dataset_version']}, latents version {lin['latents_version']}, "
+               f"DiT {lin['dit_checkpoint']} ({lin['dit_checkpoint_sha']}); manifest {run / 'manifest.json'}")
+
+
+@app.command("scale-study")
+def scale_study_cmd(out: Path = typer.Option(Path("runs/scale_study"), "--out"),
+                    token_budget: int = typer.Option(60000, "--token-budget", min=1000, help="training tokens per size"),
+                    segments: int = typer.Option(6, min=2, help="validation points per curve"),
+                    seed: int = typer.Option(0)):
+    """Train three DiT sizes on the same data and token budget; plot validation loss vs training FLOPs."""
+    from spacetime.scale_study import SIZES, final_losses, scale_study
+
+    curves = scale_study(out, token_budget=token_budget, segments=segments, seed=seed, log=typer.echo)
+    losses = final_losses(curves)
+    for (name, *_), loss in zip(SIZES, losses):
+        typer.echo(f"{name}: {curves[name + '_params'] / 1e6:.2f}M params, final val loss {loss:.4f}")
+    typer.echo(f"wrote {out / 'scaling.png'}, {out / 'scaling.csv'}")
+
+
 # --- datasets -------------------------------------------------------------------------------
 
 def _need_table(root: Path):

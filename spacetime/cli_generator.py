@@ -210,6 +210,8 @@ def train_cmd(
         vae_sha: Optional[str] = typer.Option(None, "--vae-sha", help="pick an encoder pair when the table has several"),
         text_encoder_sha: Optional[str] = typer.Option(None, "--text-encoder-sha"),
         resume: bool = typer.Option(False, "--resume", help="continue the checkpoint in --out exactly"),
+        init_from: Optional[Path] = typer.Option(None, "--init-from",
+                                                 help="fine-tune: start from this finished run's weights (a train --out dir)"),
         workers: int = typer.Option(1, "--workers", min=1, help="Ray Train TorchTrainer workers (DDP) when > 1"),
         seed: int = typer.Option(0, "--seed")):
     """Train the DiT with rectified flow on a pinned latents table version; safetensors checkpoints in --out."""
@@ -238,7 +240,10 @@ def train_cmd(
     dit = _preset_config(preset, in_channels=data.channels, text_dim=data.text_dim, patch=pt)
     cfg = TrainConfig(dit=dit, steps=steps, lr=lr, warmup_steps=warmup_steps, max_tokens=max_tokens,
                       base_tokens=base_tokens, seed=seed, log_every=log_every, ckpt_dir=str(out),
-                      ckpt_every=ckpt_every, resume=resume, max_seconds=budget_seconds, max_flops=budget_flops)
+                      ckpt_every=ckpt_every, resume=resume, max_seconds=budget_seconds, max_flops=budget_flops,
+                      init_from=str(init_from) if init_from else None)
+    if init_from is not None and not (init_from / "latest.json").is_file():
+        _fail(f"--init-from {init_from}: no finished run there (latest.json missing)")
     clips_versions = sorted(set(data.table["clips_version"].to_pylist()))
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"dataset": str(root), "latents_version": data.version, "clips_versions": clips_versions,

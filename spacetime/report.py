@@ -19,6 +19,7 @@ import base64
 import datetime as dt
 import html
 import io
+import json
 import math
 import os
 import shutil
@@ -388,6 +389,90 @@ def write_report(root: str | Path, version: Optional[int | str] = None, out: Opt
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(page, encoding="utf-8")
     os.replace(tmp, out)  # never leave a half-written report under the final name
+    return out
+
+
+# --- retrain report -------------------------------------------------------------------------
+
+RETRAIN_SECTION_IDS = ("lineage", "funnel", "captions", "samples", "losses", "scaling")
+
+
+def _video_uri(path: Path) -> Optional[str]:
+    return f"data:video/mp4;base64,{base64.b64encode(path.read_bytes()).decode()}" if path.is_file() else None
+
+
+def _loss_plot(curves: dict[str, list[float]]) -> str:
+    fig = Figure(figsize=(6, 3.2), dpi=100)
+    ax = fig.add_subplot(111)
+    for name, losses in curves.items():
+        if losses:
+            ax.plot(range(1, len(losses) + 1), losses, label=name, lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return f'<img alt="loss curves" src="{_png_uri(fig)}">'
+
+
+def write_retrain_report(run_dir: str | Path, previous_run: Optional[str | Path] = None,
+                         out: Optional[str | Path] = None, scaling_png: Optional[str | Path] = None) -> Path:
+    """One self-contained HTML page for a retrain run: lineage (manifest), dataset funnel, caption
+    samples (teacher vs ours), the fixed prompts' samples after (and before, from `previous_run`),
+    loss curves, and the scaling study plot when given."""
+    run = Path(run_dir).resolve()
+    stages = json.loads((run / "manifest.json").read_text())["stages"]
+    lin = stages.get("_lineage", {}).get("outputs", {})
+    root = Path(lin["dataset"])
+    v = lin["dataset_version"]
+    table = store.read_clips(root, v)
+    if "embedding" in table.column_names:
+        table = table.drop_columns(["embedding"])
+    rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(json.dumps(o.get('outputs', {}), default=str)[:400])}</td>"
+                   f"<td>{esc(str(o.get('seconds', '')))} s</td></tr>" for k, o in stages.items() if k != "_lineage")
+    lineage = (f'<section id="lineage"><h1>spacetime retrain: {esc(run.name)}</h1>'
+               f"<p>dataset {esc(str(root))} version {v} · captioner {esc(str(lin.get('captioner')))} · VAE "
+               f"{esc(str(lin.get('vae_sha')))} · latents version {lin.get('latents_version')} · DiT "
+               f"{esc(str(lin.get('dit_checkpoint_sha')))} (fine-tuned from {esc(str(lin.get('from_checkpoint')))})</p>"
+               f"<table><tr><th>stage</th><th>outputs</th><th>time</th></tr>{rows}</table></section>")
+    filters, clip_spec = _thresholds(None)
+    funnel = funnel_section(funnel_steps(table, filters, clip_spec.min_seconds, clip_spec.max_seconds))
+    caps = [r for r in table.to_pylist() if r["status"] == "kept" and r.get("caption_dense")][:8]
+    cap_rows = "".join(f"<tr><td>{_thumb_html(r.get('thumbnail'), 'clip')}</td><td><b>teacher:</b> "
+                       f"{esc(r.get('caption_teacher_dense') or '')}<br><b>ours:</b> {esc(r['caption_dense'])}</td></tr>"
+                       for r in caps)
+    captions = f'<section id="captions"><h2>Caption samples</h2><table>{cap_rows}</table></section>'
+    prev_stages = {}
+    if previous_run and (Path(previous_run) / "manifest.json").is_file():
+        prev_stages = json.loads((Path(previous_run) / "manifest.json").read_text())["stages"]
+    after = stages.get("sample", {}).get("outputs", {}).get("samples", [])
+    before = prev_stages.get("sample", {}).get("outputs", {}).get("samples", [])
+    prompts = stages.get("sample", {}).get("inputs", {}).get("prompts", [])
+    cells = []
+    for i, p in enumerate(prompts):
+        vids = []
+        for label, lst in (("before", before), ("after", after)):
+            uri = _video_uri(Path(lst[i])) if i < len(lst) else None
+            vids.append(f"<figure><video controls loop autoplay muted src=\"{uri}\" width=\"192\"></video>"
+                        f"<figcaption>{label}</figcaption></figure>" if uri else f"<figure><figcaption>{label}: none"
+                        f"</figcaption></figure>")
+        cells.append(f"<div class=\"dupgroup\"><p style=\"width:260px\">{esc(p)}</p>{''.join(vids)}</div>")
+    samples = f'<section id="samples"><h2>Fixed prompts, before vs after</h2>{"".join(cells)}</section>'
+    curves = {"this run": stages.get("train", {}).get("outputs", {}).get("losses", [])}
+    if prev_stages:
+        curves["previous run"] = prev_stages.get("train", {}).get("outputs", {}).get("losses", [])
+    losses = f'<section id="losses"><h2>Loss curves</h2>{_loss_plot(curves)}</section>'
+    scaling = '<section id="scaling"><h2>Scaling study</h2><p>not run</p></section>'
+    if scaling_png and Path(scaling_png).is_file():
+        uri = "data:image/png;base64," + base64.b64encode(Path(scaling_png).read_bytes()).decode()
+        scaling = f'<section id="scaling"><h2>Scaling study</h2><img alt="scaling" src="{uri}"></section>'
+    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>spacetime retrain {esc(run.name)}'
+            f"</title><style>{CSS}</style></head><body>{lineage}{funnel}{captions}{samples}{losses}{scaling}</body></html>")
+    out = Path(out) if out else run / "report.html"
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, out)
     return out
 
 

@@ -97,22 +97,48 @@ class RetrainConfig:
     captioner_steps: int = 2000
     captioner_preset: str = "small"
     vae_steps: int = 2000
+    vae_channels: str = "64,128,256,256"
+    vae_size: int = 64
+    vae_frames: int = 9
+    text_encoder: str = "open_clip:ViT-B-32"
+    short_sides: str = "64,128,256"
     dit_steps: int = 5000
     dit_preset: str = "DiT_S"
+    max_tokens: int = 4096
     sample_frames: int = 9
     sample_size: int = 64
     sample_steps: int = 30
+    prompts: tuple = FIXED_PROMPTS
     seed: int = 0
 
     @classmethod
     def tiny(cls) -> "RetrainConfig":
-        return cls(captioner_steps=150, captioner_preset="tiny", vae_steps=150, dit_steps=200,
-                   dit_preset="DiT_T", sample_frames=5, sample_size=32, sample_steps=12)
+        return cls(captioner_steps=150, captioner_preset="tiny", vae_steps=150, vae_channels="16,32,32", vae_size=32,
+                   vae_frames=5, short_sides="32", dit_steps=150, dit_preset="DiT_T", max_tokens=1024,
+                   sample_frames=5, sample_size=32, sample_steps=10)
+
+
+def spacetime_cmd(args: list[str], log_file: Path, log: Callable[[str], None]) -> str:
+    """Run one `spacetime ...` stage in its own process (its memory and Ray session end with it);
+    output goes to log_file; a failure raises with the log's tail."""
+    import subprocess
+    import sys
+
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    log(f"  $ spacetime {' '.join(args)}")
+    with log_file.open("w") as f:
+        proc = subprocess.run([sys.executable, "-m", "spacetime.cli", *args], stdout=f, stderr=subprocess.STDOUT,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    text = log_file.read_text()
+    if proc.returncode not in (0, 3):  # 3: finished, some inputs rejected (recorded as data)
+        raise RuntimeError(f"stage failed (exit {proc.returncode}): spacetime {' '.join(args)}\n{text[-2000:]}")
+    return text
 
 
 def retrain(spec_path: Optional[str], sources: list[str], dataset: str, run_dir: str,
             from_checkpoint: Optional[str] = None, captioner: Optional[str] = None,
             cfg: RetrainConfig = RetrainConfig(), captions: Optional[str] = None,
+            previous_run: Optional[str] = None, scaling_png: Optional[str] = None,
             log: Callable[[str], None] = print) -> dict:
     """Run (or resume) the whole workflow; returns the manifest's stages."""
     from pipeline import store
@@ -158,7 +184,100 @@ def retrain(spec_path: Optional[str], sources: list[str], dataset: str, run_dir:
 
     cap = m.run("caption", {"dataset_version": version, "captioner": cap_hash}, do_caption,
                 lambda o: store.latest_version(root) >= o["dataset_version"], log)
-    m.stages["_lineage"] = {"key": "", "outputs": {"dataset_version": cap["dataset_version"], "captioner": cap_hash,
-                                                   "captioner_path": str(captioner)}}
+    version = cap["dataset_version"]
+    logs = run / "logs"
+
+    # -- video compression network, trained on this version's kept clips
+    vae_dir = run / "vae"
+    vae_in = {"dataset_version": version, "steps": cfg.vae_steps, "channels": cfg.vae_channels,
+              "size": cfg.vae_size, "frames": cfg.vae_frames, "seed": cfg.seed}
+
+    def do_vae():
+        spacetime_cmd(["train-vae", "--dataset", root, "--version", str(version), "--out", str(vae_dir),
+                       "--steps", str(cfg.vae_steps), "--channels", cfg.vae_channels, "--size", str(cfg.vae_size),
+                       "--frames", str(cfg.vae_frames), "--seed", str(cfg.seed)], logs / "train_vae.log", log)
+        return {"vae": str(vae_dir / "vae.safetensors"), "vae_sha": file_hash(vae_dir / "vae.safetensors"),
+                **json.loads((vae_dir / "vae.json").read_text())}
+
+    vae = m.run("train_vae", vae_in, do_vae, lambda o: Path(o["vae"]).is_file(), log)
+
+    # -- latents + caption embeddings
+    def do_precompute():
+        spacetime_cmd(["precompute", "--dataset", root, "--version", str(version), "--vae", vae["vae"],
+                       "--text-encoder", cfg.text_encoder, "--short-sides", cfg.short_sides],
+                      logs / "precompute.log", log)
+        from deltalake import DeltaTable
+
+        return {"latents_version": DeltaTable(str(Path(root) / "latents")).version()}
+
+    lat = m.run("precompute", {"dataset_version": version, "vae": vae["vae_sha"], "text": cfg.text_encoder,
+                               "short_sides": cfg.short_sides}, do_precompute, lambda o: True, log)
+
+    # -- the DiT: fine-tuned from the previous checkpoint when given
+    dit_dir = run / "dit"
+    prev = file_hash(Path(from_checkpoint) / "latest.json") if from_checkpoint else None
+
+    def do_train():
+        import shutil
+
+        shutil.rmtree(dit_dir, ignore_errors=True)  # inputs changed: a fresh run, not a resume of stale state
+        args = ["train", "--dataset", root, "--latents-version", str(lat["latents_version"]), "--out", str(dit_dir),
+                "--preset", cfg.dit_preset, "--steps", str(cfg.dit_steps), "--max-tokens", str(cfg.max_tokens),
+                "--lr", "1e-3" if cfg.dit_preset == "DiT_T" else "2e-4", "--warmup-steps", "20",
+                "--seed", str(cfg.seed)]
+        if from_checkpoint:
+            args += ["--init-from", str(from_checkpoint)]
+        spacetime_cmd(args, logs / "train.log", log)
+        hist = [json.loads(line) for line in (dit_dir / "history.jsonl").read_text().splitlines() if line.strip()]
+        return {"checkpoint": str(dit_dir), "checkpoint_sha": file_hash(dit_dir / "latest.json"),
+                "losses": [h["loss"] for h in hist], "from_checkpoint": from_checkpoint, "from_checkpoint_sha": prev}
+
+    dit = m.run("train", {"latents_version": lat["latents_version"], "preset": cfg.dit_preset, "steps": cfg.dit_steps,
+                          "from": prev, "seed": cfg.seed}, do_train,
+                lambda o: (Path(o["checkpoint"]) / "latest.json").is_file(), log)
+
+    # -- a fixed prompt set, sampled with a fixed seed: comparable before/after a retrain
+    def do_sample():
+        outs = []
+        for i, prompt in enumerate(cfg.prompts):
+            path = run / "samples" / f"prompt_{i}.mp4"
+            spacetime_cmd(["sample", "--prompt", prompt, "--checkpoint", dit["checkpoint"], "--vae", vae["vae"],
+                           "--text-encoder", cfg.text_encoder, "--frames", str(cfg.sample_frames),
+                           "--height", str(cfg.sample_size), "--width", str(cfg.sample_size),
+                           "--steps", str(cfg.sample_steps), "--seed", str(cfg.seed), "--out", str(path)],
+                          logs / f"sample_{i}.log", log)
+            outs.append(str(path))
+        return {"samples": outs}
+
+    smp = m.run("sample", {"checkpoint": dit["checkpoint_sha"], "prompts": list(cfg.prompts), "seed": cfg.seed,
+                           "size": [cfg.sample_frames, cfg.sample_size]}, do_sample,
+                lambda o: all(Path(p).is_file() for p in o["samples"]), log)
+
+    # -- evaluation: loss fell during training; samples exist and are not blank
+    def do_eval():
+        import av
+        import numpy as np
+
+        losses = dit["losses"]
+        k = max(1, len(losses) // 10)
+        stats = []
+        for p in smp["samples"]:
+            with av.open(p) as c:
+                frames = [f.to_ndarray(format="rgb24").astype(np.float32) for f in c.decode(video=0)]
+            v = np.stack(frames)
+            stats.append({"file": p, "frames": len(frames), "pixel_std": float(v.std()),
+                          "temporal_change": float(np.abs(np.diff(v, axis=0)).mean()) if len(frames) > 1 else 0.0})
+        return {"loss_first": float(np.mean(losses[:k])), "loss_last": float(np.mean(losses[-k:])),
+                "loss_fell": bool(np.mean(losses[-k:]) < np.mean(losses[:k])), "samples": stats}
+
+    ev = m.run("evaluate", {"checkpoint": dit["checkpoint_sha"], "samples": smp["samples"]}, do_eval, lambda o: True, log)
+    m.stages["_lineage"] = {"key": "", "outputs": {
+        "dataset": root, "dataset_version": version, "captioner": cap_hash, "captioner_path": str(captioner),
+        "vae_sha": vae["vae_sha"], "latents_version": lat["latents_version"], "dit_checkpoint": dit["checkpoint"],
+        "dit_checkpoint_sha": dit["checkpoint_sha"], "from_checkpoint": from_checkpoint, "eval": ev}}
     m.save()
+    from spacetime.report import write_retrain_report
+
+    report = write_retrain_report(run, previous_run, scaling_png=scaling_png)
+    log(f"[report] {report}")
     return m.stages

@@ -76,7 +76,7 @@ def scale_study(out_dir: str | Path, train_pairs: Optional[list] = None, val_pai
             res = train(replace(cfg, steps=k * per_segment), train_pairs)  # resumes from the last segment
             new = res.history
             tokens += sum(h["tokens"] for h in new)
-            flops = json.loads((Path(cfg.ckpt_dir) / "latest.json").read_text()).get("flops", flops)
+            flops = _checkpoint_flops(Path(cfg.ckpt_dir))
             vl = validation_loss(res.ema, val_pairs, cfg.base_tokens)
             curves[name].append({"step": res.step, "tokens": tokens, "flops": flops, "val_loss": vl})
             log(f"scale-study {name} ({params / 1e6:.2f}M params) step {res.step}: "
@@ -84,6 +84,15 @@ def scale_study(out_dir: str | Path, train_pairs: Optional[list] = None, val_pai
         curves[name + "_params"] = params
     _write(out, curves, sizes)
     return curves
+
+
+def _checkpoint_flops(ckpt_dir: Path) -> float:
+    """Training FLOPs so far, as the training loop counted them (in the checkpoint's metadata)."""
+    from safetensors import safe_open
+
+    latest = json.loads((ckpt_dir / "latest.json").read_text())
+    with safe_open(str(ckpt_dir / latest["file"]), "pt") as f:
+        return float(json.loads(f.metadata()["train"])["flops"])
 
 
 def _write(out: Path, curves: dict, sizes) -> None:
