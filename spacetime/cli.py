@@ -519,12 +519,16 @@ def datasets_vacuum(root: Path = typer.Argument(...),
 # --- demo -----------------------------------------------------------------------------------
 
 @app.command()
-def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="where footage, dataset and report go"),
-         videos: int = typer.Option(8, min=1), seed: int = typer.Option(0)):
-    """End to end on the embedded footage: generate, curate (split, score, filter, dedup), summarise."""
+def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="where footage, dataset, runs and reports go"),
+         videos: int = typer.Option(8, min=1), seed: int = typer.Option(0),
+         curate_only: bool = typer.Option(False, "--curate-only", help="stop after curation and its report")):
+    """End to end on the embedded footage with tiny models: generate footage, curate (split, score,
+    filter, dedup), write the curation report, then the retrain workflow: train a captioner and
+    caption, train the VAE, precompute latents, train the DiT, sample fixed prompts, evaluate, report."""
     from pipeline import store
-    from pipeline.graph import curate as run_curate
     from pipeline.synthetic import generate_footage, write_captions_file
+    from spacetime.report import write_report
+    from spacetime.retrain import RetrainConfig, retrain as run_retrain
 
     _quiet_ray()
     out.mkdir(parents=True, exist_ok=True)
@@ -536,19 +540,28 @@ def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="where footage
     root = out / "dataset"
     spec_path = Path(__file__).resolve().parent.parent / "datasets" / "demo.yaml"
     s = _load_spec(spec_path if spec_path.is_file() else None)
-    typer.echo(f"[2/3] curating into {root}")
-    res = run_curate([str(foot)], str(root), s, captions=str(caps), progress=_progress_bar(videos, "curate"))
-    from spacetime.report import write_report
+    if curate_only:
+        from pipeline.graph import curate as run_curate
 
+        typer.echo(f"[2/3] curating into {root}")
+        run_curate([str(foot)], str(root), s, captions=str(caps), progress=_progress_bar(videos, "curate"))
+    else:
+        typer.echo(f"[2/3] retrain workflow (tiny models) into {out / 'run'}")
+        try:
+            run_retrain(str(spec_path) if spec_path.is_file() else None, [str(foot)], str(root), str(out / "run"),
+                        cfg=RetrainConfig.tiny(), captions=str(caps), log=typer.echo)
+        except (ValueError, RuntimeError) as e:
+            fail(str(e), 1)
     typer.echo("[3/3] writing the curation report")
     report_path = write_report(root, None, out / "report.html", s)
     t = store.read_clips(root)
     typer.echo("")
     typer.echo(f"dataset: {root.resolve()}  (Delta table {root.resolve() / 'clips'}, version {store.latest_version(root)})")
     _print_counts(store.status_counts(t), "clips by status")
-    if res.version is None:
-        typer.echo("(nothing new this run: footage already curated)")
-    typer.echo(f"report: {report_path.resolve()}")
+    typer.echo(f"curation report: {report_path.resolve()}")
+    if not curate_only:
+        typer.echo(f"retrain report:  {(out / 'run' / 'report.html').resolve()}  (manifest: {out / 'run' / 'manifest.json'})")
+        typer.echo(f"samples:         {(out / 'run' / 'samples').resolve()}")
     typer.echo(f"inspect: spacetime datasets log {root}   |   spacetime datasets show {root} --status kept")
 
 

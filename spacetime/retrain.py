@@ -157,8 +157,9 @@ def retrain(spec_path: Optional[str], sources: list[str], dataset: str, run_dir:
         return {"dataset_version": store.latest_version(root), "new_rows": res.new_rows,
                 "counts": store.status_counts(store.read_clips(root))}
 
-    cur = m.run("curate", {"spec": spec.spec_hash(), "sources": sources_fingerprint(sources),
-                           "table_version_before": store.latest_version(root) if store.table_exists(root) else None,
+    # Curating the same sources with the same spec adds nothing (clip ids derive from content), so the
+    # key is the sources and the spec; another writer's later versions don't invalidate this stage.
+    cur = m.run("curate", {"spec": spec.spec_hash(), "sources": sources_fingerprint(sources), "dataset": root,
                            "captions": file_hash(captions) if captions else None},
                 do_curate, lambda o: store.latest_version(root) is not None and store.latest_version(root) >= o["dataset_version"],
                 log)

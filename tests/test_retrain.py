@@ -1,0 +1,88 @@
+"""The retrain workflow's stage reuse, the scaling study, and (slow) the whole retrain on demo footage."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from spacetime.retrain import Manifest, RetrainConfig, retrain
+from spacetime.scale_study import final_losses, scale_study
+
+
+def test_stage_reuse_is_keyed_by_inputs_and_survives_a_crash(tmp_path):
+    calls = []
+
+    def stage(tag):
+        def fn():
+            calls.append(tag)
+            return {"out": str(tmp_path / f"{tag}.txt")}
+        return fn
+
+    m = Manifest.load(tmp_path)
+    m.run("a", {"x": 1}, stage("a1"), log=lambda s: None)
+    m.run("a", {"x": 1}, stage("a2"), log=lambda s: None)          # same inputs: reused
+    assert calls == ["a1"] and m.reused == ["a"]
+    m.run("a", {"x": 2}, stage("a3"), log=lambda s: None)          # changed inputs: recomputed
+    assert calls == ["a1", "a3"]
+
+    def crash():
+        raise RuntimeError("killed mid-stage")
+
+    with pytest.raises(RuntimeError):
+        m.run("b", {"y": 1}, crash, log=lambda s: None)
+    again = Manifest.load(tmp_path)                                 # what a re-run after the crash sees
+    assert "a" in again.stages and "b" not in again.stages
+    again.run("a", {"x": 2}, stage("a4"), log=lambda s: None)
+    assert calls == ["a1", "a3"]
+    # outputs that vanished are recomputed even with the same inputs
+    again.run("a", {"x": 2}, stage("a5"), exists=lambda o: Path(o["out"]).exists(), log=lambda s: None)
+    assert calls[-1] == "a5"
+
+
+def test_scale_study_writes_plot_table_and_curves(tmp_path):
+    torch.manual_seed(0)
+    sizes = (("S1", 32, 1, 2), ("S2", 96, 2, 4))
+    curves = scale_study(tmp_path, token_budget=4000, segments=2, sizes=sizes, max_tokens=512, log=lambda s: None)
+    assert (tmp_path / "scaling.png").stat().st_size > 1000
+    rows = (tmp_path / "scaling.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * 2
+    for name, *_ in sizes:
+        pts = curves[name]
+        assert [p["flops"] for p in pts] == sorted(p["flops"] for p in pts) and pts[-1]["flops"] > 0
+        assert pts[-1]["val_loss"] < pts[0]["val_loss"] * 1.05
+    assert curves["S2"][-1]["flops"] > curves["S1"][-1]["flops"]   # same tokens, bigger model, more compute
+
+
+@pytest.mark.slow
+def test_bigger_models_reach_lower_validation_loss(tmp_path):
+    curves = scale_study(tmp_path, token_budget=40000, segments=4, log=lambda s: None)
+    losses = final_losses(curves)
+    assert losses[2] < losses[0], losses
+
+
+@pytest.mark.slow
+def test_retrain_twice_reuses_everything_and_new_footage_fine_tunes(tmp_path):
+    from pipeline.synthetic import generate_footage, write_captions_file
+
+    gt = generate_footage(tmp_path / "raw", seed=0, videos=3)
+    caps = write_captions_file(gt, tmp_path / "raw" / "captions.json")
+    cfg = RetrainConfig.tiny()
+    args = dict(spec_path=None, dataset=str(tmp_path / "ds"), cfg=cfg, captions=str(caps), log=lambda s: None)
+    first = retrain(sources=[str(tmp_path / "raw")], run_dir=str(tmp_path / "run1"), **args)
+    again = Manifest.load(tmp_path / "run1")
+    retrain(sources=[str(tmp_path / "raw")], run_dir=str(tmp_path / "run1"), **args)
+    m = json.loads((tmp_path / "run1" / "manifest.json").read_text())["stages"]
+    assert {k: v["finished_at"] for k, v in m.items() if k != "_lineage"} == \
+        {k: v["finished_at"] for k, v in again.stages.items() if k != "_lineage"}   # nothing recomputed
+    # new footage: a new dataset version and a DiT fine-tuned from the first run, both pinned
+    gt2 = generate_footage(tmp_path / "raw2", seed=7, videos=2)
+    write_captions_file(gt2, tmp_path / "raw2" / "captions.json")
+    second = retrain(sources=[str(tmp_path / "raw"), str(tmp_path / "raw2")], run_dir=str(tmp_path / "run2"),
+                     from_checkpoint=first["train"]["outputs"]["checkpoint"], previous_run=str(tmp_path / "run1"),
+                     **{**args, "captions": str(tmp_path / "raw2" / "captions.json")})
+    lin1, lin2 = first["_lineage"]["outputs"], second["_lineage"]["outputs"]
+    assert lin2["dataset_version"] > lin1["dataset_version"]
+    assert lin2["from_checkpoint"] == first["train"]["outputs"]["checkpoint"]
+    run_json = json.loads((Path(lin2["dit_checkpoint"]) / "run.json").read_text())
+    assert run_json["train"]["init_from"] == lin2["from_checkpoint"]
+    assert (tmp_path / "run2" / "report.html").is_file()
