@@ -19,7 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from generator.patches import crop_to_patch, pack, pack_sequences
+from generator.patches import crop_to_patch
+from generator.train import PackedBatches
 from generator.precompute import latents_path, tensor_from_bytes
 
 
@@ -68,8 +69,9 @@ def load_pairs(root, version: int | None = None, **pick) -> list[tuple[torch.Ten
     return [row_tensors(table, i) for i in range(table.num_rows)]
 
 
-class LatentBatches:
-    """Endless deterministic packed batches {"packed", "text", "text_cu"} from a latents table version."""
+class LatentBatches(PackedBatches):
+    """Endless deterministic packed batches {"packed", "text", "text_cu"} from a latents table version:
+    PackedBatches' order and packing, with samples read from the table as they are needed."""
 
     def __init__(self, root, version: int | None, patch=(1, 2, 2), max_tokens: int = 4096, seed: int = 0,
                  rank: int = 0, world_size: int = 1, vae_sha: str | None = None, text_encoder_sha: str | None = None):
@@ -103,10 +105,6 @@ class LatentBatches:
         ctx = ray.train.get_context()
         return cls(*args, rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), **kw)
 
-    def _epoch_order(self):
-        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        return torch.randperm(len(self), generator=g)[self.rank::self.world_size].tolist()
-
     def state_dict(self):
         return {"epoch": self.epoch, "pos": self.pos, "latents_version": self.version, "rows": len(self)}
 
@@ -117,24 +115,5 @@ class LatentBatches:
         self.epoch, self.pos = s["epoch"], s["pos"]
         self._order = self._epoch_order()
 
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        chosen, n = [], 0
-        while True:
-            if self.pos >= len(self._order):
-                if chosen:  # batches do not straddle epochs
-                    break
-                self.epoch, self.pos = self.epoch + 1, 0
-                self._order = self._epoch_order()
-            i = self._order[self.pos]
-            if chosen and n + self.tokens[i] > self.max_tokens:
-                break
-            chosen.append(i)
-            n += self.tokens[i]
-            self.pos += 1
-        pairs = [row_tensors(self.table, i) for i in chosen]
-        packed = pack([crop_to_patch(z, self.patch) for z, _ in pairs], self.patch)
-        text, text_cu = pack_sequences([y for _, y in pairs])
-        return {"packed": packed, "text": text, "text_cu": text_cu}
+    def _pairs(self, chosen: list[int]) -> list:
+        return [(crop_to_patch(z, self.patch), y) for z, y in (row_tensors(self.table, i) for i in chosen)]

@@ -36,6 +36,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from generator.train import sha256_file
+
 log = logging.getLogger(__name__)
 
 SHORT_SIDES = (64, 128, 256)        # pixels
@@ -60,14 +62,6 @@ LATENTS_SCHEMA = pa.schema([
 
 def latents_path(root) -> str:
     return str(Path(root) / "latents")
-
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def tensor_to_bytes(t: torch.Tensor, name: str) -> bytes:

@@ -12,7 +12,6 @@ tiled in space for big frames) -> video (3, T, H, W) in [-1, 1].
 (conditioning) and with a partial schedule that starts from a noised input (SDEdit). Sizes are in
 pixels and frames; a latent is (C, t, h, w). The same seed gives the same video.
 """
-import hashlib
 import json
 import math
 import os
@@ -28,6 +27,7 @@ from generator.conditioning import token_mask
 from generator.dit import DiT, DiTConfig
 from generator.flow import RectifiedFlow, shift_t
 from generator.patches import pack, pack_sequences, unpack
+from generator.train import sha256_file
 from generator.vae import VAE, load_state_strict, load_vae
 
 MAX_SIDE = 2048        # pixels: the largest height or width sample() makes
@@ -38,14 +38,6 @@ DECODE_OVERLAP = 64
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def resolve_checkpoint(path) -> Path:
     """The weights file of a checkpoint: the file itself, or the one a training dir's latest.json

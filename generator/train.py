@@ -87,9 +87,12 @@ class PackedBatches:
         self.epoch, self.pos = 0, 0
         self._order = self._epoch_order()
 
+    def __len__(self):
+        return len(self.pairs)
+
     def _epoch_order(self):
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        return torch.randperm(len(self.pairs), generator=g)[self.rank::self.world_size].tolist()
+        return torch.randperm(len(self), generator=g)[self.rank::self.world_size].tolist()
 
     def state_dict(self):
         return {"epoch": self.epoch, "pos": self.pos}
@@ -101,11 +104,12 @@ class PackedBatches:
     def __iter__(self):
         return self
 
-    def __next__(self):
+    def _take(self) -> list[int]:
+        """Next sample indices, in order, while they fit in max_tokens (batches don't straddle epochs)."""
         chosen, n = [], 0
         while True:
             if self.pos >= len(self._order):
-                if chosen:  # batches do not straddle epochs
+                if chosen:
                     break
                 self.epoch, self.pos = self.epoch + 1, 0
                 self._order = self._epoch_order()
@@ -115,8 +119,15 @@ class PackedBatches:
             chosen.append(i)
             n += self.tokens[i]
             self.pos += 1
-        packed = pack([self.pairs[i][0] for i in chosen], self.patch)
-        text, text_cu = pack_sequences([self.pairs[i][1] for i in chosen])
+        return chosen
+
+    def _pairs(self, chosen: list[int]) -> list:
+        return [self.pairs[i] for i in chosen]
+
+    def __next__(self):
+        pairs = self._pairs(self._take())
+        packed = pack([z for z, _ in pairs], self.patch)
+        text, text_cu = pack_sequences([y for _, y in pairs])
         return {"packed": packed, "text": text, "text_cu": text_cu}
 
 
@@ -134,7 +145,7 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -172,7 +183,7 @@ def save_checkpoint(ckpt_dir: str, model, ema, opt, gen, data, step: int, skippe
     save_file(tensors, path + ".tmp", metadata={"train": json.dumps(meta)})
     os.replace(path + ".tmp", path)
     _atomic_write_text(os.path.join(ckpt_dir, "latest.json"),
-                       json.dumps({"file": name, "sha256": _sha256(path), "step": step}))
+                       json.dumps({"file": name, "sha256": sha256_file(path), "step": step}))
     old = sorted(f for f in os.listdir(ckpt_dir) if f.startswith("step_") and f.endswith(".safetensors"))
     for f in old[:-keep]:
         os.remove(os.path.join(ckpt_dir, f))
@@ -187,7 +198,7 @@ def load_checkpoint(ckpt_dir: str, model, ema, opt, gen, data, device) -> dict:
     path = os.path.join(ckpt_dir, latest["file"])
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path} named by latest.json is missing")
-    digest = _sha256(path)
+    digest = sha256_file(path)
     if digest != latest["sha256"]:
         raise CheckpointError(f"checkpoint {path} is truncated or tampered: sha256 {digest} != recorded {latest['sha256']}")
     from safetensors import safe_open
@@ -215,7 +226,7 @@ def init_weights(ckpt_dir: str, model, ema) -> None:
     with open(os.path.join(ckpt_dir, "latest.json")) as f:
         latest = json.load(f)
     path = os.path.join(ckpt_dir, latest["file"])
-    if not os.path.exists(path) or _sha256(path) != latest["sha256"]:
+    if not os.path.exists(path) or sha256_file(path) != latest["sha256"]:
         raise CheckpointError(f"checkpoint {path} is missing, truncated or tampered")
     tensors = load_file(path)
     weights = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}

@@ -26,15 +26,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def footage(tmp_path_factory):
     out = tmp_path_factory.mktemp("footage")
     gt = generate_footage(out, seed=0, videos=4)

@@ -10,15 +10,6 @@ from pipeline.spec import DatasetSpec
 from tests.hostile import make_hostile_corpus
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def test_every_hostile_input_is_curated_or_rejected_with_its_reason(ray_session, tmp_path):
     cases = make_hostile_corpus(tmp_path / "corpus")
     root = tmp_path / "corpus" / "root"

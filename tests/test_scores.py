@@ -182,14 +182,6 @@ def tiny_clip(tmp_path_factory):
     return f"local-dir:{d}"
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def frames_column(rows: list) -> np.ndarray:
     """A numpy batch's `frames` column: a 1-D object array, one list of JPEG bytes per row."""
     col = np.empty(len(rows), dtype=object)

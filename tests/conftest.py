@@ -1,0 +1,12 @@
+"""Shared fixtures. Ray starts once per test module (≈3-20 s each), never per test."""
+import pytest
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """A real local Ray with 2 CPUs for this module; yields the ray module."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
