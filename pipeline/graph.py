@@ -340,12 +340,31 @@ def _curate(source_args, root, spec, captions, progress, ray_address, started) -
         "operation": "curate", "spec_hash": spec.spec_hash(), "spec_name": spec.name,
         "sources": len(sources), "sources_skipped": skipped, "new_counts": counts,
         "embedding_model": spec.embedding.model, "embedding_weights": spec.embedding.pretrained,
-        "captions_imported": captions})
+        "captions_imported": captions,
+        # enough to rebuild this version from scratch (`spacetime datasets rebuild`)
+        "spec": spec.model_dump(mode="json"), "source_args": list(source_args)})
     store.clear_staging(root)
     store.collect_garbage(root, older_than=store.oldest_live_start(root, started))
     rej = pc.filter(new, pc.equal(new["status"], "rejected")).select(["source_uri", "reason"]).to_pylist()
     return CurateResult(version, counts, len(sources), skipped, new.num_rows,
                         [(r["source_uri"], r["reason"]) for r in rej])
+
+
+def rebuild(root: str, version: int, out_root: str, progress=None) -> dict:
+    """Re-curate every source that versions <= `version` were curated from, with each commit's own
+    recorded spec, into a fresh root; compare the clip sets. Returns {"same", "missing", "extra", ...}."""
+    root = str(Path(root).resolve())
+    curates = [h for h in store.history(root) if h.get("operation") == "curate" and h["version"] <= version]
+    if not curates:
+        raise ValueError(f"{root}: no curate commits up to version {version}")
+    for h in curates:
+        if "spec" not in h or "source_args" not in h:
+            raise ValueError(f"{root} version {h['version']} does not record its spec and sources (older code)")
+        curate(h["source_args"], out_root, DatasetSpec.model_validate(h["spec"]), h.get("captions_imported"), progress)
+    want = set(store.read_clips(root, version, columns=["clip_id"])["clip_id"].drop_null().to_pylist())
+    got = set(store.read_clips(out_root, columns=["clip_id"])["clip_id"].drop_null().to_pylist())
+    return {"same": want == got, "clips": len(want), "missing": sorted(want - got), "extra": sorted(got - want),
+            "rebuilt_version": store.latest_version(out_root)}
 
 
 def score_aesthetic(embeddings: list, weights: str) -> list:

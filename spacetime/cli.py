@@ -504,6 +504,24 @@ def datasets_checkout(root: Path = typer.Argument(...), ref: str = typer.Argumen
         fail(str(e))
 
 
+@datasets_app.command("rebuild")
+def datasets_rebuild(root: Path = typer.Argument(...), version: int = typer.Option(..., "--version"),
+                     out: Path = typer.Option(..., "--out", help="fresh dataset root to rebuild into")):
+    """Rebuild a version from its recorded specs + sources into a new root and compare the clip sets."""
+    from pipeline.graph import rebuild
+
+    _need_table(root)
+    _quiet_ray()
+    try:
+        r = rebuild(str(root), version, str(out))
+    except ValueError as e:
+        fail(str(e))
+    verdict = "identical clip set" if r["same"] else f"{len(r['missing'])} missing, {len(r['extra'])} extra"
+    typer.echo(f"rebuilt version {version} of {root} into {out}: {r['clips']} clips, {verdict}")
+    if not r["same"]:
+        raise typer.Exit(1)
+
+
 @datasets_app.command("vacuum")
 def datasets_vacuum(root: Path = typer.Argument(...),
                     retain_hours: int = typer.Option(168, help="keep files needed by versions newer than this"),

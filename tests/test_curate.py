@@ -208,3 +208,11 @@ def test_sigkill_midrun_then_resume_gives_identical_clip_set(curated, footage, t
     referenced = set(store.read_clips(killed)["clip_uri"].to_pylist())
     on_disk = {str(p) for p in (killed / "media").rglob("*") if p.is_file()}
     assert on_disk == referenced  # no orphans, no partial files
+
+
+def test_a_version_rebuilds_from_its_recorded_spec_and_sources(curated, tmp_path):
+    from pipeline.graph import rebuild
+
+    root, res, table, gt = curated
+    r = rebuild(str(root), 0, str(tmp_path / "rebuilt"))
+    assert r["same"] and r["clips"] == table.num_rows, (r["missing"][:3], r["extra"][:3])
