@@ -74,11 +74,11 @@ def decode_for_analysis(path: str, consumers: list[FrameConsumer], *, rotation: 
             for frame in container.decode(stream):
                 i = out.num_frames
                 t = float(frame.pts * tb) if frame.pts is not None and tb else (out.pts_s[-1] if out.pts_s else 0.0)
-                rgb = _rotate(to_analysis.reformat(frame, aw, ah, "rgb24").to_ndarray(), rotation)
+                rgb = _rotate(to_analysis.reformat(frame, aw, ah, "rgb24", interpolation="AREA").to_ndarray(), rotation)
                 for c in consumers:
                     c.process_frame(i, rgb)
                 if t >= next_thumb or i == 0:
-                    thumb = _rotate(to_thumb.reformat(frame, tw, th, "bgr24").to_ndarray(), rotation)
+                    thumb = _rotate(to_thumb.reformat(frame, tw, th, "bgr24", interpolation="AREA").to_ndarray(), rotation)
                     out.thumbs[i] = cv2.imencode(".jpg", thumb, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
                     next_thumb = t + thumb_every_s
                 out.pts_s.append(t)

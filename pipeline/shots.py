@@ -72,6 +72,7 @@ class ShotDetector:
         self.fps = float(fps) if fps and fps > 0 else 25.0
         self.min_shot_frames = min_shot_frames
         self.content_threshold = content_threshold
+        self.content_width = 96
         n = min_shot_frames
         self.adaptive = AdaptiveDetector(adaptive_threshold=adaptive_threshold, min_content_val=content_threshold / 2,
                                          min_scene_len=n, window_width=2)
@@ -88,7 +89,10 @@ class ShotDetector:
         tc = FrameTimecode(index, fps=self.fps)
         h, w = frame.shape[:2]
         small = cv2.resize(frame, (self.dissolve.size, max(1, self.dissolve.size * h // w)), interpolation=cv2.INTER_AREA)
-        self.cuts["hard"] += [c.frame_num for c in self.adaptive.process_frame(tc, frame[..., ::-1])]
+        # Content scores are averages over pixels: ~96 px wide keeps them and quarters the HSV work.
+        if w > self.content_width:
+            frame = cv2.resize(frame, (self.content_width, max(1, self.content_width * h // w)), interpolation=cv2.INTER_AREA)
+        self.cuts["hard"] += [c.frame_num for c in self.adaptive.process_frame(tc, np.ascontiguousarray(frame[..., ::-1]))]
         self.scores.append(self.adaptive._frame_score or 0.0)
         self.cuts["hard"] += [c.frame_num for c in self.histogram.process_frame(tc, small[..., ::-1])]
         self.cuts["fade"] += [c.frame_num for c in self.fade.process_frame(tc, small[..., ::-1])]
