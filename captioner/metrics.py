@@ -39,17 +39,36 @@ def caption_scores(refs: dict, hyps: dict) -> dict:
     return {"BLEU-4": float(bleu[3]), "CIDEr": float(cider), "ROUGE-L": float(rouge)}
 
 
-def _has(text: str, phrase: str) -> bool:
-    return re.search(r"\b" + re.escape(phrase.lower()) + r"\b", text) is not None
+def _mentions(text: str, synonyms: dict) -> dict:
+    """{attribute: canonical values named in `text`} by longest match first: a phrase inside a
+    longer matched phrase does not count, so the "orange" of the subject "an astronaut in an
+    orange flight suit" is not read as a colour claim."""
+    found = []  # (length, start, end, attribute, canonical value)
+    for a, groups in synonyms.items():
+        for group in groups:
+            for word in group:
+                phrase = tokenize(word)
+                for m in re.finditer(r"\b" + re.escape(phrase) + r"\b", text) if phrase else ():
+                    found.append((m.end() - m.start(), m.start(), m.end(), a, group[0]))
+    taken, named = [], {a: set() for a in synonyms}
+    for n, start, end, a, value in sorted(found, key=lambda f: (-f[0], f[1])):
+        if all(end <= s or start >= e for s, e in taken):
+            taken.append((start, end))
+            named[a].add(value)
+    return named
 
 
 def attribute_accuracy(hyps: list[str], truths: list[dict], vocab: dict | None = None) -> dict:
     """Per attribute, the fraction of captions that name the true value and no rival value.
 
     truths[i] = {"colour": "red", "subject": "square", "camera": "pans left", ...} for hyps[i]
-    (an attribute whose true value is None is skipped for that caption). vocab {attribute:
-    [all values]} lists the rivals; by default the distinct true values seen. Values may be
-    phrases; a value may also be a list of synonyms, the first being canonical (["grey", "gray"]).
+    (an attribute whose true value is None is skipped for that caption). A true value may be a
+    tuple, most prominent first ({"colour": ("gray", "white")}): the caption must name the first
+    and may name the others, but nothing outside the tuple (a minor colour left out is fine, a
+    colour that is not there is wrong).
+    vocab {attribute: [all values]} lists the rivals; by default the distinct true values seen.
+    Values may be phrases; a value may also be a list of synonyms, the first being canonical
+    (["grey", "gray"]). Phrases are matched longest first across all attributes (_mentions).
     Returns {attribute: accuracy, ..., "all": fraction of captions right on every attribute}.
     """
     if len(hyps) != len(truths):
@@ -57,25 +76,28 @@ def attribute_accuracy(hyps: list[str], truths: list[dict], vocab: dict | None =
     attrs = sorted({a for t in truths for a, v in t.items() if v is not None})
     vocab = dict(vocab or {})
     for a in attrs:
-        vocab.setdefault(a, sorted({t[a] for t in truths if t.get(a) is not None}))
+        vocab.setdefault(a, sorted({v for t in truths if t.get(a) is not None for v in _values(t[a])}))
     synonyms = {a: [v if isinstance(v, list) else [v] for v in vals] for a, vals in vocab.items()}
     right = {a: [] for a in attrs}
     all_right = []
     for hyp, truth in zip(hyps, truths):
-        text = tokenize(hyp)
+        named = _mentions(tokenize(hyp), synonyms)
         ok_all = True
         for a in attrs:
             if truth.get(a) is None:
                 continue
-            named = {group[0] for group in synonyms[a] if any(_has(text, tokenize(w)) for w in group)}
-            true = next((g[0] for g in synonyms[a] if truth[a] in g), truth[a])
-            ok = named == {true}
+            true = [next((g[0] for g in synonyms[a] if v in g), v) for v in _values(truth[a])]
+            ok = true[0] in named[a] and named[a] <= set(true)
             right[a].append(ok)
             ok_all &= ok
         all_right.append(ok_all)
     out = {a: float(np.mean(v)) if v else float("nan") for a, v in right.items()}
     out["all"] = float(np.mean(all_right)) if all_right else float("nan")
     return out
+
+
+def _values(true) -> tuple:
+    return tuple(true) if isinstance(true, (tuple, set, frozenset)) else (true,)
 
 
 def load_clip(model_name: str = "ViT-B-32", pretrained: str | None = None):

@@ -2,7 +2,11 @@
 
     frames (B, T, H, W, 3) uint8
       -> open_clip ViT, shared over the T frames        -> patch tokens (B, T, L, Dv)
+      -> + motion tokens: a FlowNet-S style conv net over each pair of consecutive sampled
+           frames (frame t, frame t+1 - frame t), down to the same patch grid  (B, T, L, Dv)
       -> + temporal position embedding, flattened        -> (B, T*L, Dv)
+      -> spacetime transformer: joint attention over all T*L tokens (ViViT's factorised
+           encoder), so a patch can find where its content went in the next frame
       -> attentional pooler: 1 + N learned queries cross-attend to every frame token
            query 0   -> contrastive video embedding      (B, E)
            query 1.. -> N caption-conditioning tokens    (B, N, Dt)
@@ -27,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from open_clip.transformer import AttentionalPooler, LayerNorm, VisionTransformer
+from open_clip.transformer import AttentionalPooler, LayerNorm, Transformer, VisionTransformer
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
@@ -57,13 +61,15 @@ class CaptionerConfig:
     max_text_len: int = 64      # tokens, including the style token and <eos>
     vocab_size: int = 0         # set from the tokenizer
     dropout: float = 0.0
+    temporal_layers: int = 2    # joint spacetime attention layers after the per-frame ViT
+    motion_channels: int = 32   # width of the frame-pair conv net's first stage; 0 = no motion tokens
 
 
 # Size presets. "base" has the ViT-B-32 image tower, so open_clip ViT-B-32 weights load into it.
 PRESETS = {
     "tiny": dict(image_size=32, patch_size=8, vision_width=64, vision_layers=2, vision_heads=4,
                  num_frames=4, n_queries=8, pooler_heads=4, embed_dim=64, text_width=64,
-                 text_layers=2, text_heads=4, max_text_len=48),
+                 text_layers=2, text_heads=4, max_text_len=48, temporal_layers=1, motion_channels=16),
     "small": dict(image_size=112, patch_size=16, vision_width=256, vision_layers=4, vision_heads=4,
                   num_frames=8, n_queries=16, pooler_heads=4, embed_dim=256, text_width=256,
                   text_layers=4, text_heads=4, max_text_len=64),
@@ -125,6 +131,41 @@ def decode_caption(tok: Tokenizer, ids) -> str:
 
 # ---------------------------------------------------------------- model
 
+class MotionEncoder(nn.Module):
+    """Motion tokens from pairs of consecutive sampled frames, on the ViT's patch grid.
+
+    A per-frame ViT sees no motion, and a pooler over its tokens can only tell a pan from a
+    tilt by matching content across frames at patch granularity. Like FlowNet-S, this stacks a
+    frame with its difference to the next sampled frame (6 channels) and lets strided convs
+    (one stride-2 stage per factor of 2 in patch_size) find the displacement at every scale.
+    The output projection starts at zero, so the captioner starts as the motion-blind model.
+    """
+
+    def __init__(self, patch_size: int, width: int, channels: int):
+        super().__init__()
+        stages = int(round(math.log2(patch_size)))
+        if 2 ** stages != patch_size:
+            raise ValueError(f"motion tokens need a power-of-two patch_size, got {patch_size}")
+        layers, c_in = [], 6
+        for i in range(stages):
+            c_out = min(channels * 2 ** i, width)
+            k = 5 if i == 0 else 3
+            layers += [nn.Conv2d(c_in, c_out, k, stride=2, padding=k // 2), nn.GELU()]
+            c_in = c_out
+        self.convs = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(c_in, width, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, 3, H, W) normalised frames -> (B, T, L, width); frame T-1 gets zeros."""
+        B, T = x.shape[:2]
+        pairs = torch.cat([x[:, :-1], x[:, 1:] - x[:, :-1]], dim=2)     # (B, T-1, 6, H, W)
+        m = self.proj(self.convs(pairs.flatten(0, 1)))                  # (B*(T-1), D, g, g)
+        m = m.flatten(2).transpose(1, 2).unflatten(0, (B, T - 1))       # (B, T-1, L, D)
+        return torch.cat([m, torch.zeros_like(m[:, :1])], dim=1)        # (B, T, L, D)
+
+
 class VideoCaptioner(nn.Module):
     def __init__(self, cfg: CaptionerConfig):
         super().__init__()
@@ -137,6 +178,10 @@ class VideoCaptioner(nn.Module):
             output_dim=cfg.embed_dim, output_tokens=True)
         self.temporal_pos = nn.Parameter(torch.zeros(cfg.num_frames, cfg.vision_width))
         nn.init.normal_(self.temporal_pos, std=0.02)
+        self.motion = (MotionEncoder(cfg.patch_size, cfg.vision_width, cfg.motion_channels)
+                       if cfg.motion_channels > 0 else None)
+        self.spacetime = (Transformer(cfg.vision_width, cfg.temporal_layers, cfg.vision_heads)
+                          if cfg.temporal_layers > 0 else None)
         self.pooler = AttentionalPooler(cfg.text_width, cfg.vision_width, n_head=cfg.pooler_heads,
                                         n_queries=1 + cfg.n_queries)
         self.ln_video = LayerNorm(cfg.text_width)
@@ -162,7 +207,12 @@ class VideoCaptioner(nn.Module):
         x = (x - self.mean) / self.std
         _, tokens = self.visual(x.flatten(0, 1))                        # (B*T, L, Dv)
         tokens = tokens.view(B, T, -1, tokens.shape[-1]) + self.temporal_pos[None, :, None]
-        pooled = self.pooler(tokens.flatten(1, 2))                      # (B, 1+N, Dt)
+        if self.motion is not None:
+            tokens = tokens + self.motion(x)                            # (B, T, L, Dv)
+        tokens = tokens.flatten(1, 2)                                   # (B, T*L, Dv)
+        if self.spacetime is not None:
+            tokens = self.spacetime(tokens)
+        pooled = self.pooler(tokens)                                    # (B, 1+N, Dt)
         video_emb = F.normalize(self.video_proj(self.ln_video(pooled[:, 0])), dim=-1)
         return video_emb, self.ln_cond(pooled[:, 1:])
 

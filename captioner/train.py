@@ -50,6 +50,11 @@ class TrainConfig:
     log_every: int = 20
     seed: int = 0
     min_word_count: int = 1
+    # Mirror a clip left-right with this probability and swap these words in its caption: a pan
+    # left becomes a pan right, so every pan is seen both ways. Off by default: only right where
+    # the captions' left/right always mean screen sides (templated ones), not "her left hand"
+    hflip: float = 0.0
+    hflip_swap: list = field(default_factory=lambda: [["left", "right"]])
 
 
 @dataclass
@@ -122,14 +127,31 @@ def prepare(dataset_root, version, out_dir, cfg: TrainConfig):
     return tok, mcfg, train, val, info
 
 
-def sample_batch(data: CaptionData, batch_size: int, gen: torch.Generator):
-    """Random clips (with replacement) and, per clip, a random one of its available styles."""
-    idx = torch.randint(len(data), (batch_size,), generator=gen)
-    has = data.has[idx].float()
-    style = torch.multinomial(has, 1, generator=gen).squeeze(1)          # (B,) 0 short, 1 dense
+def sample_batch(data: CaptionData, batch_size: int, gen: torch.Generator, hflip: float = 0.0,
+                 swap_ids: list = ()):
+    """One caption style per batch, drawn in proportion to how many clips have it, and random
+    clips (with replacement) among those that have it.
+
+    One style per batch because a batch pads to its longest caption: mixing one dense caption
+    (~150 tokens) into short ones (~20) would cost the decoder ~7x its compute.
+    With hflip > 0 that fraction of clips is mirrored left-right (frames (B, T, H, W, 3): the W
+    axis) and each (a, b) token pair in swap_ids is exchanged in their captions.
+    """
+    style = int(torch.multinomial(data.has.sum(0).float(), 1, generator=gen))  # 0 short, 1 dense
+    pool = data.has[:, style].nonzero().squeeze(1)
+    idx = pool[torch.randint(len(pool), (batch_size,), generator=gen)]
     ids = data.ids[idx, style]
+    frames = data.frames[idx]
+    if hflip > 0:
+        flip = torch.rand(batch_size, generator=gen) < hflip
+        frames = torch.where(flip.view(-1, 1, 1, 1, 1), frames.flip(3), frames)
+        swapped = ids.clone()
+        for a, b in swap_ids:
+            swapped[ids == a] = b
+            swapped[ids == b] = a
+        ids = torch.where(flip.view(-1, 1), swapped, ids)
     width = int((ids != SPECIAL_TOKENS.index(PAD)).sum(1).max())  # drop all-pad columns
-    return data.frames[idx], ids[:, :width]
+    return frames, ids[:, :width]
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -240,13 +262,16 @@ def fit(model, tok, train: CaptionData, val: CaptionData, cfg: TrainConfig, out_
     if ckpt is not None:
         step = load_checkpoint(ckpt, raw, opt, gen)["step"]
         log(f"captioner: resumed from {ckpt} at step {step}")
+    # word pairs the tokenizer knows, as ids (a caption without them is flipped unchanged)
+    swap_ids = [(tok.token_to_id(a), tok.token_to_id(b)) for a, b in cfg.hflip_swap
+                if tok.token_to_id(a) is not None and tok.token_to_id(b) is not None]
     use_bf16 = torch.device(device).type == "cuda"
     log(f"captioner: training on {device} ({'bf16 autocast' if use_bf16 else 'fp32'}), "
         f"{len(train)} train / {len(val)} val clips, steps {step}->{cfg.steps}")
     model.train()
     t0 = time.time()
     while step < cfg.steps:
-        frames, ids = sample_batch(train, cfg.batch_size, gen)
+        frames, ids = sample_batch(train, cfg.batch_size, gen, cfg.hflip, swap_ids)
         frames, ids = frames.to(device), ids.to(device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)

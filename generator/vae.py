@@ -1,8 +1,10 @@
 """Causal 3D-convolutional VAE: the video compression network.
 
 Videos are (B, 3, T, H, W) in [-1, 1]. The encoder compresses 4x in time and 8x in space (by default)
-into a KL-regularised latent of C channels. Time is causal: frame 0 is encoded on its own, so an
-image is a 1-frame video, and T = 1 + 4k frames map to 1 + k latent frames.
+into a KL-regularised latent of C channels. With patch_size p > 1 the encoder first folds p x p
+pixels into channels (space-to-depth, as LTX-Video's VAE does) and the decoder unfolds them last:
+the full-resolution 3D convolutions are most of a small VAE's cost. Time is causal: frame 0 is
+encoded on its own, so an image is a 1-frame video, and T = 1 + 4k frames map to 1 + k latent frames.
 
 Every temporal convolution pads only the past. That makes chunked processing exact: encode frame 0,
 then chunks of 4m frames, with each causal conv carrying its last (k_t - 1) input frames into the
