@@ -331,6 +331,7 @@ def retrain(sources: List[str] = typer.Option(..., "--sources", help="new raw fo
             captioner: Optional[Path] = typer.Option(None, "--captioner", help="current captioner checkpoint (else trained)"),
             captions: Optional[Path] = typer.Option(None, "--captions", help="teacher captions to import while curating"),
             previous_run: Optional[Path] = typer.Option(None, "--previous-run", help="run dir to compare samples with"),
+            scaling_png: Optional[Path] = typer.Option(None, "--scaling-png", help="scale-study plot to embed in the report"),
             tiny: bool = typer.Option(False, "--tiny", help="tiny models (the demo's: minutes on 2 CPU cores)")):
     """Footage -> curate -> caption -> VAE -> latents -> DiT -> fixed-prompt samples -> eval -> report.
 
@@ -346,7 +347,8 @@ def retrain(sources: List[str] = typer.Option(..., "--sources", help="new raw fo
         stages = run_retrain(str(spec) if spec else None, list(sources), str(dataset), str(run),
                              str(from_checkpoint) if from_checkpoint else None, str(captioner) if captioner else None,
                              RetrainConfig.tiny() if tiny else RetrainConfig(), str(captions) if captions else None,
-                             str(previous_run) if previous_run else None, log=typer.echo)
+                             str(previous_run) if previous_run else None,
+                             str(scaling_png) if scaling_png else None, log=typer.echo)
     except (ValueError, RuntimeError) as e:
         fail(str(e), 1)
     lin = stages["_lineage"]["outputs"]
@@ -358,11 +360,24 @@ def retrain(sources: List[str] = typer.Option(..., "--sources", help="new raw fo
 def scale_study_cmd(out: Path = typer.Option(Path("runs/scale_study"), "--out"),
                     token_budget: int = typer.Option(60000, "--token-budget", min=1000, help="training tokens per size"),
                     segments: int = typer.Option(6, min=2, help="validation points per curve"),
+                    dataset: Optional[Path] = typer.Option(None, "--dataset", help="use this dataset's latents table "
+                                                           "(default: the synthetic moving-shapes set)"),
+                    latents_version: Optional[int] = typer.Option(None, "--latents-version"),
                     seed: int = typer.Option(0)):
     """Train three DiT sizes on the same data and token budget; plot validation loss vs training FLOPs."""
     from spacetime.scale_study import SIZES, final_losses, scale_study
 
-    curves = scale_study(out, token_budget=token_budget, segments=segments, seed=seed, log=typer.echo)
+    train_pairs = val_pairs = None
+    if dataset is not None:
+        from generator.data import load_pairs
+
+        pairs = load_pairs(str(dataset), latents_version)
+        if len(pairs) < 8:
+            fail(f"{dataset}: only {len(pairs)} latents; the study needs at least 8")
+        n_val = max(2, len(pairs) // 8)  # held out by clip: the last ones in clip_id order
+        train_pairs, val_pairs = pairs[:-n_val], pairs[-n_val:]
+    curves = scale_study(out, train_pairs, val_pairs, token_budget=token_budget, segments=segments, seed=seed,
+                         log=typer.echo)
     losses = final_losses(curves)
     for (name, *_), loss in zip(SIZES, losses):
         typer.echo(f"{name}: {curves[name + '_params'] / 1e6:.2f}M params, final val loss {loss:.4f}")
