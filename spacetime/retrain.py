@@ -139,7 +139,7 @@ def retrain(spec_path: Optional[str], sources: list[str], dataset: str, run_dir:
             from_checkpoint: Optional[str] = None, captioner: Optional[str] = None,
             cfg: RetrainConfig = RetrainConfig(), captions: Optional[str] = None,
             previous_run: Optional[str] = None, scaling_png: Optional[str] = None,
-            log: Callable[[str], None] = print) -> dict:
+            vae_path: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
     """Run (or resume) the whole workflow; returns the manifest's stages."""
     from pipeline import store
     from pipeline.graph import curate
@@ -200,7 +200,18 @@ def retrain(spec_path: Optional[str], sources: list[str], dataset: str, run_dir:
         return {"vae": str(vae_dir / "vae.safetensors"), "vae_sha": file_hash(vae_dir / "vae.safetensors"),
                 **json.loads((vae_dir / "vae.json").read_text())}
 
-    vae = m.run("train_vae", vae_in, do_vae, lambda o: Path(o["vae"]).is_file(), log)
+    if vae_path is None and from_checkpoint:
+        # Fine-tuning: the DiT only understands the latent space it was trained in, so keep its VAE.
+        prev = Path(from_checkpoint).resolve().parent / "manifest.json"
+        if prev.is_file():
+            vae_path = json.loads(prev.read_text())["stages"]["train_vae"]["outputs"]["vae"]
+    if vae_path is not None:
+        from generator.train import sha256_file
+
+        vae = {"vae": str(vae_path), "vae_sha": file_hash(vae_path), "sha256": sha256_file(vae_path)}
+        log(f"[train_vae] using the given VAE {vae_path}")
+    else:
+        vae = m.run("train_vae", vae_in, do_vae, lambda o: Path(o["vae"]).is_file(), log)
 
     # -- latents + caption embeddings
     def do_precompute():
@@ -225,7 +236,7 @@ def retrain(spec_path: Optional[str], sources: list[str], dataset: str, run_dir:
         args = ["train", "--dataset", root, "--latents-version", str(lat["latents_version"]), "--out", str(dit_dir),
                 "--preset", cfg.dit_preset, "--steps", str(cfg.dit_steps), "--max-tokens", str(cfg.max_tokens),
                 "--lr", "1e-3" if cfg.dit_preset == "DiT_T" else "2e-4", "--warmup-steps", "20",
-                "--seed", str(cfg.seed)]
+                "--seed", str(cfg.seed), "--vae-sha", vae["sha256"]]
         if from_checkpoint:
             args += ["--init-from", str(from_checkpoint)]
         spacetime_cmd(args, logs / "train.log", log)
