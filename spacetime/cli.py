@@ -332,6 +332,7 @@ def retrain(sources: List[str] = typer.Option(..., "--sources", help="new raw fo
             captions: Optional[Path] = typer.Option(None, "--captions", help="teacher captions to import while curating"),
             previous_run: Optional[Path] = typer.Option(None, "--previous-run", help="run dir to compare samples with"),
             scaling_png: Optional[Path] = typer.Option(None, "--scaling-png", help="scale-study plot to embed in the report"),
+            vae: Optional[Path] = typer.Option(None, "--vae", help="current VAE (default: the --from-checkpoint run's, else trained)"),
             tiny: bool = typer.Option(False, "--tiny", help="tiny models (the demo's: minutes on 2 CPU cores)")):
     """Footage -> curate -> caption -> VAE -> latents -> DiT -> fixed-prompt samples -> eval -> report.
 
@@ -348,7 +349,7 @@ def retrain(sources: List[str] = typer.Option(..., "--sources", help="new raw fo
                              str(from_checkpoint) if from_checkpoint else None, str(captioner) if captioner else None,
                              RetrainConfig.tiny() if tiny else RetrainConfig(), str(captions) if captions else None,
                              str(previous_run) if previous_run else None,
-                             str(scaling_png) if scaling_png else None, log=typer.echo)
+                             str(scaling_png) if scaling_png else None, str(vae) if vae else None, log=typer.echo)
     except (ValueError, RuntimeError) as e:
         fail(str(e), 1)
     lin = stages["_lineage"]["outputs"]
