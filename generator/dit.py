@@ -13,18 +13,16 @@ CPU backward). The choice is logged once.
 Timesteps may be per sample (B,) or per token (N,), so conditioning frames can sit at t = 0.
 Only torch + einops + safetensors at import.
 """
-import json
 import logging
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
-from generator.vae import load_state_strict
+from generator.vae import load_state_strict, load_with_config, save_with_config
 
 log = logging.getLogger(__name__)
 
@@ -346,21 +344,13 @@ class DiT(nn.Module):
 
 
 def save_dit(model: DiT, path: str):
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, path, metadata={"config": json.dumps(asdict(model.cfg))})
+    save_with_config(model, path)
 
 
 def load_dit(path: str, cfg: DiTConfig | None = None, device="cpu") -> DiT:
     """Build a DiT from the config stored in `path` (or `cfg`) and load its weights strictly."""
-    from safetensors import safe_open
-    if cfg is None:
-        with safe_open(path, "pt") as f:
-            d = json.loads(f.metadata()["config"])
-        d["patch"] = tuple(d["patch"])
-        cfg = DiTConfig(**d)
-    model = DiT(cfg)
-    load_state_strict(model, load_file(path, device=str(device)), "DiT")
-    return model.to(device)
+    return load_with_config(path, DiT, cfg or (lambda d: DiTConfig(**{**d, "patch": tuple(d["patch"])})),
+                            device, "DiT")
 
 
 #################################################################################

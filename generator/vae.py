@@ -391,20 +391,29 @@ def load_state_strict(module: nn.Module, state: dict, what: str):
     module.load_state_dict(state)
 
 
+def save_with_config(module: nn.Module, path: str):
+    """Weights + the module's dataclass config (`module.cfg`) to one safetensors file."""
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    save_file(state, path, metadata={"config": json.dumps(asdict(module.cfg))})
+
+
+def load_with_config(path: str, build, cfg, device="cpu", what: str = "model"):
+    """`build(cfg)` from `cfg`, or from the config stored by save_with_config (a dict passed to
+    `cfg_from_dict`, given as `cfg` when it is callable), then load the weights strictly."""
+    if callable(cfg):
+        from safetensors import safe_open
+        with safe_open(path, "pt") as f:
+            cfg = cfg(json.loads(f.metadata()["config"]))
+    module = build(cfg)
+    load_state_strict(module, load_file(path, device=str(device)), what)
+    return module.to(device)
+
+
 def save_vae(vae: VAE, path: str):
-    """Weights + config to one safetensors file."""
-    state = {k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}
-    save_file(state, path, metadata={"config": json.dumps(asdict(vae.cfg))})
+    save_with_config(vae, path)
 
 
 def load_vae(path: str, cfg: VAEConfig | None = None, device="cpu") -> VAE:
     """Build a VAE from the config stored in `path` (or the given cfg) and load its weights strictly."""
-    from safetensors import safe_open
-    if cfg is None:
-        with safe_open(path, "pt") as f:
-            d = json.loads(f.metadata()["config"])
-        d["channels"] = tuple(d["channels"])
-        cfg = VAEConfig(**d)
-    vae = VAE(cfg)
-    load_state_strict(vae, load_file(path, device=str(device)), "VAE")
-    return vae.to(device)
+    return load_with_config(path, VAE, cfg or (lambda d: VAEConfig(**{**d, "channels": tuple(d["channels"])})),
+                            device, "VAE")

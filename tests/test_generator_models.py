@@ -13,12 +13,8 @@ TINY_VAE = VAEConfig(channels=(8, 16, 16, 16), latent_channels=4)
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the test machine is shared: one thread avoids OpenMP spin contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(n)
 
 
 def smooth_video(b, t, h, w, seed=0):

@@ -16,12 +16,8 @@ TEXT_DIM = 32
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the test machine is shared: one thread avoids OpenMP spin contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(n)
 
 
 def pixel_latent(video):
