@@ -19,10 +19,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from deltalake import CommitProperties, write_deltalake
+from deltalake import CommitProperties, DeltaTable, write_deltalake
+from deltalake.exceptions import CommitFailedError
 
 from captioner.data import clips_path, read_clip_frames, read_clips
 from captioner.model import CaptionerConfig, checkpoint_hash
+
+
+class TableMoved(ValueError):
+    """The clips table got a new version between reading it and committing the captions."""
 
 
 def decode_frames(batch: dict, num_frames: int, size: int) -> dict:
@@ -72,6 +77,10 @@ def caption_dataset(dataset_root, checkpoint, version: int | None = None, batch_
     """
     import ray
     table, parent = read_clips(dataset_root, version)
+    latest = DeltaTable(clips_path(dataset_root)).version()
+    if parent != latest:
+        raise ValueError(f"caption writes a new version on top of the latest ({latest}), not of version "
+                         f"{parent}; `spacetime datasets checkout {parent}` first to caption that state")
     model_id = checkpoint_hash(checkpoint)
     cfg = CaptionerConfig(**json.loads((Path(checkpoint) / "config.json").read_text()))
     kept = pc.and_(pc.equal(table["status"], "kept"), pc.is_valid(table["clip_id"]))
@@ -103,10 +112,16 @@ def caption_dataset(dataset_root, checkpoint, version: int | None = None, batch_
     # delta-rs reserves "operation" (it writes "WRITE"), hence the prefixed key
     meta = {"spacetime.operation": "caption", "caption_model": model_id, "parent_version": str(parent),
             "counts": json.dumps({k: summary[k] for k in ("captioned", "failed", "skipped")})}
-    write_deltalake(clips_path(dataset_root), new_table, mode="overwrite", schema_mode="merge",
-                    commit_properties=CommitProperties(custom_metadata=meta))
-    from deltalake import DeltaTable
-    summary["version"] = DeltaTable(clips_path(dataset_root)).version()
+    # The overwrite is the whole table as read at `parent`: commit it against that snapshot with
+    # Delta's silent retry off, so rows another writer committed meanwhile are never dropped
+    try:
+        write_deltalake(DeltaTable(clips_path(dataset_root), version=parent), new_table, mode="overwrite",
+                        schema_mode="merge",
+                        commit_properties=CommitProperties(custom_metadata=meta, max_commit_retries=0))
+    except CommitFailedError as e:
+        raise TableMoved(f"{dataset_root}: the clips table moved past version {parent} while captioning; "
+                         f"run caption again (clips already captioned by {model_id} are skipped)") from e
+    summary["version"] = parent + 1
     log(f"caption: wrote version {summary['version']}: {summary['captioned']} captioned, "
         f"{summary['failed']} failed, {skipped} skipped")
     return summary

@@ -71,7 +71,7 @@ def captions(colour, direction):
             f"the camera is static.")
 
 
-def make_dataset(root: Path, reps=3):
+def make_dataset(root: Path, reps=4):
     """Clips of every colour x direction, `reps` each. Most are their own mp4; the last rep of
     each colour is two shots of one longer source, referenced as `#frames=` ranges."""
     videos = root / "videos"
@@ -112,8 +112,8 @@ def dataset(tmp_path_factory):
     return root, make_dataset(root)
 
 
-TINY = TrainConfig(preset="tiny", steps=200, batch_size=16, lr=3e-3, contrastive_weight=0.1, warmup_steps=10, val_fraction=0.3,
-                   eval_every=100, ckpt_every=100, log_every=25, seed=0)
+TINY = TrainConfig(preset="tiny", steps=400, batch_size=16, lr=3e-3, contrastive_weight=0.1, warmup_steps=10, val_fraction=0.3,
+                   eval_every=200, ckpt_every=200, log_every=25, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -319,3 +319,29 @@ def test_caption_dataset_writes_one_new_version_and_resumes(trained, dataset, ra
     # rerun: only the unreadable clip is tried again; one more commit
     again = caption_dataset(root, ckpt, batch_size=8, method="greedy", log=lambda *_: None)
     assert again["skipped"] == n_kept - 1 and again["captioned"] == 0 and again["failed"] == 1
+
+
+def test_caption_never_drops_rows_a_concurrent_writer_committed(trained, dataset, ray_session, tmp_path, monkeypatch):
+    import captioner.caption as cap
+    src_root, _ = dataset
+    root = tmp_path / "copy"
+    shutil.copytree(src_root, root)
+    _, ckpt = trained
+    base = DeltaTable(str(root / "clips")).version()
+    extra = DeltaTable(str(root / "clips")).to_pyarrow_table().slice(0, 1)
+    extra = extra.set_column(0, "clip_id", pa.array([str(uuid.uuid4())]))
+    apply = cap._apply
+
+    def apply_while_another_run_appends(*args):
+        write_deltalake(str(root / "clips"), extra, mode="append")  # lands between our read and commit
+        return apply(*args)
+
+    monkeypatch.setattr(cap, "_apply", apply_while_another_run_appends)
+    with pytest.raises(cap.TableMoved, match="run caption again"):
+        cap.caption_dataset(root, ckpt, batch_size=8, method="greedy", log=lambda *_: None)
+    dt = DeltaTable(str(root / "clips"))
+    assert dt.version() == base + 1  # the other writer's commit, and nothing of ours
+    assert extra["clip_id"][0].as_py() in dt.to_pyarrow_table()["clip_id"].to_pylist()
+    # an older version cannot be captioned in place: its overwrite would drop the newer rows
+    with pytest.raises(ValueError, match="checkout"):
+        cap.caption_dataset(root, ckpt, version=base, log=lambda *_: None)
