@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -347,6 +348,44 @@ def existing_keys(path: str) -> set:
     return set(zip(*(t[c].to_pylist() for c in ("clip_id", "vae_sha", "text_encoder_sha"))))
 
 
+def append_new(path: str, table: pa.Table, lineage: dict, retries: int = 8) -> tuple[int | None, int]:
+    """Append the rows of `table` whose (clip_id, vae_sha, text_encoder_sha) the latents table does not
+    hold yet, as ONE commit -> (new version or None if nothing was new, rows written).
+
+    The check and the commit use one snapshot with Delta's silent retry off: when two precompute
+    runs over one dataset race, the loser re-reads the winner's rows and writes only what is still
+    missing, so no clip is ever encoded into the table twice.
+    """
+    from deltalake import CommitProperties, DeltaTable, write_deltalake
+    from deltalake.exceptions import CommitFailedError, DeltaError
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    keys = list(zip(*(table[c].to_pylist() for c in ("clip_id", "vae_sha", "text_encoder_sha"))))
+    for attempt in range(retries + 1):
+        snapshot = DeltaTable(path) if DeltaTable.is_deltatable(path) else None
+        new = table
+        if snapshot is not None:
+            have = snapshot.to_pyarrow_table(columns=["clip_id", "vae_sha", "text_encoder_sha"])
+            have = set(zip(*(have[c].to_pylist() for c in ("clip_id", "vae_sha", "text_encoder_sha"))))
+            new = table.filter(pa.array([k not in have for k in keys], pa.bool_()))
+            if new.num_rows == 0:
+                return None, 0
+        info = {**lineage, "rows_written": new.num_rows}
+        props = CommitProperties(custom_metadata={LINEAGE_KEY: json.dumps(info)}, max_commit_retries=0)
+        try:
+            if snapshot is None:  # creating it: a writer that created it meanwhile makes this fail
+                write_deltalake(path, new, mode="error", commit_properties=props)
+                return 0, new.num_rows
+            write_deltalake(snapshot, new, mode="append", commit_properties=props)
+            return snapshot.version() + 1, new.num_rows
+        except (CommitFailedError, DeltaError) as e:
+            lost_race = isinstance(e, CommitFailedError) or (snapshot is None and DeltaTable.is_deltatable(path))
+            if not lost_race or attempt == retries:
+                raise
+            time.sleep(0.1 * (attempt + 1) * (1 + random.random()))
+    raise RuntimeError("unreachable")
+
+
 def errors_path(table_path: str) -> Path:
     return Path(str(table_path).rstrip("/") + "_errors.jsonl")
 
@@ -405,8 +444,6 @@ def precompute(dataset_root, version: int, vae_path: str, text_encoder: str = "o
     rows arrive. Lineage (clips version, vae/text encoder sha,
     counts, errors) goes in the commit info under "spacetime"."""
     import ray
-    from deltalake import CommitProperties, write_deltalake
-
     from generator.vae import load_vae
 
     root = str(Path(dataset_root).resolve())
@@ -493,12 +530,10 @@ def precompute(dataset_root, version: int, vae_path: str, text_encoder: str = "o
                    "text_encoder": text_encoder, "text_encoder_sha": te_sha, "rows_written": len(good),
                    "skipped": skipped, "errors": len(res.errors), "error_list": res.errors[:50],
                    "buckets": buckets, "committed_at": time.time()}
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        write_deltalake(out, table, mode="append",
-                        commit_properties=CommitProperties(custom_metadata={LINEAGE_KEY: json.dumps(lineage)}))
-        from deltalake import DeltaTable
-
-        res.version = DeltaTable(out).version()
-    res.written = len(good)
+        res.version, written = append_new(out, table, lineage)
+        if written < len(good):
+            log.info("precompute: %d rows were committed meanwhile by another run; not written twice",
+                     len(good) - written)
+        res.written = written
     return res
 

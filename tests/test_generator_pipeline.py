@@ -183,6 +183,22 @@ def test_precompute_rerun_skips_everything(app, latents, dataset, vae_dir):
     assert [e["clip_id"] for e in logged] == ["clip-broken"] and logged[0]["reason"]
 
 
+def test_concurrent_precompute_commits_never_duplicate_a_clip(latents, dataset, tmp_path):
+    """Two runs that encoded overlapping clips race to append: every clip lands exactly once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from generator.precompute import append_new
+    rows = DeltaTable(str(dataset / "latents")).to_pyarrow_table()
+    out = str(tmp_path / "latents")
+    a, b = rows.slice(0, 3), rows.slice(1, 3)           # clips 1 and 2 are in both runs
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda t: append_new(out, t, {"stage": "precompute"}), [a, b, a, b]))
+    t = DeltaTable(out).to_pyarrow_table()
+    assert sorted(t["clip_id"].to_pylist()) == sorted(rows["clip_id"].to_pylist())
+    assert sum(n for _, n in results) == rows.num_rows
+    assert append_new(out, rows, {"stage": "precompute"}) == (None, 0)
+
+
 def test_latent_batches_pack_mixed_buckets_and_resume(latents, dataset):
     a = LatentBatches(dataset, 0, (1, 2, 2), max_tokens=10_000, seed=3)
     assert len(a) == 4 and a.channels == 4 and a.text_dim == 256
