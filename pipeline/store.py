@@ -235,10 +235,32 @@ def load_staged(root: str | Path) -> dict[str, pa.Table]:
     out = {}
     for p in sorted(d.glob("*.parquet")):
         try:
-            out[p.stem] = pq.read_table(p)
+            out[p.stem] = _rebase_media(pq.read_table(p), root)
         except Exception:  # a torn file can't exist (atomic rename) unless the disk lied: redo that source
             p.unlink(missing_ok=True)
     return out
+
+
+def media_key(path: str | Path) -> str:
+    """A media file's name within its dataset root: <root>/media/ab/<clip_id>.mp4 -> "ab/<clip_id>.mp4".
+    Unique per clip, and the same in a copy of the root, where absolute paths are not."""
+    p = Path(path)
+    return f"{p.parent.name}/{p.name}"
+
+
+def _rebase_media(t: pa.Table, root: str | Path) -> pa.Table:
+    """Staged rows of a root that was copied or moved name the old root's media: point each at this
+    root's copy of the file where it has one, so the commit names files that live here."""
+    if "clip_uri" not in t.column_names:
+        return t
+    media = Path(root).resolve() / "media"
+    uris = t["clip_uri"].to_pylist()
+    rebased = [str(media / media_key(u)) if u and "#frames=" not in u and Path(u).parent.parent != media
+               and (media / media_key(u)).is_file() else u for u in uris]
+    if rebased == uris:
+        return t
+    i = t.column_names.index("clip_uri")
+    return t.set_column(i, "clip_uri", pa.array(rebased, t.schema.field(i).type))
 
 
 def clear_staging(root: str | Path) -> None:
@@ -305,14 +327,16 @@ def collect_garbage(root: str | Path, older_than: float) -> list[Path]:
                 uris = read_clips(root, v, columns=["clip_uri"])["clip_uri"].to_pylist()
             except ValueError:  # vacuumed version
                 continue
-            referenced.update(u for u in uris if u)
+            referenced.update(media_key(u) for u in uris if u)
     for t in load_staged(root).values():
         if "clip_uri" in t.column_names:
-            referenced.update(u for u in t["clip_uri"].to_pylist() if u)
+            referenced.update(media_key(u) for u in t["clip_uri"].to_pylist() if u)
+    # Matched by name within media/, not by absolute path: in a copied or moved root the rows still
+    # name the old location, and its files here must not count as unreferenced
     removed = []
     for p in media.rglob("*"):
         if p.is_file() and p.stat().st_mtime < older_than and (
-                ".partial" in p.name or str(p.resolve()) not in referenced):
+                ".partial" in p.name or media_key(p) not in referenced):
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed

@@ -126,3 +126,27 @@ def test_staging_is_atomic_and_reloadable(tmp_path):
     assert list(got) == ["abc"] and got["abc"].num_rows == 2
     store.clear_staging(tmp_path)
     assert not (tmp_path / "_staging").exists()
+
+
+def test_a_copied_root_keeps_its_media(tmp_path):
+    """Rows name media by absolute path; in a copy of the root those still point at the original.
+    GC must not delete the copy's files, and staged rows are re-pointed at the copy's own files."""
+    import shutil
+    import time
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    f = old / "media" / "id" / "id0.mp4"
+    f.parent.mkdir(parents=True)
+    f.write_bytes(b"clip")
+    committed = _rows(1).append_column("clip_uri", pa.array([str(f.resolve())]))
+    store.commit(old, committed, "append", {"operation": "curate"})
+    g = old / "media" / "id" / "id1.mp4"
+    g.write_bytes(b"staged clip")
+    store.stage(old, "src", _rows(1, start=1).append_column("clip_uri", pa.array([str(g.resolve())])))
+    shutil.copytree(old, new)
+    shutil.rmtree(old)
+    assert store.load_staged(new)["src"]["clip_uri"][0].as_py() == str((new / "media" / "id" / "id1.mp4").resolve())
+    assert store.collect_garbage(new, older_than=time.time() + 60) == []
+    assert (new / "media" / "id" / "id0.mp4").is_file() and (new / "media" / "id" / "id1.mp4").is_file()
+    (new / "media" / "id" / "id9.mp4").write_bytes(b"orphan")  # named by nothing: still collected
+    assert [p.name for p in store.collect_garbage(new, older_than=time.time() + 60)] == ["id9.mp4"]
