@@ -1,6 +1,6 @@
 """Curation speed, measured side by side in one run on the demo footage. Prints ratios only.
 
-    python benchmarks/curate.py [--videos 8] [--seed 0] [--skip-rss]
+    python benchmarks/curate.py [--videos 8] [--seed 0] [--repeats 3] [--skip-rss] [--skip-clip]
 
 1. analysis (probe + one decode + shot detection) ÷ an ffmpeg decode-only pass    (target ≤ 1.3)
 2. PySceneDetect `detect()` ÷ our split, and both boundary F1s                    (target ≥ 1.0, F1 ≥ its)
@@ -103,6 +103,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-rss", action="store_true")
     ap.add_argument("--skip-clip", action="store_true")
+    ap.add_argument("--repeats", type=int, default=3, help="passes per measurement; the fastest is kept")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench_curate_"))
     gt = json.loads(Path(generate_footage(tmp / "raw", seed=args.seed, videos=args.videos)).read_text())
@@ -111,14 +112,20 @@ def main():
     frames = sum(v["num_frames"] for v in gt["videos"])
     print(f"corpus: {len(paths)} videos, {frames} frames (demo footage, seed {args.seed})")
 
-    t_ff1 = sum(timed(ffmpeg_decode, p, 1)[0] for p in paths)
-    t_ffa = sum(timed(ffmpeg_decode, p, 0)[0] for p in paths)
-    split = [timed(our_analysis, p, False) for p in paths]
-    t_split = sum(t for t, _ in split)
-    full = [timed(our_analysis, p, True) for p in paths]
-    t_full = sum(t for t, _ in full)
-    sd = [timed(scenedetect_detect, p) for p in paths]
-    t_sd = sum(t for t, _ in sd)
+    # Each pass over the corpus runs --repeats times, the passes interleaved, and keeps its fastest
+    # time: on a shared machine the minimum is the estimate least disturbed by other load.
+    best: dict[str, float] = {}
+    results: dict[str, list] = {}
+    for _ in range(args.repeats):
+        for name, fn, arg in (("ff1", ffmpeg_decode, 1), ("ffa", ffmpeg_decode, 0), ("split", our_analysis, False),
+                              ("full", our_analysis, True), ("sd", scenedetect_detect, None)):
+            runs = [timed(fn, p, arg) if arg is not None else timed(fn, p) for p in paths]
+            t = sum(r[0] for r in runs)
+            if t < best.get(name, float("inf")):
+                best[name] = t
+            results[name] = runs
+    t_ff1, t_ffa, t_split, t_full, t_sd = (best[k] for k in ("ff1", "ffa", "split", "full", "sd"))
+    split, full, sd = results["split"], results["full"], results["sd"]
 
     def f1(preds):
         tp = pr = tr = 0
@@ -136,7 +143,7 @@ def main():
     print(f"4. analysis with all CPU scores / ffmpeg decode-only: {t_full / t_ff1:.2f} (single-thread), "
           f"{t_full / t_ffa:.2f} (auto-thread)   target <= 1.5")
 
-    t_naive = sum(timed(naive_way, p)[0] for p in paths)
+    t_naive = min(sum(timed(naive_way, p)[0] for p in paths) for _ in range(args.repeats))
     print(f"5. naive (detect() + each scorer decoding full-size) / ours: {t_naive / t_full:.2f}   target >= 3")
 
     # 3. transcode: our one-pass cut vs plain ffmpeg per clip, same settings, same frame ranges.
