@@ -151,6 +151,8 @@ def main():
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--batch-size", type=int, default=12)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--short-fraction", type=float, default=None,
+                    help="fraction of batches in the short style (default: in proportion to the captions)")
     ap.add_argument("--upsampler-steps", type=int, default=400)
     # 1 thread: on a shared, oversubscribed 2-core box two OpenMP threads spin-waited for each
     # other and took ~6x the CPU time per step (measured); on an idle box --threads 2 is faster
@@ -185,7 +187,7 @@ def main():
                       # every caption (~30% of a step) for an embedding this benchmark never uses
                       contrastive_weight=0.0,
                       # the demo captions' left/right are screen directions: mirrored clips double the pans
-                      hflip=0.5)
+                      hflip=0.5, short_fraction=args.short_fraction)
     tok = build_tokenizer([r[f"caption_teacher_{s}"] or "" for r in train_rows for s in ("short", "dense")])
     mcfg = preset(cfg.preset, **cfg.model, vocab_size=tok.get_vocab_size())
     everything = train_rows + test_rows

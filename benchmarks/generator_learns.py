@@ -149,8 +149,11 @@ def run(cfg: BenchConfig, log=print):
                            cfg.cfg_scale, seed=1)
         out[name] = score(samples, [(c, d) for c, _, d in items])
         both, col, dirn = out[name]
+        # a direction miss is either no readable motion (judge None: static, smeared or no shape) or a wrong one
+        unread = sum(judge(v)[1] is None for v in samples) / len(samples)
         log(f"[samples] {name}: {len(items)} samples, colour+direction {both:.0%} (colour {col:.0%}, "
-            f"direction {dirn:.0%}; chance 6% / 25% / 25%)")
+            f"direction {dirn:.0%}; chance 6% / 25% / 25%); direction unreadable {unread:.0%}, "
+            f"wrong {1 - dirn - unread:.0%}")
     return out
 
 

@@ -213,12 +213,15 @@ def train_captioner_cmd(dataset: Path = typer.Option(..., "--dataset"),
                         preset: str = typer.Option("small", help="model size preset: tiny | small | base"),
                         steps: int = typer.Option(2000, min=1), batch_size: int = typer.Option(16, min=1),
                         workers: int = typer.Option(0, min=0, help="Ray Train workers (0 = this process)"),
+                        short_fraction: Optional[float] = typer.Option(
+                            None, min=0.0, max=1.0, help="fraction of batches in the short caption style "
+                            "(default: in proportion to the clips that have each style)"),
                         seed: int = typer.Option(0)):
     """Train the video captioner on kept clips' teacher captions (validation split by source video)."""
     from captioner.train import TrainConfig, train_captioner
 
     _need_table(dataset)
-    cfg = TrainConfig(preset=preset, steps=steps, batch_size=batch_size, seed=seed)
+    cfg = TrainConfig(preset=preset, steps=steps, batch_size=batch_size, seed=seed, short_fraction=short_fraction)
     try:
         ckpt = train_captioner(str(dataset), version, out, cfg, num_workers=workers, log=typer.echo)
     except ValueError as e:

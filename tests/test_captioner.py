@@ -174,6 +174,21 @@ def test_split_by_source_has_no_leakage(dataset):
     assert (val == split_by_source([r["source_sha256"] for r in kept], 0.3, seed=0)).all()
 
 
+def test_sample_batch_style_mix():
+    from captioner.train import CaptionData, sample_batch
+    ids = torch.zeros(6, 2, 5, dtype=torch.long)
+    ids[:, 0, :3] = torch.tensor([3, 9, 2])          # <short> w <eos>
+    ids[:, 1, :5] = torch.tensor([4, 9, 9, 9, 2])    # <dense> w w w <eos>
+    data = CaptionData(torch.zeros(6, 2, 4, 4, 3, dtype=torch.uint8), ids, torch.ones(6, 2, dtype=torch.bool),
+                       [str(i) for i in range(6)])
+    gen = torch.Generator().manual_seed(0)
+    styles = lambda f: [int(sample_batch(data, 4, gen, short_fraction=f)[1][0, 0]) for _ in range(40)]  # noqa: E731
+    assert set(styles(1.0)) == {3} and set(styles(0.0)) == {4}
+    assert 0 < styles(0.5).count(3) < 40
+    data.has[:, 0] = False                            # no short captions: dense however it is weighted
+    assert set(styles(1.0)) == {4}
+
+
 # ---------------------------------------------------------------- model + decoding
 
 def _untrained():
