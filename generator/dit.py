@@ -124,6 +124,17 @@ def rope_3d(positions, head_dim: int, theta: float = 10000.0):
     return ang.cos(), ang.sin()
 
 
+def sincos_3d(positions, dim: int):
+    """positions (N, 3) (t, h, w) -> (N, dim) fixed sin-cos embedding, the dims split as in rope_axes
+    (DiT's get_2d_sincos_pos_embed, over three axes and computed for any packed positions)."""
+    parts = []
+    for axis, d in enumerate(rope_axes(dim)):
+        omega = 1.0 / 10000 ** (torch.arange(d // 2, device=positions.device, dtype=torch.float32) / max(d // 2, 1))
+        ang = positions[:, axis, None].float() * omega  # (N, d/2)
+        parts += [ang.sin(), ang.cos()]
+    return torch.cat(parts, -1)
+
+
 def apply_rope(x, rope):  # x (N, H, Dh)
     cos, sin = rope
     x1, x2 = x.float().chunk(2, -1)
@@ -262,6 +273,10 @@ class DiTConfig:
     mlp_ratio: float = 4.0
     text_dim: int = 512           # width of the precomputed text token embeddings
     rope_theta: float = 10000.0
+    # Fixed sin-cos embedding of each token's absolute (t, h, w) added to its input (DiT's 2D one,
+    # in 3D). RoPE alone is relative: attention is then translation-equivariant and a token cannot
+    # tell the left edge from the middle, yet "moving right" starts on the left. No parameters.
+    abs_pos: bool = True
     attention: str = "auto"       # auto | loop | flex | varlen
     grad_checkpointing: bool = False
 
@@ -314,6 +329,8 @@ class DiT(nn.Module):
         B, N = len(cu_seqlens) - 1, x.shape[0]
         sample_index = torch.repeat_interleave(torch.arange(B, device=x.device), (cu_seqlens[1:] - cu_seqlens[:-1]).long())
         h = self.x_embedder(x)  # (N, D)
+        if self.cfg.abs_pos:
+            h = h + sincos_3d(positions, h.shape[1]).to(h.dtype)
         y, y_cu, pooled = self.y_embedder(text, text_cu, drop_text)  # (L', D), (B+1,), (B, D)
         if t.shape[0] == B and B != N:  # per-sample timesteps: one condition row per sample
             c, c_index = self.t_embedder(t) + pooled, sample_index  # (B, D)
