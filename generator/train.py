@@ -38,7 +38,11 @@ class TrainConfig:
     dit: DiTConfig = field(default_factory=DiTConfig)
     steps: int = 1000              # optimizer iterations (skipped ones included)
     lr: float = 1e-4
-    warmup_steps: int = 100        # linear LR warmup, then constant
+    warmup_steps: int = 100        # linear LR warmup, then constant (or cosine, below)
+    # "constant" (DiT's recipe: long runs, EMA does the averaging) or "cosine" down to
+    # lr * min_lr_ratio at `steps` (short fixed-budget runs end at a lower loss)
+    lr_schedule: str = "constant"
+    min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     betas: tuple = (0.9, 0.999)
     grad_clip: float = 1.0
@@ -242,6 +246,18 @@ def pick_device(name: str) -> torch.device:
     return dev
 
 
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then constant or cosine."""
+    if cfg.lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {cfg.lr_schedule!r}")
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    progress = min(1.0, (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
 def train(cfg: TrainConfig, data, rank: int = 0, world_size: int = 1, report=None) -> TrainResult:
     """Train a DiT with rectified flow. `data`: a list of (latent (C, T, H, W), text (L, D_text))
     pairs, or an iterator of batches {"packed": Packed, "text", "text_cu"} with state_dict() /
@@ -280,7 +296,7 @@ def train(cfg: TrainConfig, data, rank: int = 0, world_size: int = 1, report=Non
         batch = next(batches)
         packed: Packed = batch["packed"].to(device)
         text, text_cu = batch["text"].to(device), batch["text_cu"].to(device)
-        lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+        lr = lr_at(cfg, step)
         for g in opt.param_groups:
             g["lr"] = lr
         drop = torch.rand(len(packed.grids), generator=gen, device=device) < cfg.cfg_dropout

@@ -133,3 +133,15 @@ def test_ray_train_wrapper_runs_the_same_loop(pairs, tmp_path):
         assert json.load(open(tmp_path / "ray_ck" / "latest.json"))["step"] == 4
     finally:
         ray.shutdown()
+
+
+def test_lr_schedules():
+    from generator.train import lr_at
+    const = TrainConfig(lr=1e-3, warmup_steps=10, steps=100)
+    cos = TrainConfig(lr=1e-3, warmup_steps=10, steps=100, lr_schedule="cosine", min_lr_ratio=0.1)
+    assert lr_at(const, 0) == lr_at(cos, 0) == 1e-4 and lr_at(const, 9) == 1e-3
+    assert lr_at(const, 99) == 1e-3
+    lrs = [lr_at(cos, s) for s in range(10, 100)]
+    assert lrs[0] == 1e-3 and all(a >= b for a, b in zip(lrs, lrs[1:])) and abs(lr_at(cos, 100) - 1e-4) < 1e-12
+    with pytest.raises(ValueError, match="lr_schedule"):
+        lr_at(TrainConfig(lr_schedule="linear"), 0)
