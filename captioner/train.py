@@ -59,6 +59,11 @@ class TrainConfig:
     # style). A short caption names the same subject, colour and motion in ~1/5 of the tokens, so
     # its batches ground those words in the video faster; dense batches teach the long form
     short_fraction: float | None = None
+    # Temporal jitter: decode num_frames * frame_pool frames per clip; every time a clip is drawn
+    # it shows num_frames of them, in order, chosen at random. A small dataset is otherwise the
+    # same 8 frames every epoch, which a captioner memorises instead of reading the motion.
+    # Validation (and captioning) use the evenly spaced subset, as with frame_pool = 1.
+    frame_pool: int = 1
 
 
 @dataclass
@@ -122,23 +127,31 @@ def prepare(dataset_root, version, out_dir, cfg: TrainConfig):
         tok = build_tokenizer(texts, cfg.min_word_count)
     mcfg = preset(cfg.preset, **cfg.model, vocab_size=tok.get_vocab_size())
     frames, errors = load_frames([r["clip_id"] for r in rows], [r["clip_uri"] for r in rows],
-                                 mcfg.num_frames, mcfg.image_size, cache_file=out / "frames.npz")
+                                 mcfg.num_frames * cfg.frame_pool, mcfg.image_size, cache_file=out / "frames.npz")
     train = make_data(train_rows, frames, tok, mcfg.max_text_len)
-    val = make_data(val_rows, frames, tok, mcfg.max_text_len)
+    val = evenly_spaced(make_data(val_rows, frames, tok, mcfg.max_text_len), cfg.frame_pool)
     info = {"dataset_root": str(dataset_root), "version": read_version, "train_clips": len(train),
             "val_clips": len(val), "decode_errors": errors,
             "val_sources": sorted({r["source_sha256"] for r in val_rows})}
     return tok, mcfg, train, val, info
 
 
+def evenly_spaced(data: CaptionData, pool: int) -> CaptionData:
+    """The every-`pool`-th frame of each clip (frames decoded for temporal jitter -> num_frames)."""
+    if pool > 1 and len(data):
+        data.frames = data.frames[:, ::pool].contiguous()
+    return data
+
+
 def sample_batch(data: CaptionData, batch_size: int, gen: torch.Generator, hflip: float = 0.0,
-                 swap_ids: list = (), short_fraction: float | None = None):
+                 swap_ids: list = (), short_fraction: float | None = None, num_frames: int | None = None):
     """One caption style per batch, drawn in proportion to how many clips have it (or short with
     probability short_fraction), and random
     clips (with replacement) among those that have it.
 
     One style per batch because a batch pads to its longest caption: mixing one dense caption
     (~150 tokens) into short ones (~20) would cost the decoder ~7x its compute.
+    Clips holding more than num_frames frames show an ordered random num_frames of them.
     With hflip > 0 that fraction of clips is mirrored left-right (frames (B, T, H, W, 3): the W
     axis) and each (a, b) token pair in swap_ids is exchanged in their captions.
     """
@@ -151,6 +164,9 @@ def sample_batch(data: CaptionData, batch_size: int, gen: torch.Generator, hflip
     idx = pool[torch.randint(len(pool), (batch_size,), generator=gen)]
     ids = data.ids[idx, style]
     frames = data.frames[idx]
+    if num_frames is not None and frames.shape[1] > num_frames:  # temporal jitter: an ordered random subset
+        keep = torch.rand(batch_size, frames.shape[1], generator=gen).topk(num_frames, dim=1).indices.sort(1).values
+        frames = frames[torch.arange(batch_size)[:, None], keep]
     if hflip > 0:
         flip = torch.rand(batch_size, generator=gen) < hflip
         frames = torch.where(flip.view(-1, 1, 1, 1, 1), frames.flip(3), frames)
@@ -280,7 +296,8 @@ def fit(model, tok, train: CaptionData, val: CaptionData, cfg: TrainConfig, out_
     model.train()
     t0 = time.time()
     while step < cfg.steps:
-        frames, ids = sample_batch(train, cfg.batch_size, gen, cfg.hflip, swap_ids, cfg.short_fraction)
+        frames, ids = sample_batch(train, cfg.batch_size, gen, cfg.hflip, swap_ids, cfg.short_fraction,
+                                   raw.cfg.num_frames)
         frames, ids = frames.to(device), ids.to(device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)

@@ -189,6 +189,22 @@ def test_sample_batch_style_mix():
     assert set(styles(1.0)) == {4}
 
 
+def test_temporal_jitter_shows_ordered_random_frames():
+    from captioner.train import CaptionData, evenly_spaced, sample_batch
+    frames = torch.arange(8, dtype=torch.uint8).view(1, 8, 1, 1, 1).expand(3, 8, 2, 2, 3).contiguous()
+    ids = torch.tensor([3, 9, 2]).view(1, 1, 3).expand(3, 2, 3).contiguous()
+    data = CaptionData(frames, ids, torch.ones(3, 2, dtype=torch.bool), ["a", "b", "c"])
+    gen = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(20):
+        f, _ = sample_batch(data, 4, gen, num_frames=4)
+        t = f[:, :, 0, 0, 0]                          # (4, 4) frame numbers shown
+        assert f.shape[1] == 4 and (t[:, 1:] > t[:, :-1]).all()   # in order, no repeats
+        seen.update(map(tuple, t.tolist()))
+    assert len(seen) > 10                             # a different subset from draw to draw
+    assert evenly_spaced(data, 2).frames[0, :, 0, 0, 0].tolist() == [0, 2, 4, 6]
+
+
 # ---------------------------------------------------------------- model + decoding
 
 def _untrained():
