@@ -277,6 +277,10 @@ class DiTConfig:
     # in 3D). RoPE alone is relative: attention is then translation-equivariant and a token cannot
     # tell the left edge from the middle, yet "moving right" starts on the left. No parameters.
     abs_pos: bool = True
+    # Add the mean text embedding to the timestep condition (adaLN), as well as cross-attending to
+    # the words. False: text enters by cross-attention only (PixArt-alpha's choice), so an unseen
+    # combination of words is never a modulation vector the blocks have not seen.
+    pooled_text: bool = True
     attention: str = "auto"       # auto | loop | flex | varlen
     grad_checkpointing: bool = False
 
@@ -332,6 +336,8 @@ class DiT(nn.Module):
         if self.cfg.abs_pos:
             h = h + sincos_3d(positions, h.shape[1]).to(h.dtype)
         y, y_cu, pooled = self.y_embedder(text, text_cu, drop_text)  # (L', D), (B+1,), (B, D)
+        if not self.cfg.pooled_text:
+            pooled = torch.zeros_like(pooled)
         if t.shape[0] == B and B != N:  # per-sample timesteps: one condition row per sample
             c, c_index = self.t_embedder(t) + pooled, sample_index  # (B, D)
         else:  # per-token timesteps

@@ -164,6 +164,32 @@ def test_dit_packing_leaks_nothing_between_samples():
         assert torch.allclose(dropped[:18], out[:18], atol=1e-5) and not torch.allclose(dropped[18:34], out[18:34])
 
 
+def test_dit_text_paths_and_absolute_positions():
+    lat, text = torch.randn(4, 2, 4, 4), [torch.randn(3, 16)]
+    p, (y, ycu) = pack([lat]), pack_sequences(text)
+    t = torch.tensor([0.5])
+    for pooled in (True, False):
+        m = _randomised_dit(pooled_text=pooled)
+        with torch.no_grad():
+            for b in m.blocks:  # cut the cross-attention path: only adaLN can still see the text
+                b.cross_attn.proj.weight.zero_()
+                b.cross_attn.proj.bias.zero_()
+            a = m(p.tokens, t, p.positions, p.cu_seqlens, y, ycu)
+            b = m(p.tokens, t, p.positions, p.cu_seqlens, y + 1.0, ycu)
+        assert torch.allclose(a, b) != pooled  # pooled text modulates; without it the words act by cross-attention only
+    # absolute positions: the same content at another place in the grid gives another answer
+    m = _randomised_dit(abs_pos=True)
+    shifted = p.positions.clone()
+    shifted[:, 2] += 1
+    with torch.no_grad():
+        moved = m(p.tokens, t, shifted, p.cu_seqlens, y, ycu)
+        same = m(p.tokens, t, p.positions, p.cu_seqlens, y, ycu)
+        assert not torch.allclose(moved, same, atol=1e-4)
+        m.cfg.abs_pos = False  # RoPE alone is relative: a shift of every position changes nothing
+        assert torch.allclose(m(p.tokens, t, shifted, p.cu_seqlens, y, ycu),
+                              m(p.tokens, t, p.positions, p.cu_seqlens, y, ycu), atol=1e-4)
+
+
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_dit_flex_forward_matches_loop():
     m = _randomised_dit()
