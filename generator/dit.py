@@ -277,10 +277,11 @@ class DiTConfig:
     # in 3D). RoPE alone is relative: attention is then translation-equivariant and a token cannot
     # tell the left edge from the middle, yet "moving right" starts on the left. No parameters.
     abs_pos: bool = True
-    # Add the mean text embedding to the timestep condition (adaLN), as well as cross-attending to
-    # the words. False: text enters by cross-attention only (PixArt-alpha's choice), so an unseen
-    # combination of words is never a modulation vector the blocks have not seen.
-    pooled_text: bool = True
+    # Also add the mean text embedding to the timestep condition (adaLN). Off: text enters by
+    # cross-attention only (PixArt-alpha's choice), so an unseen combination of words is never a
+    # modulation vector the blocks have not seen. Measured on generator_learns (held-out colour x
+    # direction pairs): 81% with it off vs 62% on.
+    pooled_text: bool = False
     attention: str = "auto"       # auto | loop | flex | varlen
     grad_checkpointing: bool = False
 
