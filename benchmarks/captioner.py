@@ -155,6 +155,8 @@ def main():
                     help="fraction of batches in the short style (default: in proportion to the captions)")
     ap.add_argument("--frame-pool", type=int, default=1,
                     help="decode this many times the model's frames per clip; training shows a random ordered subset")
+    ap.add_argument("--global-motion", action="store_true",
+                    help="add the phase-correlation camera-motion tokens (CaptionerConfig.global_motion)")
     ap.add_argument("--upsampler-steps", type=int, default=400)
     # 1 thread: on a shared, oversubscribed 2-core box two OpenMP threads spin-waited for each
     # other and took ~6x the CPU time per step (measured); on an idle box --threads 2 is faster
@@ -182,7 +184,7 @@ def main():
     unseen = {combos[i] for i in np.random.default_rng(0).permutation(len(combos))[: len(combos) // 3]}
     train_rows = [r for r in rows if not r["heldout"]
                   and (r["truth"]["subject"], r["truth"]["camera"]) not in unseen]
-    cfg = TrainConfig(preset="small", model=MODEL, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+    cfg = TrainConfig(preset="small", model={**MODEL, "global_motion": args.global_motion}, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       warmup_steps=min(100, args.steps // 10), eval_every=max(args.steps // 4, 1),
                       ckpt_every=args.steps, log_every=max(args.steps // 20, 1), seed=0,
                       # captioning alone: the contrastive text pass would re-run the decoder over

@@ -63,6 +63,7 @@ class CaptionerConfig:
     dropout: float = 0.0
     temporal_layers: int = 2    # joint spacetime attention layers after the per-frame ViT
     motion_channels: int = 32   # width of the frame-pair conv net's first stage; 0 = no motion tokens
+    global_motion: bool = False # + one token per frame pair from phase correlation (camera pan / tilt)
 
 
 # Size presets. "base" has the ViT-B-32 image tower, so open_clip ViT-B-32 weights load into it.
@@ -166,6 +167,28 @@ class MotionEncoder(nn.Module):
         return torch.cat([m, torch.zeros_like(m[:, :1])], dim=1)        # (B, T, L, D)
 
 
+def phase_correlation(x: torch.Tensor) -> torch.Tensor:
+    """Global translation between consecutive frames, by phase correlation (what cv2.phaseCorrelate
+    does), batched in torch. x (B, T, 3, H, W) -> (B, T-1, 3): (dx / W, dy / H, peak height).
+
+    A camera pan or tilt moves the whole picture: the normalised cross-power spectrum of two frames
+    then has one sharp peak at the shift. Zooms and object motion give a weak or central peak. A
+    learned net can find this too, but not from the few hundred clips a small dataset has.
+    """
+    g = x.mean(2)                                                        # (B, T, H, W) luma-ish
+    H, W = g.shape[-2:]
+    win = torch.outer(torch.hann_window(H, periodic=False, device=x.device),
+                      torch.hann_window(W, periodic=False, device=x.device))
+    f = torch.fft.rfft2((g - g.mean((-2, -1), keepdim=True)) * win)
+    r = f[:, 1:] * f[:, :-1].conj()
+    corr = torch.fft.irfft2(r / (r.abs() + 1e-6), s=(H, W)).flatten(2)  # (B, T-1, H*W)
+    peak, idx = corr.max(-1)
+    dy, dx = idx // W, idx % W
+    dy = torch.where(dy >= H // 2, dy - H, dy).float() / H               # wrap to [-1/2, 1/2)
+    dx = torch.where(dx >= W // 2, dx - W, dx).float() / W
+    return torch.stack([dx, dy, peak], -1)
+
+
 class VideoCaptioner(nn.Module):
     def __init__(self, cfg: CaptionerConfig):
         super().__init__()
@@ -180,6 +203,9 @@ class VideoCaptioner(nn.Module):
         nn.init.normal_(self.temporal_pos, std=0.02)
         self.motion = (MotionEncoder(cfg.patch_size, cfg.vision_width, cfg.motion_channels)
                        if cfg.motion_channels > 0 else None)
+        # (dx, dy, peak) -> a token (dx, dy scaled x20 in encode_video: a few pixels are ~0.05 of the frame)
+        self.global_motion = (nn.Sequential(nn.Linear(3, cfg.vision_width), nn.GELU(), nn.Linear(cfg.vision_width, cfg.vision_width))
+                              if cfg.global_motion else None)
         self.spacetime = (Transformer(cfg.vision_width, cfg.temporal_layers, cfg.vision_heads)
                           if cfg.temporal_layers > 0 else None)
         self.pooler = AttentionalPooler(cfg.text_width, cfg.vision_width, n_head=cfg.pooler_heads,
@@ -210,6 +236,9 @@ class VideoCaptioner(nn.Module):
         if self.motion is not None:
             tokens = tokens + self.motion(x)                            # (B, T, L, Dv)
         tokens = tokens.flatten(1, 2)                                   # (B, T*L, Dv)
+        if self.global_motion is not None:                              # + (B, T-1, Dv) camera tokens
+            gm = self.global_motion(phase_correlation(x) * torch.tensor([20.0, 20.0, 1.0], device=x.device))
+            tokens = torch.cat([tokens, gm + self.temporal_pos[None, :-1]], dim=1)
         if self.spacetime is not None:
             tokens = self.spacetime(tokens)
         pooled = self.pooler(tokens)                                    # (B, 1+N, Dt)

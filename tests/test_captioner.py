@@ -243,6 +243,21 @@ def test_decoding_cache_matches_full_forward_and_is_seeded():
     assert all(t >= 5 for s in a + beams + g for t in s)  # never pad / unk / style tokens
 
 
+def test_phase_correlation_reads_camera_pans_and_tilts():
+    from captioner.model import phase_correlation
+    base = np.random.default_rng(0).random((3, 96, 96)).astype(np.float32)
+    pan = np.stack([np.roll(base, 3 * t, axis=2)[:, 20:68, 20:68] for t in range(4)])    # content moves right
+    tilt = np.stack([np.roll(base, -2 * t, axis=1)[:, 20:68, 20:68] for t in range(4)])  # content moves up
+    m = phase_correlation(torch.from_numpy(np.stack([pan, tilt])))                        # (2, 3, 3)
+    assert torch.allclose(m[0, :, :2], torch.tensor([3 / 48, 0.0]).expand(3, 2))
+    assert torch.allclose(m[1, :, :2], torch.tensor([0.0, -2 / 48]).expand(3, 2))
+    assert (m[..., 2] > 0.5).all()                                                        # one sharp peak
+    model, tok = _untrained()
+    gm = VideoCaptioner(preset("tiny", vocab_size=tok.get_vocab_size(), global_motion=True)).eval()
+    emb, cond = gm.encode_video(torch.randint(0, 255, (2, 4, 32, 32, 3), dtype=torch.uint8))
+    assert emb.shape == (2, 64) and cond.shape == (2, 8, 64)
+
+
 def test_corrupt_checkpoint_is_refused(tmp_path):
     model, tok = _untrained()
     ckpt = save_captioner(model, tok, tmp_path / "ck")
