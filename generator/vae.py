@@ -36,6 +36,16 @@ class VAEConfig:
     scaling_factor: float = 1.0            # latents are multiplied by this for the DiT (1/std of data latents)
     patch_size: int = 1                    # pixel (un)shuffle at input/output: p x p pixels -> one position
 
+    def __post_init__(self):
+        # each time halving rides on a spatial downsampling: more than there are stages would
+        # build a net that compresses time less than time_factor says (a shape error much later)
+        if not 0 <= self.time_downsample <= len(self.channels) - 1:
+            raise ValueError(f"time_downsample must be 0..{len(self.channels) - 1} (one per downsampling "
+                             f"between the {len(self.channels)} stages of channels={tuple(self.channels)}), "
+                             f"got {self.time_downsample}")
+        if self.patch_size < 1:
+            raise ValueError(f"patch_size must be >= 1, got {self.patch_size}")
+
     @property
     def space_factor(self) -> int:
         return self.patch_size * 2 ** (len(self.channels) - 1)

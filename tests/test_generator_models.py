@@ -41,6 +41,31 @@ def test_vae_shapes_video_and_image():
         vae.encode(smooth_video(1, 5, 36, 32))
 
 
+def test_vae_patch_size_folds_pixels(tmp_path):
+    cfg = VAEConfig(channels=(8, 16), latent_channels=4, patch_size=2, time_downsample=1)  # 2x2 fold + one 2x stage
+    assert cfg.space_factor == 4 and cfg.time_factor == 2
+    with pytest.raises(ValueError, match="time_downsample must be 0..1"):
+        VAEConfig(channels=(8, 16), time_downsample=2)
+    torch.manual_seed(0)
+    vae = VAE(cfg).eval()
+    x = smooth_video(1, 9, 16, 24)
+    with torch.no_grad():
+        z = vae.encode(x).mean
+        assert z.shape == (1, 4, *vae.latent_shape(9, 16, 24)[1:]) == (1, 4, 5, 4, 6)
+        assert vae.decode(z).shape == x.shape
+        # still causal: the first latent frame depends on frame 0 only
+        y = x.clone()
+        y[:, :, 1:] = -y[:, :, 1:]
+        assert torch.allclose(vae.encode(y).mean[:, :, 0], z[:, :, 0], atol=1e-5)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        vae.encode(smooth_video(1, 5, 18, 24))
+    save_vae(vae, tmp_path / "v.safetensors")
+    again = load_vae(tmp_path / "v.safetensors")
+    assert again.cfg.patch_size == 2
+    with torch.no_grad():
+        assert torch.allclose(again.encode(x).mean, z)
+
+
 def test_vae_causal_first_frame_independent_of_future():
     vae = VAE(TINY_VAE).eval()
     x = smooth_video(1, 9, 32, 32)
