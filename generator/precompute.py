@@ -338,14 +338,20 @@ def choose_caption(row: dict) -> str:
     return ""
 
 
+KEY = ("clip_id", "vae_sha", "text_encoder_sha")  # one latents row per clip and encoder pair
+
+
+def _keys(dt) -> set:
+    t = dt.to_pyarrow_table(columns=list(KEY))
+    return set(zip(*(t[c].to_pylist() for c in KEY)))
+
+
 def existing_keys(path: str) -> set:
     """(clip_id, vae_sha, text_encoder_sha) already in the latents table at `path` (latest version)."""
     from deltalake import DeltaTable
 
-    if not DeltaTable.is_deltatable(path):
-        return set()
-    t = DeltaTable(path).to_pyarrow_table(columns=["clip_id", "vae_sha", "text_encoder_sha"])
-    return set(zip(*(t[c].to_pylist() for c in ("clip_id", "vae_sha", "text_encoder_sha"))))
+    return _keys(DeltaTable(path)) if DeltaTable.is_deltatable(path) else set()
+
 
 
 def append_new(path: str, table: pa.Table, lineage: dict, retries: int = 8) -> tuple[int | None, int]:
@@ -360,13 +366,12 @@ def append_new(path: str, table: pa.Table, lineage: dict, retries: int = 8) -> t
     from deltalake.exceptions import CommitFailedError, DeltaError
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    keys = list(zip(*(table[c].to_pylist() for c in ("clip_id", "vae_sha", "text_encoder_sha"))))
+    keys = list(zip(*(table[c].to_pylist() for c in KEY)))
     for attempt in range(retries + 1):
         snapshot = DeltaTable(path) if DeltaTable.is_deltatable(path) else None
         new = table
         if snapshot is not None:
-            have = snapshot.to_pyarrow_table(columns=["clip_id", "vae_sha", "text_encoder_sha"])
-            have = set(zip(*(have[c].to_pylist() for c in ("clip_id", "vae_sha", "text_encoder_sha"))))
+            have = _keys(snapshot)
             new = table.filter(pa.array([k not in have for k in keys], pa.bool_()))
             if new.num_rows == 0:
                 return None, 0
@@ -403,19 +408,24 @@ def logged_errors(table_path: str) -> set:
     return keys
 
 
-def kept_clips(root, version: int) -> list[dict]:
-    """Kept rows of <root>/clips at `version`, with the caption chosen and n_frames = clip length."""
+def open_version(path: str, version, missing: str):
+    """DeltaTable at `path` and `version` (None = latest); ValueError(`missing`) when there is no
+    table, a readable ValueError when the version does not exist."""
     from deltalake import DeltaTable
 
-    cols = ["clip_id", "clip_uri", "status", "start_frame", "end_frame", "fps", "caption_dense",
-            "caption_teacher_dense", "caption_short", "caption_teacher_short"]
-    path = str(Path(root) / "clips")
     if not DeltaTable.is_deltatable(path):
-        raise ValueError(f"no clips table under {root}")
+        raise ValueError(missing)
     try:
-        dt = DeltaTable(path, version=version)
+        return DeltaTable(path, version=version)
     except Exception as e:  # deltalake raises a generic error for a missing version
         raise ValueError(f"{path}: version {version} not found ({e})") from None
+
+
+def kept_clips(root, version: int) -> list[dict]:
+    """Kept rows of <root>/clips at `version`, with the caption chosen and n_frames = clip length."""
+    cols = ["clip_id", "clip_uri", "status", "start_frame", "end_frame", "fps", "caption_dense",
+            "caption_teacher_dense", "caption_short", "caption_teacher_short"]
+    dt = open_version(str(Path(root) / "clips"), version, f"no clips table under {root}")
     have = {f.name for f in dt.schema().fields}  # older versions may lack the caption columns
     t = dt.to_pyarrow_table(columns=[c for c in cols if c in have])
     rows = []

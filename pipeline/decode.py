@@ -36,6 +36,14 @@ def scaled_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     return max(2, int(round(width * scale / 2)) * 2), max(2, int(round(height * scale / 2)) * 2)
 
 
+def halve(img: np.ndarray, min_short_side: int) -> np.ndarray:
+    """Halve `img` (2x2 area averages) while its short side is >= 2 * min_short_side and both sides
+    are even, so every step takes OpenCV's fast integer-factor path."""
+    while min(img.shape[:2]) >= 2 * min_short_side and img.shape[0] % 2 == 0 and img.shape[1] % 2 == 0:
+        img = cv2.resize(img, (img.shape[1] // 2, img.shape[0] // 2), interpolation=cv2.INTER_AREA)
+    return img
+
+
 def _rotate(img: np.ndarray, rotation: int) -> np.ndarray:
     # `rotation` is clockwise degrees (the probe's convention); np.rot90 turns counter-clockwise.
     k = (-rotation // 90) % 4

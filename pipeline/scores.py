@@ -20,6 +20,8 @@ from array import array
 import cv2
 import numpy as np
 
+from pipeline.decode import halve
+
 SCORE_COLUMNS = ("motion", "static", "sharpness", "blur", "brightness", "contrast", "text_ratio")
 
 
@@ -87,8 +89,7 @@ class MotionScore:
 
     def _small(self, grey: np.ndarray) -> np.ndarray:
         # Exact halvings take OpenCV's fast area path; one bilinear step then lands on flow_side.
-        while min(grey.shape) >= 2 * self.flow_side and grey.shape[0] % 2 == 0 and grey.shape[1] % 2 == 0:
-            grey = cv2.resize(grey, (grey.shape[1] // 2, grey.shape[0] // 2), interpolation=cv2.INTER_AREA)
+        grey = halve(grey, self.flow_side)
         scale = self.flow_side / min(grey.shape)
         if scale < 1:
             grey = cv2.resize(grey, (max(1, round(grey.shape[1] * scale)), max(1, round(grey.shape[0] * scale))),

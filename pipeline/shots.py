@@ -14,6 +14,8 @@ import cv2
 import numpy as np
 from scenedetect import AdaptiveDetector, FrameTimecode, HistogramDetector, ThresholdDetector
 
+from pipeline.decode import halve
+
 
 class DissolveDetector:
     """Cross-fades: over a window of `window` frames, the middle frame is the average of the ends.
@@ -134,14 +136,6 @@ class ShotDetector:
         while end + 1 in dark:
             end += 1
         return int((start + end + 1) // 2)
-
-
-def halve(img: np.ndarray, min_short_side: int) -> np.ndarray:
-    """Halve `img` (2x2 area averages) while its short side is >= 2 * min_short_side and both sides
-    are even, so every step takes OpenCV's fast integer-factor path."""
-    while min(img.shape[:2]) >= 2 * min_short_side and img.shape[0] % 2 == 0 and img.shape[1] % 2 == 0:
-        img = cv2.resize(img, (img.shape[1] // 2, img.shape[0] // 2), interpolation=cv2.INTER_AREA)
-    return img
 
 
 def merge_cuts(cuts: list[int], min_gap: int, num_frames: int) -> list[int]:

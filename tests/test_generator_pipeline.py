@@ -28,11 +28,8 @@ ENCODERS = ["--text-encoder", "open_clip:ViT-S-32-alt", "--short-sides", "32", "
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared 2-core machine: avoid OpenMP spin contention
+def _one_thread(one_torch_thread):  # conftest: one torch thread for this module
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

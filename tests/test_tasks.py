@@ -27,11 +27,8 @@ TEXT_DIM = 8
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared 2-core machine: no OpenMP spin contention
+def _one_thread(one_torch_thread):  # conftest: one torch thread for this module
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
