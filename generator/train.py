@@ -9,8 +9,14 @@ step, so resume is exact. Each is written to a temp file and os.replace'd into p
 is refused instead of silently loaded.
 
 `train(cfg, data)` is the loop. `train_loop_per_worker(config)` is the Ray Train entry point: it
-reads rank/world size from Ray and calls the same `train` (DDP when world size > 1). Ray is only
-imported there.
+reads rank/world size from Ray and calls the same `train` (DDP, or FSDP with `strategy="fsdp"`, when
+world size > 1). Ray is only imported there.
+
+Under FSDP (torch's fully_shard, one unit per DiT block plus the root) model, EMA and optimizer
+state are sharded across ranks; a checkpoint gathers them into the same full safetensors file a
+single process writes, so a run can resume on a different world size or strategy, and `sample`
+reads it as usual. Saving is then a collective: every rank calls save_checkpoint, rank 0 writes.
+Each rank's RNG and data position are saved, so a resumed multi-rank run is exact too.
 """
 import copy
 import hashlib
@@ -52,6 +58,9 @@ class TrainConfig:
     # conditioning.TASK_MIX trains one model for animate/extend/loop/transition. Default: plain t2v.
     cond_ratios: dict = field(default_factory=lambda: {"none": 1.0})
     max_tokens: int = 4096         # tokens per packed batch (per worker)
+    # with world size > 1: "ddp" (a full replica per rank) or "fsdp" (parameters, gradients,
+    # optimizer state and EMA sharded across ranks: models that do not fit one device)
+    strategy: str = "ddp"
     base_tokens: int = 256         # resolution-shift reference (tokens per sample with shift 1)
     logit_mean: float = 0.0
     logit_std: float = 1.0
@@ -166,22 +175,90 @@ def _atomic_write_text(path: str, text: str):
     os.replace(tmp, path)
 
 
+def _fsdp(module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(module, FSDPModule)
+
+
+def _full_state(model, ema, opt) -> tuple[dict, dict, dict]:
+    """Unsharded CPU state dicts of model, EMA and optimizer (optimizer state keyed by parameter
+    index, as torch's own state_dict). Under FSDP this all-gathers: every rank must call it."""
+    if not _fsdp(model):
+        return model.state_dict(), ema.state_dict(), opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    osd = get_optimizer_state_dict(model, opt, options=opts)
+    msd, esd = get_model_state_dict(model, options=opts), get_model_state_dict(ema, options=opts)
+    if not osd:  # ranks other than 0 gather nothing with cpu_offload
+        return msd, esd, osd
+    index = {n: i for i, (n, _) in enumerate(model.named_parameters())}
+    osd = {"state": {index[k]: v for k, v in osd["state"].items()},
+           "param_groups": [{**g, "params": [index[p] for p in g["params"]]} for g in osd["param_groups"]]}
+    return msd, esd, osd
+
+
+def _load_weights(module, sd: dict, what: str):
+    """Strict load (errors name the keys) of a full state dict; under FSDP each rank keeps its shard."""
+    load_state_strict(module, sd, what, load=not _fsdp(module))
+    if _fsdp(module):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        set_model_state_dict(module, sd, options=StateDictOptions(full_state_dict=True))
+
+
+def _load_full_state(model, ema, opt, msd: dict, esd: dict, osd: dict):
+    """Inverse of _full_state: load full (unsharded) state dicts, sharding them under FSDP."""
+    _load_weights(model, msd, "model")
+    _load_weights(ema, esd, "EMA")
+    if not _fsdp(model):
+        opt.load_state_dict(osd)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    names = [n for n, _ in model.named_parameters()]
+    set_optimizer_state_dict(model, opt, {"state": {names[i]: v for i, v in osd["state"].items()},
+                                          "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
+                                                           for g in osd["param_groups"]]},
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def _per_rank(obj, world_size: int) -> list:
+    """[obj of rank 0, rank 1, ...]: an all-gather when distributed."""
+    if world_size == 1:
+        return [obj]
+    import torch.distributed as dist
+    out = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def save_checkpoint(ckpt_dir: str, model, ema, opt, gen, data, step: int, skipped: int, flops: float,
-                    cfg: TrainConfig, keep: int = 2) -> str:
-    """Write step_<step>.safetensors atomically, then point latest.json (with its sha256) at it."""
+                    cfg: TrainConfig, keep: int = 2, rank: int = 0, world_size: int = 1) -> str | None:
+    """Write step_<step>.safetensors atomically, then point latest.json (with its sha256) at it.
+    With world_size > 1 every rank must call it (states are gathered); rank 0 writes."""
+    msd, esd, osd = _full_state(model, ema, opt)
+    rngs = _per_rank((gen.get_state().cpu(), torch.get_rng_state(),
+                      torch.cuda.get_rng_state() if torch.cuda.is_available() else None), world_size)
+    positions = _per_rank(data.state_dict(), world_size)
+    path = _write_checkpoint(ckpt_dir, msd, esd, osd, rngs, positions, step, skipped, flops, cfg, keep) if rank == 0 else None
+    if world_size > 1:  # no rank goes on (and maybe reads latest.json) before the file is in place
+        import torch.distributed as dist
+        dist.barrier()
+    return path
+
+
+def _write_checkpoint(ckpt_dir, msd, esd, osd, rngs, positions, step, skipped, flops, cfg, keep) -> str:
     os.makedirs(ckpt_dir, exist_ok=True)
-    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tensors.update({f"ema.{k}": v.detach().contiguous().cpu() for k, v in ema.state_dict().items()})
-    osd = opt.state_dict()
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in msd.items()}
+    tensors.update({f"ema.{k}": v.detach().contiguous().cpu() for k, v in esd.items()})
     for idx, st in osd["state"].items():
         for name, v in st.items():
             tensors[f"optim.{idx}.{name}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().contiguous().cpu()
-    tensors["rng.generator"] = gen.get_state().cpu()
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    meta = {"step": step, "skipped": skipped, "flops": flops, "data": data.state_dict(),
-            "param_groups": osd["param_groups"], "config": asdict(cfg)}
+    for r, (g, t, c) in enumerate(rngs):
+        tensors[f"rng.generator.{r}"], tensors[f"rng.torch.{r}"] = g, t
+        if c is not None:
+            tensors[f"rng.cuda.{r}"] = c
+    meta = {"step": step, "skipped": skipped, "flops": flops, "data": positions[0], "data_ranks": positions,
+            "world_size": len(positions), "param_groups": osd["param_groups"], "config": asdict(cfg)}
     name = f"step_{step:08d}.safetensors"
     path = os.path.join(ckpt_dir, name)
     save_file(tensors, path + ".tmp", metadata={"train": json.dumps(meta)})
@@ -194,9 +271,10 @@ def save_checkpoint(ckpt_dir: str, model, ema, opt, gen, data, step: int, skippe
     return path
 
 
-def load_checkpoint(ckpt_dir: str, model, ema, opt, gen, data, device) -> dict:
+def load_checkpoint(ckpt_dir: str, model, ema, opt, gen, data, device, rank: int = 0, world_size: int = 1) -> dict:
     """Restore everything save_checkpoint wrote; returns its metadata (step, skipped, flops, ...).
-    Raises CheckpointError on a sha256 mismatch, ValueError (naming keys) on a model mismatch."""
+    Raises CheckpointError on a sha256 mismatch, ValueError (naming keys) on a model mismatch.
+    Each rank takes its own RNG and data position when the checkpoint has the same world size."""
     with open(os.path.join(ckpt_dir, "latest.json")) as f:
         latest = json.load(f)
     path = os.path.join(ckpt_dir, latest["file"])
@@ -210,18 +288,23 @@ def load_checkpoint(ckpt_dir: str, model, ema, opt, gen, data, device) -> dict:
         meta = json.loads(f.metadata()["train"])
     tensors = load_file(path)
     group = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    load_state_strict(model, group("model."), "model")
-    load_state_strict(ema, group("ema."), "EMA")
     state = {}
     for k, v in group("optim.").items():
         idx, name = k.split(".", 1)
         state.setdefault(int(idx), {})[name] = v.to(device) if name != "step" else v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    gen.set_state(tensors["rng.generator"])
-    torch.set_rng_state(tensors["rng.torch"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
-    data.load_state_dict(meta["data"])
+    _load_full_state(model, ema, opt, group("model."), group("ema."),
+                     {"state": state, "param_groups": meta["param_groups"]})
+    same = meta.get("world_size", 1) == world_size
+    if not same:
+        log.warning("checkpoint was written by %d rank(s), resuming on %d: weights and optimizer are exact, "
+                    "RNG streams and data order are not", meta.get("world_size", 1), world_size)
+    # older checkpoints hold one unsuffixed state; another world size takes rank 0's
+    r = "" if "rng.generator" in tensors else f".{rank if same else 0}"
+    gen.set_state(tensors["rng.generator" + r])
+    torch.set_rng_state(tensors["rng.torch" + r])
+    if f"rng.cuda{r}" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors[f"rng.cuda{r}"])
+    data.load_state_dict(meta["data_ranks"][rank] if same and "data_ranks" in meta else meta["data"])
     return meta
 
 
@@ -234,8 +317,17 @@ def init_weights(ckpt_dir: str, model, ema) -> None:
         raise CheckpointError(f"checkpoint {path} is missing, truncated or tampered")
     tensors = load_file(path)
     weights = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
-    load_state_strict(model, weights, "model (init_from)")
-    load_state_strict(ema, weights, "EMA (init_from)")
+    _load_weights(model, weights, "model (init_from)")
+    _load_weights(ema, weights, "EMA (init_from)")
+
+
+def _all_finite(loss, world_size: int) -> bool:
+    """Whether the loss is finite on every rank (one all-reduce when distributed)."""
+    ok = torch.isfinite(loss.detach()).float().reshape(1)
+    if world_size > 1:
+        import torch.distributed as dist
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
 
 
 def pick_device(name: str) -> torch.device:
@@ -266,9 +358,18 @@ def train(cfg: TrainConfig, data, rank: int = 0, world_size: int = 1, report=Non
     device = pick_device(cfg.device)
     cuda = device.type == "cuda"
     check_ratios(cfg.cond_ratios)  # fail before building anything
+    if cfg.strategy not in ("ddp", "fsdp"):
+        raise ValueError(f"strategy must be 'ddp' or 'fsdp', got {cfg.strategy!r}")
+    fsdp = world_size > 1 and cfg.strategy == "fsdp"
     torch.manual_seed(cfg.seed)
     model = DiT(cfg.dit).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
+    if fsdp:  # shard before the optimizer is built: it must hold the sharded parameters
+        from torch.distributed.fsdp import fully_shard
+        for m in (model, ema):  # the EMA sharded the same way, so its update stays shard-local
+            for block in m.blocks:
+                fully_shard(block)
+            fully_shard(m)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)
     batches = data if hasattr(data, "state_dict") else PackedBatches(data, cfg.dit.patch, cfg.max_tokens, cfg.seed,
@@ -276,15 +377,16 @@ def train(cfg: TrainConfig, data, rank: int = 0, world_size: int = 1, report=Non
     flow = RectifiedFlow(cfg.base_tokens, cfg.logit_mean, cfg.logit_std)
     step, skipped, flops = 0, 0, 0.0
     if cfg.ckpt_dir and cfg.resume and os.path.exists(os.path.join(cfg.ckpt_dir, "latest.json")):
-        meta = load_checkpoint(cfg.ckpt_dir, model, ema, opt, gen, batches, device)
+        meta = load_checkpoint(cfg.ckpt_dir, model, ema, opt, gen, batches, device, rank, world_size)
         step, skipped, flops = meta["step"], meta["skipped"], meta["flops"]
         log.info("resumed from %s at step %d", cfg.ckpt_dir, step)
     elif cfg.init_from:
         init_weights(cfg.init_from, model, ema)
         log.info("initialised from %s (fine-tuning)", cfg.init_from)
     net = model
-    if world_size > 1:
+    if world_size > 1 and not fsdp:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if cuda else None)
+    saver = rank == 0 or world_size > 1  # a multi-rank save gathers from every rank
     history, t_start, stop = [], time.time(), "steps"
     while step < cfg.steps:
         if cfg.max_seconds is not None and time.time() - t_start >= cfg.max_seconds:
@@ -308,13 +410,15 @@ def train(cfg: TrainConfig, data, rank: int = 0, world_size: int = 1, report=Non
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             loss = flow.loss(model_fn, packed.tokens, packed.cu_seqlens, generator=gen, clean=clean)
         step += 1
-        if not torch.isfinite(loss):
+        if not _all_finite(loss, world_size):  # every rank skips together, or collectives would hang
             skipped += 1
             log.warning("step %d: non-finite loss %s, step skipped (%d skipped so far)", step, loss.item(), skipped)
             opt.zero_grad(set_to_none=True)
             continue
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor of the global norm
+            grad_norm = grad_norm.full_tensor()
         if not torch.isfinite(grad_norm):
             skipped += 1
             log.warning("step %d: non-finite gradient norm, step skipped (%d skipped so far)", step, skipped)
@@ -335,10 +439,12 @@ def train(cfg: TrainConfig, data, rank: int = 0, world_size: int = 1, report=Non
             log.info("step %d loss %.4f lr %.2e grad %.3f skipped %d", step, rec["loss"], lr, rec["grad_norm"], skipped)
             if report is not None:
                 report(rec)
-        if cfg.ckpt_dir and rank == 0 and cfg.ckpt_every and step % cfg.ckpt_every == 0:
-            save_checkpoint(cfg.ckpt_dir, model, ema, opt, gen, batches, step, skipped, flops, cfg, cfg.keep_ckpts)
-    if cfg.ckpt_dir and rank == 0:
-        save_checkpoint(cfg.ckpt_dir, model, ema, opt, gen, batches, step, skipped, flops, cfg, cfg.keep_ckpts)
+        if cfg.ckpt_dir and saver and cfg.ckpt_every and step % cfg.ckpt_every == 0:
+            save_checkpoint(cfg.ckpt_dir, model, ema, opt, gen, batches, step, skipped, flops, cfg, cfg.keep_ckpts,
+                            rank, world_size)
+    if cfg.ckpt_dir and saver:
+        save_checkpoint(cfg.ckpt_dir, model, ema, opt, gen, batches, step, skipped, flops, cfg, cfg.keep_ckpts,
+                        rank, world_size)
     return TrainResult(history, model, ema, step, skipped, stop)
 
 

@@ -389,8 +389,9 @@ def psnr(x, y) -> float:
     return 10 * math.log10(1.0 / max(mse, 1e-12))
 
 
-def load_state_strict(module: nn.Module, state: dict, what: str):
-    """load_state_dict that names missing/unexpected keys and shape mismatches in one error."""
+def load_state_strict(module: nn.Module, state: dict, what: str, load: bool = True):
+    """load_state_dict that names missing/unexpected keys and shape mismatches in one error
+    (load=False: only check, for callers that load another way, e.g. sharded)."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -398,7 +399,8 @@ def load_state_strict(module: nn.Module, state: dict, what: str):
     if missing or unexpected or shapes:
         raise ValueError(f"{what} checkpoint does not match the model: missing keys {missing[:10]}, "
                          f"unexpected keys {unexpected[:10]}, shape mismatches {shapes[:10]}")
-    module.load_state_dict(state)
+    if load:
+        module.load_state_dict(state)
 
 
 def save_with_config(module: nn.Module, path: str):

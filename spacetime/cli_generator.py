@@ -213,6 +213,9 @@ def train_cmd(
         init_from: Optional[Path] = typer.Option(None, "--init-from",
                                                  help="fine-tune: start from this finished run's weights (a train --out dir)"),
         workers: int = typer.Option(1, "--workers", min=1, help="Ray Train TorchTrainer workers (DDP) when > 1"),
+        strategy: str = typer.Option("ddp", "--strategy",
+                                     help="with --workers > 1: ddp (a full model per worker) or fsdp (parameters, "
+                                          "gradients, optimizer state and EMA sharded across workers)"),
         seed: int = typer.Option(0, "--seed")):
     """Train the DiT with rectified flow on a pinned latents table version; safetensors checkpoints in --out."""
     import torch
@@ -221,6 +224,8 @@ def train_cmd(
     from generator.train import CheckpointError, TrainConfig, train
 
     root = dataset.resolve()
+    if strategy not in ("ddp", "fsdp"):
+        _fail(f"--strategy must be ddp or fsdp, got {strategy!r}")
     pt = _ints(patch, "--patch")
     if len(pt) != 3:
         _fail(f"--patch needs three integers t,h,w, got {patch!r}")
@@ -241,7 +246,7 @@ def train_cmd(
     cfg = TrainConfig(dit=dit, steps=steps, lr=lr, warmup_steps=warmup_steps, max_tokens=max_tokens,
                       base_tokens=base_tokens, seed=seed, log_every=log_every, ckpt_dir=str(out),
                       ckpt_every=ckpt_every, resume=resume, max_seconds=budget_seconds, max_flops=budget_flops,
-                      init_from=str(init_from) if init_from else None)
+                      init_from=str(init_from) if init_from else None, strategy=strategy)
     if init_from is not None and not (init_from / "latest.json").is_file():
         _fail(f"--init-from {init_from}: no finished run there (latest.json missing)")
     clips_versions = sorted(set(data.table["clips_version"].to_pylist()))
@@ -252,7 +257,7 @@ def train_cmd(
     _write_json(manifest_path, manifest)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     typer.echo(f"train: {preset} on {len(data)} latents (version {data.version}, {data.channels} ch, text dim "
-               f"{data.text_dim}), {steps} steps, {workers} worker(s) on {device}")
+               f"{data.text_dim}), {steps} steps, {workers} worker(s){f' ({strategy})' if workers > 1 else ''} on {device}")
 
     if workers > 1:
         from functools import partial

@@ -240,12 +240,13 @@ def test_train_dit_from_the_table_loss_falls(app, latents, dataset, tmp_path):
 
 
 @pytest.mark.slow
-def test_train_dit_ddp_over_ray_train_workers(app, latents, dataset, tmp_path):
-    """--workers 2: Ray Train TorchTrainer, DDP over gloo on CPU; rank 0 writes the checkpoint."""
-    out = tmp_path / "ddp"
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_train_dit_over_ray_train_workers(app, latents, dataset, tmp_path, strategy):
+    """--workers 2: Ray Train TorchTrainer, DDP or FSDP over gloo on CPU; rank 0 writes the checkpoint."""
+    out = tmp_path / strategy
     r = CliRunner().invoke(app, ["train", "--dataset", str(dataset), "--latents-version", "0", "--out", str(out),
                                  "--preset", "DiT_T", "--steps", "6", "--max-tokens", "200", "--workers", "2",
-                                 "--log-every", "3"])
+                                 "--log-every", "3", "--strategy", strategy])
     assert r.exit_code == 0, r.output
     run = json.loads((out / "run.json").read_text())
     assert run["workers"] == 2 and run["checkpoint"]["step"] == 6
