@@ -155,8 +155,8 @@ def main():
                     help="fraction of batches in the short style (default: in proportion to the captions)")
     ap.add_argument("--frame-pool", type=int, default=1,
                     help="decode this many times the model's frames per clip; training shows a random ordered subset")
-    ap.add_argument("--global-motion", action="store_true",
-                    help="add the phase-correlation camera-motion tokens (CaptionerConfig.global_motion)")
+    ap.add_argument("--global-motion", action=argparse.BooleanOptionalAction, default=True,
+                    help="the camera-motion tokens (CaptionerConfig.global_motion; --no-global-motion to compare)")
     ap.add_argument("--upsampler-steps", type=int, default=400)
     # 1 thread: on a shared, oversubscribed 2-core box two OpenMP threads spin-waited for each
     # other and took ~6x the CPU time per step (measured); on an idle box --threads 2 is faster

@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 import av
+import cv2
 import imageio_ffmpeg
 import numpy as np
 import pyarrow as pa
@@ -243,8 +244,8 @@ def test_decoding_cache_matches_full_forward_and_is_seeded():
     assert all(t >= 5 for s in a + beams + g for t in s)  # never pad / unk / style tokens
 
 
-def test_phase_correlation_reads_camera_pans_and_tilts():
-    from captioner.model import phase_correlation
+def test_camera_features_read_pans_tilts_and_zooms():
+    from captioner.model import phase_correlation, zoom_rate
     base = np.random.default_rng(0).random((3, 96, 96)).astype(np.float32)
     pan = np.stack([np.roll(base, 3 * t, axis=2)[:, 20:68, 20:68] for t in range(4)])    # content moves right
     tilt = np.stack([np.roll(base, -2 * t, axis=1)[:, 20:68, 20:68] for t in range(4)])  # content moves up
@@ -252,10 +253,16 @@ def test_phase_correlation_reads_camera_pans_and_tilts():
     assert torch.allclose(m[0, :, :2], torch.tensor([3 / 48, 0.0]).expand(3, 2))
     assert torch.allclose(m[1, :, :2], torch.tensor([0.0, -2 / 48]).expand(3, 2))
     assert (m[..., 2] > 0.5).all()                                                        # one sharp peak
+    smooth = cv2.GaussianBlur(base.transpose(1, 2, 0), (0, 0), 2.0)                        # photo-like spectrum
+    crops = lambda sizes: np.stack([cv2.resize(smooth[48 - s // 2:48 + s // 2, 48 - s // 2:48 + s // 2],
+                                               (48, 48), interpolation=cv2.INTER_AREA).transpose(2, 0, 1) for s in sizes])
+    zoom_in, zoom_out = crops([80, 70, 60, 52]), crops([52, 60, 70, 80])                   # smaller crop = closer
+    z = zoom_rate(torch.from_numpy(np.stack([zoom_in, zoom_out, pan, tilt])))            # (4, 3)
+    assert (z[0] < -0.05).all() and (z[1] > 0.05).all() and (z[2:].abs() < 0.02).all(), z
     model, tok = _untrained()
     gm = VideoCaptioner(preset("tiny", vocab_size=tok.get_vocab_size(), global_motion=True)).eval()
     emb, cond = gm.encode_video(torch.randint(0, 255, (2, 4, 32, 32, 3), dtype=torch.uint8))
-    assert emb.shape == (2, 64) and cond.shape == (2, 8, 64)
+    assert emb.shape == (2, 64) and cond.shape == (2, 8 + 3, 64)  # pooled tokens + one per frame pair
 
 
 def test_corrupt_checkpoint_is_refused(tmp_path):
