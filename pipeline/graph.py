@@ -70,6 +70,7 @@ class AnalyzeSource:
 
     def __call__(self, item: dict) -> list[dict]:
         uri, reject = self.sources[item["i"]]
+        fingerprint = {} if reject else _fingerprint(uri)
         if reject:
             rows = [rejected_row(uri, reject)]
         else:
@@ -80,7 +81,7 @@ class AnalyzeSource:
                 rows = [rejected_row(uri, f"analysis failed: {type(e).__name__}: {e}"[:500])]
         # Same keys on every row (Ray builds blocks from them); `_n` lets the driver know when a
         # source is complete.
-        return [{**ROW_TEMPLATE, **r, "_n": len(rows)} for r in rows]
+        return [{**ROW_TEMPLATE, **r, **({} if r.get("_skip") else fingerprint), "_n": len(rows)} for r in rows]
 
     def _analyze(self, uri: str) -> list[dict]:
         from pipeline.probe import probe, sha256_file
@@ -151,16 +152,44 @@ class CurateResult:
 
 @dataclass
 class Done:
-    """What earlier runs committed or staged: (sha256, source_uri) pairs, and the source whose
-    clips each content hash already produced (a later copy under another name is a duplicate)."""
+    """What earlier runs committed or staged: (sha256, source_uri) pairs, the source whose clips
+    each content hash already produced (a later copy under another name is a duplicate), and each
+    source's fingerprint (size, mtime_ns) -> sha256 as it was when a worker hashed it."""
     pairs: set = field(default_factory=set)
     clip_source: dict = field(default_factory=dict)
+    fingerprints: dict = field(default_factory=dict)
 
     def add(self, t: pa.Table) -> None:
         for sha, uri, cid in zip(*(t[c].to_pylist() for c in ("source_sha256", "source_uri", "clip_id"))):
             self.pairs.add((sha, uri))
             if sha and cid:
                 self.clip_source.setdefault(sha, uri)
+        if "source_size" in t.column_names and "source_mtime_ns" in t.column_names:
+            cols = (t[c].to_pylist() for c in ("source_uri", "source_size", "source_mtime_ns", "source_sha256"))
+            for uri, size, mtime, sha in zip(*cols):
+                if size is not None and mtime is not None and sha:
+                    self.fingerprints[uri] = (size, mtime, sha)
+
+    def unchanged(self, uri: str) -> bool:
+        """Whether this path is done and, by size and mtime, still the file that was hashed (the
+        make/rsync test: a same-size rewrite that keeps the mtime slips through; curate --rehash)."""
+        known = self.fingerprints.get(display_uri(uri))
+        if known is None or (known[2], display_uri(uri)) not in self.pairs:
+            return False
+        try:
+            st = os.stat(uri)
+        except OSError:
+            return False
+        return (st.st_size, st.st_mtime_ns) == known[:2]
+
+
+def _fingerprint(uri: str) -> dict:
+    """Size and mtime of a source, taken before it is hashed (so a later change shows)."""
+    try:
+        st = os.stat(uri)
+    except OSError:
+        return {}
+    return {"source_size": st.st_size, "source_mtime_ns": st.st_mtime_ns}
 
 
 def import_captions(table: pa.Table, captions_file: str) -> pa.Table:
@@ -223,7 +252,8 @@ def decide(new: pa.Table, committed: pa.Table, spec: DatasetSpec) -> pa.Table:
 def _rows_to_table(rows: list[dict]) -> pa.Table:
     drop = {"frames", "_key", "_skip", "_n"}
     clean = [{k: v for k, v in r.items() if k not in drop} for r in rows]
-    extra = {"thumbnail": pa.binary(), "layout": pa.list_(pa.float32()), "embed_error": pa.string()}
+    extra = {"thumbnail": pa.binary(), "layout": pa.list_(pa.float32()), "embed_error": pa.string(),
+             "source_size": pa.int64(), "source_mtime_ns": pa.int64()}
     keys = {k for r in clean for k in r}
     arrays, names = [], []
     for f in store.CLIPS_SCHEMA:
@@ -260,19 +290,24 @@ def _dup_row(uri: str, original: str, sha: str) -> dict:
 
 
 def curate(source_args: list[str], root: str, spec: DatasetSpec, captions: Optional[str] = None,
-           progress: Optional[Callable[[int, int, str], None]] = None, ray_address: Optional[str] = None) -> CurateResult:
-    """Curate sources into the `clips` table under `root`; returns what this run wrote."""
+           progress: Optional[Callable[[int, int, str], None]] = None, ray_address: Optional[str] = None,
+           rehash: bool = False) -> CurateResult:
+    """Curate sources into the `clips` table under `root`; returns what this run wrote.
+
+    A source already committed or staged under the same path, whose size and mtime are those it
+    had when it was hashed, is skipped on the driver: a re-run or resume over finished sources
+    starts no Ray work at all. rehash=True sends every source to the workers to be hashed again."""
     started = time.time()
     root = str(Path(root).resolve())
     Path(root).mkdir(parents=True, exist_ok=True)
     lease = store.acquire_lease(root)
     try:
-        return _curate(source_args, root, spec, captions, progress, ray_address, started)
+        return _curate(source_args, root, spec, captions, progress, ray_address, started, rehash)
     finally:
         store.release_lease(lease)
 
 
-def _curate(source_args, root, spec, captions, progress, ray_address, started) -> CurateResult:
+def _curate(source_args, root, spec, captions, progress, ray_address, started, rehash=False) -> CurateResult:
     import ray
 
     from pipeline.embed import ClipEmbedder
@@ -283,6 +318,13 @@ def _curate(source_args, root, spec, captions, progress, ray_address, started) -
     done = Done()
     for t in [committed, *staged.values()]:
         done.add(store.conform(t))
+    # unchanged finished sources are skipped here, without hashing them again or starting Ray
+    run_sources = sources if rehash else [s for s in sources if s.reject or not done.unchanged(s.uri)]
+    skipped = len(sources) - len(run_sources)
+    if skipped and progress:
+        progress(skipped, len(sources), f"{skipped} unchanged source(s) already done")
+    if not run_sources:
+        return _finish(root, staged, committed, sources, skipped, captions, spec, source_args, started)
 
     if not ray.is_initialized():
         ray.init(address=ray_address, ignore_reinit_error=True, log_to_driver=False,
@@ -292,13 +334,12 @@ def _curate(source_args, root, spec, captions, progress, ray_address, started) -
     ctx.verbose_progress = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     res = spec.resources
-    skipped = 0
     pending: dict[str, list] = {}
-    if sources:
-        items = [{"i": i} for i in range(len(sources))]
+    if run_sources:
+        items = [{"i": i} for i in range(len(run_sources))]
         ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
         ds = ds.flat_map(AnalyzeSource, fn_constructor_kwargs=dict(
-            root=root, spec=spec.model_dump(mode="json"), sources=[(s.uri, s.reject) for s in sources],
+            root=root, spec=spec.model_dump(mode="json"), sources=[(s.uri, s.reject) for s in run_sources],
             done=done),
             compute=ray.data.ActorPoolStrategy(size=res.analyze.concurrency), num_cpus=res.analyze.num_cpus)
         ds = ds.map_batches(ClipEmbedder, fn_constructor_kwargs=dict(
@@ -306,7 +347,7 @@ def _curate(source_args, root, spec, captions, progress, ray_address, started) -
             aesthetic_weights=spec.embedding.aesthetic_weights),
             batch_size=res.embed.batch_size, compute=ray.data.ActorPoolStrategy(size=res.embed.concurrency),
             num_cpus=res.embed.num_cpus, num_gpus=res.embed.num_gpus, batch_format="pyarrow")
-        finished = 0
+        finished = skipped
         for row in ds.iter_rows():
             row = dict(row)
             if row.get("_skip"):
@@ -327,7 +368,12 @@ def _curate(source_args, root, spec, captions, progress, ray_address, started) -
     for uri, rows in pending.items():  # should not happen; never lose rows silently
         log.warning("source %s ended with %d partial rows; staging what arrived", uri, len(rows))
         _stage_source(root, staged, rows)
+    return _finish(root, staged, committed, sources, skipped, captions, spec, source_args, started)
 
+
+def _finish(root, staged, committed, sources, skipped, captions, spec, source_args, started) -> CurateResult:
+    """Decide (filters, dedup) over everything staged and commit it as one version; then clear
+    the staging area and collect garbage."""
     if not staged:
         return CurateResult(None, {}, len(sources), skipped, 0)
     new = pa.concat_tables([store.conform(t) for t in staged.values()], promote_options="permissive")

@@ -95,10 +95,13 @@ def curate(sources: List[str] = typer.Argument(..., help="video files, directori
            dataset: Path = typer.Option(..., "--dataset", help="dataset root; the table is <root>/clips"),
            spec: Optional[Path] = typer.Option(None, "--spec", help="dataset spec YAML (default: datasets/demo.yaml values)"),
            captions: Optional[Path] = typer.Option(None, "--captions", help="JSON/CSV of existing captions keyed by source + frame range"),
-           address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: local Ray)")):
+           address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: local Ray)"),
+           rehash: bool = typer.Option(False, "--rehash",
+                                       help="hash every source again, even those whose size and mtime say unchanged")):
     """Split sources into clips, score, filter and dedup them, and commit a new version of the clips table.
 
-    Re-running on the same sources adds nothing; a killed run resumes where it stopped.
+    Re-running on the same sources adds nothing; a killed run resumes where it stopped. Finished
+    sources whose size and mtime are unchanged are skipped without hashing or starting Ray.
     """
     from pipeline.graph import curate as run_curate
 
@@ -113,7 +116,7 @@ def curate(sources: List[str] = typer.Argument(..., help="video files, directori
         fail("no video sources found in: " + " ".join(sources))
     typer.echo(f"curating {n} source(s) into {dataset} (spec {s.name}, hash {s.spec_hash()})", err=True)
     res = run_curate(list(sources), str(dataset), s, captions=str(captions) if captions else None,
-                     progress=_progress_bar(n, "curate"), ray_address=address)
+                     progress=_progress_bar(n, "curate"), ray_address=address, rehash=rehash)
     if res.version is None:
         typer.echo(f"nothing new: all {res.sources} source(s) already committed; table unchanged")
         return

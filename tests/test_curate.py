@@ -139,11 +139,30 @@ def test_scores_filters_and_dedup_on_demo(curated):
     assert kept.num_rows >= table.num_rows // 3
 
 
-def test_rerun_is_a_noop(curated, footage):
+def test_rerun_is_a_noop(curated, footage, monkeypatch):
+    """Unchanged sources are skipped on the driver by (size, mtime) without starting Ray work; a
+    touched one goes to a worker, is re-hashed, and is still skipped (same content, same path)."""
+    import ray.data
     root, res, table, gt = curated
     src, _, _ = footage
+    assert table["source_size"].null_count == 0 and table["source_mtime_ns"].null_count == 0
+    real_from_items = ray.data.from_items
+
+    def no_ray(*a, **k):
+        raise AssertionError("a re-run over unchanged sources started Ray work")
+    monkeypatch.setattr(ray.data, "from_items", no_ray)
     again = curate([str(src)], str(root), DatasetSpec())
     assert again.version is None and again.skipped == len(gt["videos"])
+    first = src / gt["videos"][0]["file"]
+    st = first.stat()
+    os.utime(first, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    sent = []
+    monkeypatch.setattr(ray.data, "from_items", lambda items, **k: sent.append(len(items)) or real_from_items(items, **k))
+    try:
+        again = curate([str(src)], str(root), DatasetSpec())
+    finally:
+        os.utime(first, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert sent == [1] and again.version is None and again.skipped == len(gt["videos"])
     assert store.latest_version(root) == 0
 
 
