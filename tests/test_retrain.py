@@ -86,3 +86,6 @@ def test_retrain_twice_reuses_everything_and_new_footage_fine_tunes(tmp_path):
     run_json = json.loads((Path(lin2["dit_checkpoint"]) / "run.json").read_text())
     assert run_json["train"]["init_from"] == lin2["from_checkpoint"]
     assert (tmp_path / "run2" / "report.html").is_file()
+    from spacetime.report import RETRAIN_SECTION_IDS, find_chromium, render_check
+    if find_chromium() is not None:  # the retrain report (inline GIFs, lineage, curves) renders
+        assert render_check(tmp_path / "run2" / "report.html", RETRAIN_SECTION_IDS)
