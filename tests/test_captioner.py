@@ -113,8 +113,15 @@ def dataset(tmp_path_factory):
     return root, make_dataset(root)
 
 
-TINY = TrainConfig(preset="tiny", steps=400, batch_size=16, lr=3e-3, contrastive_weight=0.1, warmup_steps=10, val_fraction=0.3,
+# lr 1e-3 on one thread: held-out colour learned on seeds 0-3 (and seed 0 on 2 threads). At 3e-3
+# it was chaotic: 0.2-0.44 on seeds 0/1 with one thread, and a 0.44 failure in a CI run.
+TINY = TrainConfig(preset="tiny", steps=400, batch_size=16, lr=1e-3, contrastive_weight=0.1, warmup_steps=10, val_fraction=0.3,
                    eval_every=200, ckpt_every=200, log_every=25, seed=0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_torch_thread):  # conftest: one torch thread, so a run is the same run everywhere
+    yield
 
 
 @pytest.fixture(scope="module")
