@@ -173,8 +173,16 @@ def test_fsdp_equals_ddp_and_both_resume_exactly_over_two_ranks(pairs, tmp_path)
     """Two CPU ranks over gloo. FSDP (sharded model, EMA, optimizer) takes the same steps as DDP; a
     run killed and resumed from its gathered checkpoint repeats the uninterrupted losses on every
     rank (each rank's RNG and data position are saved); the checkpoint loads into one process."""
+    import time
+
     import torch.multiprocessing as mp
-    mp.spawn(_ranks_worker, args=(2, str(tmp_path / "pg"), pairs, str(tmp_path)), nprocs=2)
+    procs = mp.spawn(_ranks_worker, args=(2, str(tmp_path / "pg"), pairs, str(tmp_path)), nprocs=2, join=False)
+    deadline = time.time() + 300  # a collective mismatch hangs both ranks: fail instead of hanging CI
+    while not procs.join(timeout=5):
+        if time.time() > deadline:
+            for p in procs.processes:
+                p.kill()
+            pytest.fail("the two ranks did not finish in 300 s (a hang in a collective?)")
     ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     for r in ranks:
         for strategy in ("ddp", "fsdp"):
