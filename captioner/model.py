@@ -172,7 +172,16 @@ class MotionEncoder(nn.Module):
         return torch.cat([m, torch.zeros_like(m[:, :1])], dim=1)        # (B, T, L, D)
 
 
-def phase_correlation(x: torch.Tensor) -> torch.Tensor:
+def _spectra(x: torch.Tensor) -> torch.Tensor:
+    """x (B, T, 3, H, W) -> (B, T, H, W//2+1): rfft2 of each frame's mean-removed, Hann-windowed luma."""
+    g = x.mean(2)
+    H, W = g.shape[-2:]
+    win = torch.outer(torch.hann_window(H, periodic=False, device=x.device),
+                      torch.hann_window(W, periodic=False, device=x.device))
+    return torch.fft.rfft2((g - g.mean((-2, -1), keepdim=True)) * win)
+
+
+def phase_correlation(x: torch.Tensor, f: torch.Tensor | None = None) -> torch.Tensor:
     """Global translation between consecutive frames, by phase correlation (what cv2.phaseCorrelate
     does), batched in torch. x (B, T, 3, H, W) -> (B, T-1, 3): (dx / W, dy / H, peak height).
 
@@ -180,11 +189,8 @@ def phase_correlation(x: torch.Tensor) -> torch.Tensor:
     then has one sharp peak at the shift. Zooms and object motion give a weak or central peak. A
     learned net can find this too, but not from the few hundred clips a small dataset has.
     """
-    g = x.mean(2)                                                        # (B, T, H, W) luma-ish
-    H, W = g.shape[-2:]
-    win = torch.outer(torch.hann_window(H, periodic=False, device=x.device),
-                      torch.hann_window(W, periodic=False, device=x.device))
-    f = torch.fft.rfft2((g - g.mean((-2, -1), keepdim=True)) * win)
+    f = _spectra(x) if f is None else f
+    H, W = x.shape[-2:]
     r = f[:, 1:] * f[:, :-1].conj()
     corr = torch.fft.irfft2(r / (r.abs() + 1e-6), s=(H, W)).flatten(2)  # (B, T-1, H*W)
     peak, idx = corr.max(-1)
@@ -194,17 +200,14 @@ def phase_correlation(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([dx, dy, peak], -1)
 
 
-def zoom_rate(x: torch.Tensor) -> torch.Tensor:
+def zoom_rate(x: torch.Tensor, f: torch.Tensor | None = None) -> torch.Tensor:
     """Log scale change between consecutive frames: x (B, T, 3, H, W) -> (B, T-1).
 
     Zooming in enlarges the picture, which moves its spectrum's energy to lower frequencies: the
     log ratio of the radial centroids of consecutive magnitude spectra is < 0 for a zoom in, > 0
     for a zoom out, ~0 for pans and holds (a translation leaves the magnitude spectrum as it is)."""
-    g = x.mean(2)
-    H, W = g.shape[-2:]
-    win = torch.outer(torch.hann_window(H, periodic=False, device=x.device),
-                      torch.hann_window(W, periodic=False, device=x.device))
-    mag = torch.fft.rfft2((g - g.mean((-2, -1), keepdim=True)) * win).abs()  # (B, T, H, W//2+1)
+    mag = (_spectra(x) if f is None else f).abs()                         # (B, T, H, W//2+1)
+    H, W = x.shape[-2:]
     fy = torch.fft.fftfreq(H, device=x.device)[:, None]
     fx = torch.fft.rfftfreq(W, device=x.device)[None, :]
     centroid = (mag * (fy ** 2 + fx ** 2).sqrt()).sum((-2, -1)) / (mag.sum((-2, -1)) + 1e-8)
@@ -214,8 +217,9 @@ def zoom_rate(x: torch.Tensor) -> torch.Tensor:
 def camera_features(x: torch.Tensor) -> torch.Tensor:
     """(B, T, 3, H, W) -> (B, T-1, 4): dx, dy (x20: a few pixels are ~0.05 of the frame), phase
     correlation peak, zoom rate (x20) between consecutive frames."""
-    pc = phase_correlation(x) * torch.tensor([20.0, 20.0, 1.0], device=x.device)
-    return torch.cat([pc, 20 * zoom_rate(x)[..., None]], -1)
+    f = _spectra(x)  # one FFT per frame serves both
+    pc = phase_correlation(x, f) * torch.tensor([20.0, 20.0, 1.0], device=x.device)
+    return torch.cat([pc, 20 * zoom_rate(x, f)[..., None]], -1)
 
 
 class VideoCaptioner(nn.Module):

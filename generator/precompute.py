@@ -353,7 +353,6 @@ def existing_keys(path: str) -> set:
     return _keys(DeltaTable(path)) if DeltaTable.is_deltatable(path) else set()
 
 
-
 def append_new(path: str, table: pa.Table, lineage: dict, retries: int = 8) -> tuple[int | None, int]:
     """Append the rows of `table` whose (clip_id, vae_sha, text_encoder_sha) the latents table does not
     hold yet, as ONE commit -> (new version or None if nothing was new, rows written).

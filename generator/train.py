@@ -175,6 +175,14 @@ def _atomic_write_text(path: str, text: str):
     os.replace(tmp, path)
 
 
+STRATEGIES = ("ddp", "fsdp")
+
+
+def _param_names(model) -> list[str]:
+    """Parameter names in optimizer order (index i of a torch optimizer state dict is names[i])."""
+    return [n for n, _ in model.named_parameters()]
+
+
 def _fsdp(module) -> bool:
     from torch.distributed.fsdp import FSDPModule
     return isinstance(module, FSDPModule)
@@ -192,7 +200,7 @@ def _full_state(model, ema, opt) -> tuple[dict, dict, dict]:
     msd, esd = get_model_state_dict(model, options=opts), get_model_state_dict(ema, options=opts)
     if not osd:  # ranks other than 0 gather nothing with cpu_offload
         return msd, esd, osd
-    index = {n: i for i, (n, _) in enumerate(model.named_parameters())}
+    index = {n: i for i, n in enumerate(_param_names(model))}
     osd = {"state": {index[k]: v for k, v in osd["state"].items()},
            "param_groups": [{**g, "params": [index[p] for p in g["params"]]} for g in osd["param_groups"]]}
     return msd, esd, osd
@@ -214,7 +222,7 @@ def _load_full_state(model, ema, opt, msd: dict, esd: dict, osd: dict):
         opt.load_state_dict(osd)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    names = [n for n, _ in model.named_parameters()]
+    names = _param_names(model)
     set_optimizer_state_dict(model, opt, {"state": {names[i]: v for i, v in osd["state"].items()},
                                           "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
                                                            for g in osd["param_groups"]]},
@@ -358,8 +366,8 @@ def train(cfg: TrainConfig, data, rank: int = 0, world_size: int = 1, report=Non
     device = pick_device(cfg.device)
     cuda = device.type == "cuda"
     check_ratios(cfg.cond_ratios)  # fail before building anything
-    if cfg.strategy not in ("ddp", "fsdp"):
-        raise ValueError(f"strategy must be 'ddp' or 'fsdp', got {cfg.strategy!r}")
+    if cfg.strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {cfg.strategy!r}")
     fsdp = world_size > 1 and cfg.strategy == "fsdp"
     torch.manual_seed(cfg.seed)
     model = DiT(cfg.dit).to(device)
@@ -386,7 +394,6 @@ def train(cfg: TrainConfig, data, rank: int = 0, world_size: int = 1, report=Non
     net = model
     if world_size > 1 and not fsdp:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if cuda else None)
-    saver = rank == 0 or world_size > 1  # a multi-rank save gathers from every rank
     history, t_start, stop = [], time.time(), "steps"
     while step < cfg.steps:
         if cfg.max_seconds is not None and time.time() - t_start >= cfg.max_seconds:
@@ -439,10 +446,11 @@ def train(cfg: TrainConfig, data, rank: int = 0, world_size: int = 1, report=Non
             log.info("step %d loss %.4f lr %.2e grad %.3f skipped %d", step, rec["loss"], lr, rec["grad_norm"], skipped)
             if report is not None:
                 report(rec)
-        if cfg.ckpt_dir and saver and cfg.ckpt_every and step % cfg.ckpt_every == 0:
+        # every rank calls save_checkpoint: a multi-rank save gathers from all of them, rank 0 writes
+        if cfg.ckpt_dir and cfg.ckpt_every and step % cfg.ckpt_every == 0:
             save_checkpoint(cfg.ckpt_dir, model, ema, opt, gen, batches, step, skipped, flops, cfg, cfg.keep_ckpts,
                             rank, world_size)
-    if cfg.ckpt_dir and saver:
+    if cfg.ckpt_dir:
         save_checkpoint(cfg.ckpt_dir, model, ema, opt, gen, batches, step, skipped, flops, cfg, cfg.keep_ckpts,
                         rank, world_size)
     return TrainResult(history, model, ema, step, skipped, stop)

@@ -173,14 +173,12 @@ class Done:
     def unchanged(self, uri: str) -> bool:
         """Whether this path is done and, by size and mtime, still the file that was hashed (the
         make/rsync test: a same-size rewrite that keeps the mtime slips through; curate --rehash)."""
-        known = self.fingerprints.get(display_uri(uri))
-        if known is None or (known[2], display_uri(uri)) not in self.pairs:
+        shown = display_uri(uri)
+        known = self.fingerprints.get(shown)
+        if known is None or (known[2], shown) not in self.pairs:
             return False
-        try:
-            st = os.stat(uri)
-        except OSError:
-            return False
-        return (st.st_size, st.st_mtime_ns) == known[:2]
+        now = _fingerprint(uri)
+        return bool(now) and (now["source_size"], now["source_mtime_ns"]) == known[:2]
 
 
 def _fingerprint(uri: str) -> dict:
@@ -335,36 +333,35 @@ def _curate(source_args, root, spec, captions, progress, ray_address, started, r
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     res = spec.resources
     pending: dict[str, list] = {}
-    if run_sources:
-        items = [{"i": i} for i in range(len(run_sources))]
-        ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-        ds = ds.flat_map(AnalyzeSource, fn_constructor_kwargs=dict(
-            root=root, spec=spec.model_dump(mode="json"), sources=[(s.uri, s.reject) for s in run_sources],
-            done=done),
-            compute=ray.data.ActorPoolStrategy(size=res.analyze.concurrency), num_cpus=res.analyze.num_cpus)
-        ds = ds.map_batches(ClipEmbedder, fn_constructor_kwargs=dict(
-            model=spec.embedding.model, pretrained=spec.embedding.pretrained,
-            aesthetic_weights=spec.embedding.aesthetic_weights),
-            batch_size=res.embed.batch_size, compute=ray.data.ActorPoolStrategy(size=res.embed.concurrency),
-            num_cpus=res.embed.num_cpus, num_gpus=res.embed.num_gpus, batch_format="pyarrow")
-        finished = skipped
-        for row in ds.iter_rows():
-            row = dict(row)
-            if row.get("_skip"):
-                skipped += 1
-                finished += 1
-                if progress:
-                    progress(finished, len(sources), f"skip {Path(row['source_uri']).name} (already committed)")
-                continue
-            # Clips of one source arrive together from flat_map, but batches may split them: stage a
-            # source once all its rows are here (the analysis stage tags each with the row count).
-            uri = row["source_uri"]
-            pending.setdefault(uri, []).append(row)
-            if len(pending[uri]) == int(row["_n"]):
-                _stage_source(root, staged, pending.pop(uri))
-                finished += 1
-                if progress:
-                    progress(finished, len(sources), Path(uri).name)
+    items = [{"i": i} for i in range(len(run_sources))]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    ds = ds.flat_map(AnalyzeSource, fn_constructor_kwargs=dict(
+        root=root, spec=spec.model_dump(mode="json"), sources=[(s.uri, s.reject) for s in run_sources],
+        done=done),
+        compute=ray.data.ActorPoolStrategy(size=res.analyze.concurrency), num_cpus=res.analyze.num_cpus)
+    ds = ds.map_batches(ClipEmbedder, fn_constructor_kwargs=dict(
+        model=spec.embedding.model, pretrained=spec.embedding.pretrained,
+        aesthetic_weights=spec.embedding.aesthetic_weights),
+        batch_size=res.embed.batch_size, compute=ray.data.ActorPoolStrategy(size=res.embed.concurrency),
+        num_cpus=res.embed.num_cpus, num_gpus=res.embed.num_gpus, batch_format="pyarrow")
+    finished = skipped
+    for row in ds.iter_rows():
+        row = dict(row)
+        if row.get("_skip"):
+            skipped += 1
+            finished += 1
+            if progress:
+                progress(finished, len(sources), f"skip {Path(row['source_uri']).name} (already committed)")
+            continue
+        # Clips of one source arrive together from flat_map, but batches may split them: stage a
+        # source once all its rows are here (the analysis stage tags each with the row count).
+        uri = row["source_uri"]
+        pending.setdefault(uri, []).append(row)
+        if len(pending[uri]) == int(row["_n"]):
+            _stage_source(root, staged, pending.pop(uri))
+            finished += 1
+            if progress:
+                progress(finished, len(sources), Path(uri).name)
     for uri, rows in pending.items():  # should not happen; never lose rows silently
         log.warning("source %s ended with %d partial rows; staging what arrived", uri, len(rows))
         _stage_source(root, staged, rows)

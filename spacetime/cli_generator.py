@@ -221,11 +221,11 @@ def train_cmd(
     import torch
 
     from generator.data import LatentBatches
-    from generator.train import CheckpointError, TrainConfig, train
+    from generator.train import STRATEGIES, CheckpointError, TrainConfig, train
 
     root = dataset.resolve()
-    if strategy not in ("ddp", "fsdp"):
-        _fail(f"--strategy must be ddp or fsdp, got {strategy!r}")
+    if strategy not in STRATEGIES:
+        _fail(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     pt = _ints(patch, "--patch")
     if len(pt) != 3:
         _fail(f"--patch needs three integers t,h,w, got {patch!r}")
