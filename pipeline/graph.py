@@ -2,7 +2,7 @@
 
     sources ─► AnalyzeSource (actor pool, CPU):  probe → sha256 → ONE decode feeding the shot detector
                and every scorer → clips planned from shots → all clips of the source cut in one ffmpeg pass
-            ─► ClipEmbedder (actor pool, GPU when the spec asks): CLIP embedding + aesthetic per clip
+            ─► EmbedClips (actor pool, GPU when the spec asks): CLIP embedding + aesthetic per clip
             ─► driver: rows of a finished source are staged (atomic parquet) → at the end filter,
                dedup against the committed table, append as one Delta commit, clear staging.
 
@@ -49,6 +49,19 @@ def rejected_row(uri: str, reason: str, sha: Optional[str] = None, key: Optional
 
 ROW_TEMPLATE = {**{name: None for name in store.CLIPS_SCHEMA.names},
                 "frames": [], "thumbnail": None, "layout": None, "_key": None, "_skip": False, "_n": 1}
+
+
+class EmbedClips:
+    """map_batches stage: pipeline.embed.ClipEmbedder, imported inside the actor. The driver only
+    names this class, so a `curate` never pays open_clip's import (~5 s: torchvision, transformers)."""
+
+    def __init__(self, **kwargs):
+        from pipeline.embed import ClipEmbedder
+
+        self.embed = ClipEmbedder(**kwargs)
+
+    def __call__(self, batch):
+        return self.embed(batch)
 
 
 class AnalyzeSource:
@@ -308,8 +321,6 @@ def curate(source_args: list[str], root: str, spec: DatasetSpec, captions: Optio
 def _curate(source_args, root, spec, captions, progress, ray_address, started, rehash=False) -> CurateResult:
     import ray
 
-    from pipeline.embed import ClipEmbedder
-
     sources: list[Source] = expand_sources(source_args)
     committed = store.read_clips(root)
     staged = store.load_staged(root)
@@ -339,7 +350,7 @@ def _curate(source_args, root, spec, captions, progress, ray_address, started, r
         root=root, spec=spec.model_dump(mode="json"), sources=[(s.uri, s.reject) for s in run_sources],
         done=done),
         compute=ray.data.ActorPoolStrategy(size=res.analyze.concurrency), num_cpus=res.analyze.num_cpus)
-    ds = ds.map_batches(ClipEmbedder, fn_constructor_kwargs=dict(
+    ds = ds.map_batches(EmbedClips, fn_constructor_kwargs=dict(
         model=spec.embedding.model, pretrained=spec.embedding.pretrained,
         aesthetic_weights=spec.embedding.aesthetic_weights),
         batch_size=res.embed.batch_size, compute=ray.data.ActorPoolStrategy(size=res.embed.concurrency),

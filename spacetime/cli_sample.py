@@ -9,7 +9,6 @@ import warnings
 from pathlib import Path
 from typing import List, Optional
 
-import torch
 import typer
 
 TASKS = ("animate", "extend", "loop", "edit", "transition", "image")
@@ -35,6 +34,8 @@ def _text_encoder(name: str, text_dim: int):
 
 
 def _load(checkpoint: Path, vae_path: Path):
+    import torch
+
     from generator.sample import load_codec, load_model, resolve_checkpoint, sha256_file
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, base_tokens = load_model(checkpoint, device)

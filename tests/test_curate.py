@@ -235,3 +235,13 @@ def test_a_version_rebuilds_from_its_recorded_spec_and_sources(curated, tmp_path
     root, res, table, gt = curated
     r = rebuild(str(root), 0, str(tmp_path / "rebuilt"))
     assert r["same"] and r["clips"] == table.num_rows, (r["missing"][:3], r["extra"][:3])
+
+
+def test_cli_start_and_curate_driver_do_not_import_the_model_stack():
+    # torch + open_clip cost ~5 s to import and Ray's job SDK ~0.9 s: the embed actors and the model
+    # commands import them where they run, so `spacetime --help` (3.0 s -> 0.4 s) and every curate
+    # driver (a cold resume ~7 s shorter) start without them.
+    code = ("import sys, spacetime.cli, pipeline.graph; "
+            "print([m for m in ('torch', 'open_clip', 'transformers', 'ray.job_submission') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]", out.stdout
