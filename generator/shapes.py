@@ -2,10 +2,14 @@
 
 A video is (T, 3, H, W) float in [-1, 1]: a circle, square or triangle of one of four colours on a
 flat dark background, moving left, right, up or down, with the caption "a red circle moving left".
+A "there and back" video (`back=True`, "a red circle moving left and back") eases out and returns
+to where it started, so its last frame leads into its first: the periodic motion a model must have
+seen to make seamless loops.
 `judge(video)` reads a video back by pixel analysis (dominant non-background colour + centroid
 trajectory) so generated samples can be scored against their prompt. `embed_caption` gives fixed
 random word embeddings: a stand-in text encoder for tests and the shapes benchmark.
 """
+import math
 import random
 import zlib
 
@@ -19,8 +23,8 @@ BACKGROUND = (-0.6, -0.6, -0.6)
 HELD_OUT = (("red", "left"), ("green", "right"), ("blue", "up"), ("yellow", "down"))
 
 
-def caption_of(colour: str, shape: str, direction: str) -> str:
-    return f"a {colour} {shape} moving {direction}"
+def caption_of(colour: str, shape: str, direction: str, back: bool = False) -> str:
+    return f"a {colour} {shape} moving {direction}" + (" and back" if back else "")
 
 
 def _mask(shape: str, cx: float, cy: float, r: float, H: int, W: int):
@@ -35,8 +39,10 @@ def _mask(shape: str, cx: float, cy: float, r: float, H: int, W: int):
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
-def make_video(colour: str, shape: str, direction: str, frames: int = 17, size: int = 64, rng=None):
-    """(frames, 3, size, size) in [-1, 1]: the shape travels ~half the frame in `direction`."""
+def make_video(colour: str, shape: str, direction: str, frames: int = 17, size: int = 64, rng=None,
+               back: bool = False):
+    """(frames, 3, size, size) in [-1, 1]: the shape travels ~half the frame in `direction`; with
+    `back`, out and back on a cosine (still at both ends, the last frame equal to the first)."""
     rng = rng or random.Random(0)
     r = size / 5
     travel = size * 0.45
@@ -53,23 +59,27 @@ def make_video(colour: str, shape: str, direction: str, frames: int = 17, size: 
     fg = torch.tensor(COLOURS[colour]).view(3, 1, 1)
     video = torch.empty(frames, 3, size, size)
     for f in range(frames):
-        a = travel * f / max(frames - 1, 1)
+        u = f / max(frames - 1, 1)
+        a = travel * ((1 - math.cos(2 * math.pi * u)) / 2 if back else u)
         m = _mask(shape, x0 + dx * a, y0 + dy * a, r, size, size)
         video[f] = torch.where(m, fg, bg)
     return video
 
 
-def make_dataset(n: int, frames: int = 17, size: int = 64, seed: int = 0, held_out: bool = False):
+def make_dataset(n: int, frames: int = 17, size: int = 64, seed: int = 0, held_out: bool = False,
+                 back: float = 0.0):
     """n (video, caption, (colour, shape, direction)) triples. held_out=False draws only training
-    colour/direction pairs; True draws only the HELD_OUT pairs."""
+    colour/direction pairs; True draws only the HELD_OUT pairs. A fraction `back` of the videos
+    go there and back (0 draws exactly the one-way data of earlier versions, same seed, same videos)."""
     rng = random.Random(seed)
     pairs = [(c, d) for c in COLOURS for d in DIRECTIONS if ((c, d) in HELD_OUT) == held_out]
     out = []
     for _ in range(n):
         colour, direction = rng.choice(pairs)
         shape = rng.choice(SHAPES)
-        out.append((make_video(colour, shape, direction, frames, size, rng), caption_of(colour, shape, direction),
-                    (colour, shape, direction)))
+        there_and_back = back > 0 and rng.random() < back
+        out.append((make_video(colour, shape, direction, frames, size, rng, there_and_back),
+                    caption_of(colour, shape, direction, there_and_back), (colour, shape, direction)))
     return out
 
 

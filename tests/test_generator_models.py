@@ -5,7 +5,7 @@ import torch
 from generator.dit import DiT_T, DiTConfig, DiT, load_dit, save_dit
 from generator.flow import RectifiedFlow, shift_t
 from generator.patches import crop_to_patch, pack, pack_sequences, patchify, unpack, unpatchify
-from generator.shapes import embed_caption, judge, make_dataset
+from generator.shapes import embed_caption, judge, make_dataset, make_video
 from generator.train import train_vae
 from generator.vae import VAE, VAEConfig, load_vae, psnr, save_vae
 
@@ -292,3 +292,17 @@ def test_shapes_judge_reads_its_own_videos():
     data = make_dataset(12, frames=9, size=32, seed=3) + make_dataset(4, frames=9, size=32, seed=4, held_out=True)
     assert all(judge(v) == (c, d) for v, _, (c, _, d) in data)
     assert embed_caption("a red circle moving left", 32).shape == (5, 32)
+
+
+def test_shapes_there_and_back_videos_loop_and_leave_one_way_data_unchanged():
+    import random
+
+    v = make_video("red", "circle", "left", frames=17, size=32, rng=random.Random(0), back=True)
+    one_way = make_video("red", "circle", "left", frames=17, size=32, rng=random.Random(0))
+    assert torch.equal(v[0], one_way[0]) and torch.equal(v[-1], v[0])  # returns to its start
+    assert (v[8] - v[0]).abs().mean() > 0.1                              # and moves in between
+    mixed = make_dataset(40, frames=9, size=32, seed=0, back=0.5)
+    backs = [cap for _, cap, _ in mixed if cap.endswith(" and back")]
+    assert 8 <= len(backs) <= 32
+    plain = make_dataset(12, frames=9, size=32, seed=0)
+    assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(plain, make_dataset(12, frames=9, size=32, seed=0, back=0.0)))
