@@ -349,7 +349,9 @@ def _curate(source_args, root, spec, captions, progress, ray_address, started, r
     ds = ds.flat_map(AnalyzeSource, fn_constructor_kwargs=dict(
         root=root, spec=spec.model_dump(mode="json"), sources=[(s.uri, s.reject) for s in run_sources],
         done=done),
-        compute=ray.data.ActorPoolStrategy(size=res.analyze.concurrency), num_cpus=res.analyze.num_cpus)
+        # no more analysis actors than sources: an idle one would hold CPU the embed stage could use
+        compute=ray.data.ActorPoolStrategy(size=min(res.analyze.concurrency, len(run_sources))),
+        num_cpus=res.analyze.num_cpus)
     ds = ds.map_batches(EmbedClips, fn_constructor_kwargs=dict(
         model=spec.embedding.model, pretrained=spec.embedding.pretrained,
         aesthetic_weights=spec.embedding.aesthetic_weights),
