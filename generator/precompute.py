@@ -7,7 +7,7 @@ generator/ never imports pipeline/):
 
     kept rows not yet in `latents` (key: clip_id + vae_sha + text_encoder_sha)
       -> map(decode_row)             PyAV; the clip's frames, resized to its bucket (aspect kept)
-      -> map_batches(VAEEncoder)      actor: latent mean * scaling_factor, chunked in time
+      -> map_batches(VAEEncoder)      actor: vae.to_dit(latent mean), chunked in time
       -> map_batches(TextEncoder)     actor: per-token caption embeddings (L, D)
       -> ONE Delta commit to <root>/latents, lineage in the commit info
 
@@ -52,7 +52,7 @@ LATENTS_SCHEMA = pa.schema([
     ("pixels", pa.struct([("frames", pa.int32()), ("height", pa.int32()), ("width", pa.int32())])),
     ("frame_offset", pa.int64()),       # first clip frame used (0-based, within the clip)
     ("fps", pa.float64()),
-    ("latent", pa.binary()),            # safetensors bytes: "latent" (C, t, h, w) float32, already * scaling_factor
+    ("latent", pa.binary()),            # safetensors bytes: "latent" (C, t, h, w) float32, already vae.to_dit (shifted, scaled)
     ("text_embedding", pa.binary()),    # safetensors bytes: "text" (L, D) float32
     ("caption", pa.string()),
     ("vae_sha", pa.string()),
@@ -183,7 +183,7 @@ def _device(use_gpu: bool) -> torch.device:
 
 
 class VAEEncoder:
-    """Actor: decoded frames -> latent mean * scaling_factor (C, t, h, w) as safetensors bytes.
+    """Actor: decoded frames -> vae.to_dit(latent mean) (C, t, h, w) as safetensors bytes.
 
     Long clips go through the VAE in chunks of `chunk_frames` after frame 0 and big frames in
     spatial tiles, so memory stays flat; the causal VAE makes both exact (or nearly, for tiles)."""
@@ -205,7 +205,7 @@ class VAEEncoder:
         tile = self.tile if max(x.shape[-2:]) > self.tile else None
         chunk = self.chunk if x.shape[2] > 1 + self.chunk else None
         z = self.vae.encode(x, chunk_frames=chunk, tile=tile, overlap=min(64, self.tile // 4)).mean[0]
-        return z * self.vae.cfg.scaling_factor
+        return self.vae.to_dit(z)
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["clip_id"])

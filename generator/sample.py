@@ -5,7 +5,7 @@
 
 The path from prompt to pixels: text embedding (L, D_text) -> seeded noise in latent tokens over the
 patch grid of the requested size -> rectified-flow sampler (Euler or Heun) with classifier-free
-guidance against the model's null text -> latents / scaling_factor -> VAE decode (chunked in time,
+guidance against the model's null text -> vae.from_dit (unscale, unshift) -> VAE decode (chunked in time,
 tiled in space for big frames) -> video (3, T, H, W) in [-1, 1].
 
 `generate_latent` is the shared core: the tasks (generator/tasks.py) call it with frames held clean
@@ -135,14 +135,14 @@ def encode_video(vae: VAE, video) -> torch.Tensor:
     """Video (3, T, H, W) in [-1, 1], T = 1 + time_factor k -> scaled latent (C, t, h, w) (posterior mean)."""
     x = video[None].to(next(vae.parameters()).device, torch.float32)
     tile = DECODE_TILE if max(x.shape[-2:]) > DECODE_TILE else None
-    return vae.encode(x, tile=tile, overlap=DECODE_OVERLAP).mean[0] * vae.cfg.scaling_factor
+    return vae.to_dit(vae.encode(x, tile=tile, overlap=DECODE_OVERLAP).mean[0])
 
 
 @torch.no_grad()
 def decode_latent(vae: VAE, latent) -> torch.Tensor:
     """Scaled latent (C, t, h, w) -> video (3, 1 + f(t-1), sH, sW) in [-1, 1]. Chunked in time and tiled
     in space (blended overlaps) past DECODE_TILE pixels, so a 2048x2048 image decodes in bounded memory."""
-    z = latent[None].to(next(vae.parameters()).device, torch.float32) / vae.cfg.scaling_factor
+    z = vae.from_dit(latent[None].to(next(vae.parameters()).device, torch.float32))
     f, s = vae.cfg.time_factor, vae.cfg.space_factor
     tile = DECODE_TILE if max(z.shape[-2:]) * s > DECODE_TILE else None
     chunk = 4 * f if z.shape[2] > 5 else None

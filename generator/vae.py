@@ -34,6 +34,7 @@ class VAEConfig:
     res_blocks: int = 1                    # residual blocks per stage
     latent_channels: int = 4
     scaling_factor: float = 1.0            # latents are multiplied by this for the DiT (1/std of data latents)
+    shift_factor: float = 0.0              # ... after subtracting this (mean of data latents; SD3's shift/scale)
     patch_size: int = 1                    # pixel (un)shuffle at input/output: p x p pixels -> one position
 
     def __post_init__(self):
@@ -291,6 +292,14 @@ class VAE(nn.Module):
         self._check(frames, height, width)
         f, s = self.cfg.time_factor, self.cfg.space_factor
         return (self.cfg.latent_channels, 1 + (frames - 1) // f, height // s, width // s)
+
+    def to_dit(self, z):
+        """Posterior latents -> the DiT's zero-mean, unit-std latents. A flat dark background puts the raw
+        mean far from 0, and an unshifted flow spends its capacity learning that offset."""
+        return (z - self.cfg.shift_factor) * self.cfg.scaling_factor
+
+    def from_dit(self, z):
+        return z / self.cfg.scaling_factor + self.cfg.shift_factor
 
     def _check(self, T, H, W):
         f, s = self.cfg.time_factor, self.cfg.space_factor

@@ -130,8 +130,9 @@ def train_vae_cmd(
                      max_seconds=max_seconds)
     for h in hist[every - 1::every]:
         typer.echo(f"  step {h['step']:>6} loss {h['loss']:.4f} psnr {h['psnr']:.2f} dB")
-    with torch.no_grad():  # the DiT wants unit-variance latents: scale by 1 / std of the data's latents
+    with torch.no_grad():  # the DiT wants zero-mean, unit-variance latents: shift and scale by the data's
         means = torch.cat([vae.encode(x[i:i + 8]).mean for i in range(0, len(x), 8)])
+    vae.cfg.shift_factor = float(means.mean())
     vae.cfg.scaling_factor = float(1.0 / means.std().clamp_min(1e-6))
     out.mkdir(parents=True, exist_ok=True)
     save_vae(vae, str(out / "vae.safetensors"))
@@ -140,7 +141,7 @@ def train_vae_cmd(
             "seconds": round(time.time() - t0, 1), "sha256": sha256_file(out / "vae.safetensors")}
     _write_json(out / "vae.json", info)
     typer.echo(f"wrote {out / 'vae.safetensors'} (psnr {hist[-1]['psnr']:.2f} dB, scaling factor "
-               f"{cfg.scaling_factor:.3f}, sha {info['sha256'][:12]})")
+               f"{cfg.scaling_factor:.3f}, shift {cfg.shift_factor:.3f}, sha {info['sha256'][:12]})")
 
 
 def precompute_cmd(

@@ -127,6 +127,23 @@ def test_vae_save_load_and_mismatch(tmp_path):
         load_vae(p, VAEConfig(channels=(8, 16, 16, 16, 16), latent_channels=4))
 
 
+def test_vae_shift_and_scale_give_the_dit_standard_latents_and_undo_exactly(tmp_path):
+    from generator.sample import decode_latent, encode_video
+
+    vae = VAE(TINY_VAE).eval()
+    x = smooth_video(1, 5, 16, 16)[0]
+    with torch.no_grad():
+        raw = vae.encode(x[None]).mean[0]
+        plain = vae.decode(raw[None])[0].clamp(-1, 1)
+    vae.cfg.shift_factor, vae.cfg.scaling_factor = float(raw.mean()), float(1 / raw.std())
+    z = encode_video(vae, x)
+    assert abs(float(z.mean())) < 1e-5 and abs(float(z.std()) - 1) < 1e-4
+    assert torch.allclose(decode_latent(vae, z), plain, atol=1e-5)   # the DiT's latents decode as the raw ones
+    p = str(tmp_path / "vae.safetensors")
+    save_vae(vae, p)
+    assert load_vae(p).cfg.shift_factor == vae.cfg.shift_factor     # the shift travels with the weights
+
+
 # ------------------------------------------------------------------- patches, packing
 
 def test_patchify_roundtrip_and_errors():

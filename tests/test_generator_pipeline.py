@@ -132,6 +132,7 @@ def test_train_vae_cli(vae_dir):
 
     vae = load_vae(str(vae_dir / "vae.safetensors"))
     assert vae.cfg.channels == (8, 16, 16) and vae.cfg.scaling_factor > 0 and vae.cfg.scaling_factor != 1.0
+    assert vae.cfg.shift_factor != 0.0                # zero-mean latents for the DiT
 
 
 @pytest.fixture(scope="module")
