@@ -104,8 +104,7 @@ def train_models(args):
         print(f"[vae] {len(hist)} steps, PSNR -> {statistics.mean(h['psnr'] for h in hist[-20:]):.1f} dB")
     with torch.no_grad():
         lats = [torch.cat([vae.encode(c[i:i + 32]).mean for i in range(0, len(c), 32)]) for c in clips]
-    flat = torch.cat([z.flatten() for z in lats])
-    vae.cfg.shift_factor, vae.cfg.scaling_factor = flat.mean().item(), 1.0 / flat.std().item()
+    vae.fit_latent_stats(torch.cat([z.flatten() for z in lats]))
     pairs = [(vae.to_dit(z[i]), embed_caption(c, TEXT_DIM)) for g, z in zip(groups, lats) for i, (_, c, _) in enumerate(g)]
 
     # 2. DiT with the task conditioning mix
@@ -171,7 +170,7 @@ def main():
         x = v.permute(1, 0, 2, 3)  # (3, T, H, W)
         # animate: the image is the first frame
         r = tasks.animate(model, vae, v[0], cap, frames=FRAMES, resolution=SIZE, seed=i, **kw)
-        rt = decode_latent(vae, encode_video(vae, x[:, :1]))[:, 0]
+        rt = roundtrip(vae, x[:, :1])[:, 0]
         rows["animate"].append(psnr(r.video[:, 0], x[:, 0]))
         rows["animate_rt"].append(psnr(r.video[:, 0], rt))
         rows["roundtrip"].append(psnr(rt, x[:, 0]))

@@ -301,6 +301,12 @@ class VAE(nn.Module):
     def from_dit(self, z):
         return z / self.cfg.scaling_factor + self.cfg.shift_factor
 
+    def fit_latent_stats(self, means):
+        """Set shift and scale from posterior means of the training data (any shape), so to_dit gives
+        zero mean and unit std."""
+        self.cfg.shift_factor = float(means.mean())
+        self.cfg.scaling_factor = float(1.0 / means.std().clamp_min(1e-6))
+
     def _check(self, T, H, W):
         f, s = self.cfg.time_factor, self.cfg.space_factor
         if (T - 1) % f:

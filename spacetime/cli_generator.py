@@ -132,8 +132,7 @@ def train_vae_cmd(
         typer.echo(f"  step {h['step']:>6} loss {h['loss']:.4f} psnr {h['psnr']:.2f} dB")
     with torch.no_grad():  # the DiT wants zero-mean, unit-variance latents: shift and scale by the data's
         means = torch.cat([vae.encode(x[i:i + 8]).mean for i in range(0, len(x), 8)])
-    vae.cfg.shift_factor = float(means.mean())
-    vae.cfg.scaling_factor = float(1.0 / means.std().clamp_min(1e-6))
+    vae.fit_latent_stats(means)
     out.mkdir(parents=True, exist_ok=True)
     save_vae(vae, str(out / "vae.safetensors"))
     info = {"dataset": str(root), "clips_version": version, "clips": len(videos), "frames": frames, "size": size,
