@@ -88,9 +88,9 @@ def score(videos, targets):
 
 
 @torch.no_grad()
-def generate(dit, vae, shift, scale, prompts, frames, size, text_dim, steps, cfg_scale, seed):
-    """One video (T, 3, H, W) per caption: noise in latent tokens -> Euler with CFG against the null
-    caption -> un-normalise -> VAE decode."""
+def generate(dit, vae, prompts, frames, size, text_dim, steps, cfg_scale, seed):
+    """One video (T, 3, H, W) per caption, all in one packed batch: noise in latent tokens -> Euler
+    with CFG against the null caption -> un-shift/scale (vae.from_dit) -> VAE decode."""
     C, t, h, w = vae.latent_shape(frames, size, size)
     p = pack([torch.zeros(C, t, h, w) for _ in prompts], dit.cfg.patch)
     y, ycu = pack_sequences([embed_caption(c, text_dim) for c in prompts])
@@ -100,7 +100,7 @@ def generate(dit, vae, shift, scale, prompts, frames, size, text_dim, steps, cfg
     noise = torch.randn(p.tokens.shape, generator=torch.Generator().manual_seed(seed))
     rf = RectifiedFlow(base_tokens=p.tokens.shape[0] // len(prompts))
     x = rf.sample(cond, noise, p.cu_seqlens, steps=steps, cfg_scale=cfg_scale, uncond=uncond)
-    lat = torch.stack(unpack(x, p)) / scale + shift
+    lat = vae.from_dit(torch.stack(unpack(x, p)))
     return [v.permute(1, 0, 2, 3) for v in vae.decode(lat)]
 
 
@@ -128,8 +128,8 @@ def run(cfg: BenchConfig, log=print):
     # 2. latents (posterior means), shifted and scaled to zero mean / unit std for the flow
     with torch.no_grad():
         lat = torch.cat([vae.encode(videos[i:i + 64]).mean for i in range(0, len(videos), 64)])
-    shift, scale = lat.mean().item(), 1.0 / lat.std().item()
-    pairs = [((lat[i] - shift) * scale, embed_caption(cap, cfg.text_dim)) for i, (_, cap, _) in enumerate(data)]
+    vae.fit_latent_stats(lat)
+    pairs = [(vae.to_dit(lat[i]), embed_caption(cap, cfg.text_dim)) for i, (_, cap, _) in enumerate(data)]
 
     # 3. DiT with rectified flow through the project's training loop
     tokens = pack([pairs[0][0]], cfg.dit.patch).tokens.shape[0]
@@ -148,7 +148,7 @@ def run(cfg: BenchConfig, log=print):
     seen = [(c, rng.choice(SHAPES), d) for c, d in seen_pairs for _ in range(max(cfg.samples_per_pair // 4, 1))]
     for name, items in (("held_out", held), ("train_pairs", seen)):
         prompts = [caption_of(*it) for it in items]
-        samples = generate(res.ema, vae, shift, scale, prompts, cfg.frames, cfg.size, cfg.text_dim, cfg.sample_steps,
+        samples = generate(res.ema, vae, prompts, cfg.frames, cfg.size, cfg.text_dim, cfg.sample_steps,
                            cfg.cfg_scale, seed=1 + 1000 * cfg.seed)
         out[name] = score(samples, [(c, d) for c, _, d in items])
         both, col, dirn = out[name]
