@@ -9,13 +9,13 @@ issue's bar:
   loop        |last - first| <= the typical |frame t+1 - frame t| of the same video. A straight-line
               move cannot loop, so a fraction (--back) of the training videos go there and back
               ("... moving left and back"), and the loop prompt asks for that; the one-way prompt's
-              seam is printed beside it, and the loop's frame step over the input's (a still video
-              would be a trivial loop)
+              seam is printed beside it, and the loop's frame step over a there-and-back video's (a
+              still video would be a trivial loop)
   edit        strength 0.3 ends closer to the input than strength 0.9
   transition  the first frame is nearer A's end than B's start, the last nearer B's start than A's end
 
     python benchmarks/tasks.py [--frames 9] [--vae-minutes 10] [--dit-minutes 12] [--samples 16]
-                               [--save DIR | --load DIR] [--vae vae.safetensors]
+                               [--save DIR | --load DIR] [--vae vae.safetensors] [--mix tasks|none=..,first=..]
 
 Why 9 frames: the shapes cross ~half the frame whatever the length, so at 17 frames they move 0.9 px a
 frame and this CPU-sized DiT learned appearance but not direction in 12 minutes (t2v and extension
@@ -26,7 +26,12 @@ the loop worse, 1.85 vs 1.02).
 
 --save DIR keeps the trained VAE and EMA DiT (safetensors); --load DIR skips training and measures them
 again (e.g. after changing a task's sampling), so one training run serves many measurements; --vae
-reuses a trained VAE and trains only the DiT.
+reuses a trained VAE and trains only the DiT. --mix sets the conditioning strategy weights (default:
+generator.conditioning.TASK_MIX).
+
+The extension rows also print the frame step across the join between given and generated frames
+over the input's typical step: the given frames are kept exactly (to their VAE round trip), so a
+DiT that does not lead into them shows there as a jump.
 """
 import argparse
 import logging
@@ -40,7 +45,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from generator import tasks  # noqa: E402
-from generator.conditioning import TASK_MIX  # noqa: E402
+from generator.conditioning import parse_ratios  # noqa: E402
 from generator.dit import DiTConfig, load_dit, save_dit  # noqa: E402
 from generator.sample import decode_latent, encode_video  # noqa: E402
 from generator.shapes import COLOURS, caption_of, embed_caption, judge, make_dataset, make_video  # noqa: E402
@@ -73,7 +78,7 @@ def roundtrip(vae, frames, later: bool = False):
     """(3, T, H, W) through the VAE as a task encodes it: at the output's start (T = 1 + fk), or
     `later` after a copy of its first frame (T = fm; generator/tasks.py encode_later)."""
     if later:
-        return decode_latent(vae, encode_video(vae, torch.cat([frames[:, :1], frames], 1)))[:, 1:]
+        return tasks.decode_later(vae, *tasks.encode_later(vae, frames.permute(1, 0, 2, 3)))
     return decode_latent(vae, encode_video(vae, frames))
 
 
@@ -110,7 +115,7 @@ def train_models(args):
     # 2. DiT with the task conditioning mix
     cfg = TrainConfig(dit=DiTConfig(in_channels=4, hidden_size=args.width, depth=4, num_heads=2, text_dim=TEXT_DIM),
                       steps=100000, lr=args.lr, warmup_steps=50, ema_decay=0.995, cfg_dropout=0.1,
-                      cond_ratios=TASK_MIX, max_tokens=tokens_of(vae, args.frames) * 16,
+                      cond_ratios=args.mix, max_tokens=tokens_of(vae, args.frames) * 16,
                       base_tokens=tokens_of(vae, args.frames), log_every=0,
                       max_seconds=args.dit_minutes * 60)
     res = train(cfg, pairs)
@@ -140,6 +145,9 @@ def main():
     ap.add_argument("--save", help="write the trained vae.safetensors and dit.safetensors here")
     ap.add_argument("--load", help="load vae.safetensors and dit.safetensors from here instead of training")
     ap.add_argument("--back", type=float, default=0.25, help="fraction of training videos that go there and back")
+    ap.add_argument("--mix", type=parse_ratios, default="tasks",
+                    help="conditioning strategy weights, e.g. none=0.5,first=0.2,last=0.1,ends=0.1,random=0.1 "
+                         "(default: tasks, generator.conditioning.TASK_MIX)")
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--cfg", type=float, default=3.0)
     args = ap.parse_args()
@@ -164,8 +172,8 @@ def main():
 
     test = make_dataset(args.samples, FRAMES, SIZE, seed=11)
     rng = random.Random(5)
-    rows = {k: [] for k in ("animate", "animate_rt", "roundtrip", "kept_fwd", "kept_fwd_rt", "kept_back", "kept_back_rt",
-                            "dir_fwd", "dir_back", "loop", "loop_oneway", "loop_motion", "edit", "trans")}
+    rows = {k: [] for k in ("animate", "animate_rt", "roundtrip", "kept_fwd", "kept_fwd_rt", "seam_fwd", "kept_back",
+                            "kept_back_rt", "seam_back", "dir_fwd", "dir_back", "loop", "loop_oneway", "loop_motion", "edit", "trans")}
     for i, (v, cap, (colour, shape, direction)) in enumerate(test):
         x = v.permute(1, 0, 2, 3)  # (3, T, H, W)
         # animate: the image is the first frame
@@ -179,17 +187,21 @@ def main():
         rows["kept_fwd"].append(psnr(r.video[:, :half + 1], x[:, :half + 1]))
         rows["kept_fwd_rt"].append(psnr(r.video[:, :half + 1], roundtrip(vae, x[:, :half + 1])))
         rows["dir_fwd"].append(direction_of(r.video[:, half:]) == direction)
+        rows["seam_fwd"].append(frame_diff(r.video[:, half + 1], r.video[:, half]) / max(step(x), 1e-6))
         r = tasks.extend(model, vae, v[half:], cap, frames=FRAMES, direction="backward", resolution=SIZE, seed=i, **kw)
         start, given = r.given[0]
         rows["kept_back"].append(psnr(r.video[:, start:], given))
         rows["kept_back_rt"].append(psnr(r.video[:, start:], roundtrip(vae, given, later=True)))
         rows["dir_back"].append(direction_of(r.video[:, :start + 1]) == direction)
+        rows["seam_back"].append(frame_diff(r.video[:, start], r.video[:, start - 1]) / max(step(x), 1e-6))
         # loop from the first frame: the there-and-back prompt, and the one-way one for comparison
         for key, prompt in (("loop", caption_of(colour, shape, direction, back=True)), ("loop_oneway", cap)):
             r = tasks.loop(model, vae, prompt, frames=FRAMES, image=v[0], resolution=SIZE, seed=i, **kw)
             rows[key].append(seam_ratio(r.video))
             if key == "loop":  # a still video is a trivial loop: show that it moves as much as the data
-                rows["loop_motion"].append(step(r.video) / step(x))
+                # does (a there-and-back video covers twice the one-way distance in the same frames)
+                ref = make_video(colour, shape, direction, FRAMES, SIZE, random.Random(200 + i), back=True)
+                rows["loop_motion"].append(step(r.video) / step(ref.permute(1, 0, 2, 3)))
         # edit to another colour at two strengths
         new = caption_of(rng.choice([c for c in COLOURS if c != colour]), shape, direction)
         near = tasks.edit(model, vae, v, new, strength=0.3, resolution=SIZE, seed=i, **kw)
@@ -210,13 +222,15 @@ def main():
     print(f"animate     first-frame PSNR to the image {m(rows['animate']):.1f} dB (bar 30), to its VAE round trip "
           f"{m(rows['animate_rt']):.1f} dB (the VAE round trip's own PSNR: {m(rows['roundtrip']):.1f} dB)")
     print(f"extend fwd  kept-frame PSNR {m(rows['kept_fwd']):.1f} dB (to the VAE round trip {m(rows['kept_fwd_rt']):.1f}), "
-          f"continues the motion {m(rows['dir_fwd']):.0%} (bars 30 dB, 80%)")
+          f"continues the motion {m(rows['dir_fwd']):.0%} (bars 30 dB, 80%); the step out of the kept frames / the "
+          f"input's typical step {statistics.median(rows['seam_fwd']):.2f} (median)")
     print(f"extend back kept-frame PSNR {m(rows['kept_back']):.1f} dB (to the VAE round trip {m(rows['kept_back_rt']):.1f}), "
-          f"leads into the motion {m(rows['dir_back']):.0%}")
+          f"leads into the motion {m(rows['dir_back']):.0%}; the step into the kept frames / the input's typical "
+          f"step {statistics.median(rows['seam_back']):.2f} (median)")
     ok = sum(r <= 1.0 for r in rows["loop"])
     print(f"loop        seam / typical frame step: median {statistics.median(rows['loop']):.2f} "
           f"(<= 1 in {ok}/{n}; bar <= 1); with the one-way prompt {statistics.median(rows['loop_oneway']):.2f} "
-          f"(<= 1 in {sum(r <= 1.0 for r in rows['loop_oneway'])}/{n}); loop frame step / input's "
+          f"(<= 1 in {sum(r <= 1.0 for r in rows['loop_oneway'])}/{n}); loop frame step / a there-and-back video's "
           f"{m(rows['loop_motion']):.2f}")
     print(f"edit        PSNR to input at 0.3 {m(a for a, _ in rows['edit']):.1f} dB vs at 0.9 "
           f"{m(b for _, b in rows['edit']):.1f} dB; 0.3 closer in {sum(a > b for a, b in rows['edit'])}/{n}")

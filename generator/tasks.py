@@ -11,6 +11,11 @@ is pixel frames f(j-1)+1 .. fj. So a clip given at the START of the output must 
 (encoded as it is), and a clip given LATER must be whole groups of f frames: it is encoded after a
 copy of its own first frame (the causal start), whose latent is then dropped. Inputs are cut to
 those lengths (extend backward keeps the first f*floor(T/f) frames of the video, for example).
+After sampling, such a later clip is decoded again in the causal context it was encoded in (after
+its start latent), not after the generated frames, and those frames are put in place: the decoder
+is causal, so the frames before it are unchanged, and the given frames come out as their own VAE
+round trip, exactly as a clip given at the start does (measured: 29.7 dB to that round trip when
+decoded after the generated frames, exact when decoded in context).
 
 Inputs are file paths (read with PyAV, any image or video it decodes, display rotation honoured)
 or tensors (T, 3, H, W) / (3, H, W) in [-1, 1]. They are resized to cover the output size with
@@ -33,7 +38,7 @@ DIRECTIONS = ("forward", "backward")
 @dataclass
 class TaskResult:
     video: torch.Tensor                 # (3, T, H, W) in [-1, 1]
-    latent: torch.Tensor                # (C, t, h, w) scaled latent the video was decoded from
+    latent: torch.Tensor                # (C, t, h, w) the sampled scaled latent (given later parts decode in context)
     cond_frames: torch.Tensor | None    # (t,) bool: latent frames given (held clean), None if none
     cond: torch.Tensor | None           # (C, t, h, w) the given latents at those frames
     given: list = field(default_factory=list)  # [(first output frame, input frames (3, n, H, W))]
@@ -118,10 +123,18 @@ def encode_start(vae, frames) -> torch.Tensor:
     return encode_video(vae, _to_vae(frames))
 
 
-def encode_later(vae, frames) -> torch.Tensor:
-    """Frames (T, 3, H, W), T = f m, given after the start -> latent (C, m, h, w): encoded after a copy of
-    the first frame as the causal start, whose latent is dropped."""
-    return encode_video(vae, _to_vae(torch.cat([frames[:1], frames])))[:, 1:]
+def encode_later(vae, frames) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frames (T, 3, H, W), T = f m, given after the start -> (latent (C, m, h, w), lead (C, 1, h, w)):
+    encoded after a copy of the first frame as the causal start, whose latent `lead` is not part of
+    the output but decodes the given frames in the context they were encoded in."""
+    z = encode_video(vae, _to_vae(torch.cat([frames[:1], frames])))
+    return z[:, 1:], z[:, :1]
+
+
+def decode_later(vae, z, lead) -> torch.Tensor:
+    """encode_later's (latent, lead) -> the given frames (3, f m, H, W) as the VAE renders them in the
+    causal context they were encoded in: their round trip."""
+    return decode_latent(vae, torch.cat([lead, z], 1))[:, 1:]
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,14 +158,15 @@ def _frames(vae, model, frames: int, H: int, W: int, max_frames: int):
 
 
 def _run(model, vae, emb, frames, H, W, cond_parts, sampling, init=None, strength=1.0, drop_tail: int = 0):
-    """Sample with `cond_parts` [(latent frame index, latent (C, n, h, w))] held clean, decode, and
-    drop `drop_tail` pixel frames from the end."""
+    """Sample with `cond_parts` [(latent frame index, latent (C, n, h, w), lead latent or None)] held
+    clean, decode, re-decode each part that has a lead in its own causal context (module docstring),
+    and drop `drop_tail` pixel frames from the end."""
     shape = vae.latent_shape(frames, H, W)
     cond = cond_frames = None
     if cond_parts:
         cond = torch.zeros(shape)
         cond_frames = torch.zeros(shape[1], dtype=torch.bool)
-        for j, z in cond_parts:
+        for j, z, _ in cond_parts:
             cond[:, j:j + z.shape[1]] = z.cpu()
             cond_frames[j:j + z.shape[1]] = True
         if cond_frames.all():
@@ -160,6 +174,11 @@ def _run(model, vae, emb, frames, H, W, cond_parts, sampling, init=None, strengt
     latent = generate_latent(model, emb, shape, cond=cond, cond_frames=cond_frames, init=init, strength=strength,
                              **sampling)
     video = decode_latent(vae, latent)
+    f = vae.cfg.time_factor
+    for j, z, lead in cond_parts or ():
+        if lead is not None and j >= 1:  # latent j >= 1 is pixel frames f(j-1)+1 .. fj
+            p = f * (j - 1) + 1
+            video[:, p:p + f * z.shape[1]] = decode_later(vae, z, lead)
     if drop_tail:
         video = video[:, :-drop_tail]
     return TaskResult(video, latent, cond_frames, cond)
@@ -173,7 +192,7 @@ def animate(model, vae, image, text, frames: int = 17, resolution: int = 256, te
     frames = _frames(vae, model, frames, H, W, max_frames)
     if frames < 2:
         raise ValueError("animate needs more than one frame")
-    res = _run(model, vae, emb, frames, H, W, [(0, encode_start(vae, x[:1]))], sampling)
+    res = _run(model, vae, emb, frames, H, W, [(0, encode_start(vae, x[:1]), None)], sampling)
     res.given = [(0, _to_vae(x[:1]))]
     return res
 
@@ -194,16 +213,16 @@ def extend(model, vae, video, text, frames: int = 33, direction: str = "forward"
         z = encode_start(vae, x[:keep])
         if z.shape[1] >= t_out:
             raise ValueError(f"the input keeps {keep} frames: extending needs more than that, got frames={frames}")
-        res = _run(model, vae, emb, frames, H, W, [(0, z)], sampling)
+        res = _run(model, vae, emb, frames, H, W, [(0, z, None)], sampling)
         res.given = [(0, _to_vae(x[:keep]))]
     else:
         keep = f * (len(x) // f)
         if keep == 0:
             raise ValueError(f"extending backward needs at least {f} input frames, got {len(x)}")
-        z = encode_later(vae, x[:keep])
+        z, lead = encode_later(vae, x[:keep])
         if z.shape[1] >= t_out:
             raise ValueError(f"the input keeps {keep} frames: extending needs more than that, got frames={frames}")
-        res = _run(model, vae, emb, frames, H, W, [(t_out - z.shape[1], z)], sampling)
+        res = _run(model, vae, emb, frames, H, W, [(t_out - z.shape[1], z, lead)], sampling)
         res.given = [(frames - keep, _to_vae(x[:keep]))]
     return res
 
@@ -228,8 +247,8 @@ def loop(model, vae, text, frames: int = 17, image=None, resolution: int = 256, 
         raise ValueError(f"a loop needs at least {1 + f} frames")
     t_out = vae.latent_shape(frames, H, W)[1]
     start = encode_start(vae, x[:1])
-    hold = encode_later(vae, x[:1].expand(f, -1, -1, -1))  # one group of the first frame held still
-    res = _run(model, vae, emb, frames + f, H, W, [(0, start), (t_out, hold)], sampling, drop_tail=f)
+    hold = encode_later(vae, x[:1].expand(f, -1, -1, -1))[0]  # one group of the first frame held still
+    res = _run(model, vae, emb, frames + f, H, W, [(0, start, None), (t_out, hold, None)], sampling, drop_tail=f)
     res.given = [(0, _to_vae(x[:1]))]
     return res
 
@@ -268,8 +287,8 @@ def transition(model, vae, video_a, video_b, text, frames: int = 33, context: in
     if t_out < 2 * context + 2:
         raise ValueError(f"transition with context {context} needs at least {1 + f * (2 * context + 1)} frames")
     za = encode_start(vae, a[-(1 + f * context):])
-    zb = encode_later(vae, b[:f * context])
-    res = _run(model, vae, emb, frames, H, W, [(0, za), (t_out - context, zb)], sampling)
+    zb, lead = encode_later(vae, b[:f * context])
+    res = _run(model, vae, emb, frames, H, W, [(0, za, None), (t_out - context, zb, lead)], sampling)
     res.given = [(0, _to_vae(a[-(1 + f * context):])), (frames - f * context, _to_vae(b[:f * context]))]
     return res
 

@@ -216,16 +216,25 @@ def train_cmd(
         strategy: str = typer.Option("ddp", "--strategy",
                                      help="with --workers > 1: ddp (a full model per worker) or fsdp (parameters, "
                                           "gradients, optimizer state and EMA sharded across workers)"),
+        cond_mix: str = typer.Option("tasks", "--cond-mix",
+                                     help="frame conditioning mix: 'tasks' (t2v plus the masks animate/extend/loop/"
+                                          "transition need; see generator/conditioning.py), 't2v' (text only), "
+                                          "or weights like none=0.5,first=0.3,last=0.2"),
         seed: int = typer.Option(0, "--seed")):
     """Train the DiT with rectified flow on a pinned latents table version; safetensors checkpoints in --out."""
     import torch
 
     from generator.data import LatentBatches
+    from generator.conditioning import check_ratios, parse_ratios
     from generator.train import STRATEGIES, CheckpointError, TrainConfig, train
 
     root = dataset.resolve()
     if strategy not in STRATEGIES:
         _fail(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    try:
+        cond_ratios = parse_ratios(cond_mix)
+    except ValueError as e:
+        _fail(f"--cond-mix: {e}")
     pt = _ints(patch, "--patch")
     if len(pt) != 3:
         _fail(f"--patch needs three integers t,h,w, got {patch!r}")
@@ -242,11 +251,15 @@ def train_cmd(
         if prev.get("latents_version") != data.version or prev.get("vae_sha") != data.vae_sha:
             _fail(f"{out} was trained on latents version {prev.get('latents_version')}, not {data.version}: "
                   f"resume would not be exact")
+        was = prev.get("train", {}).get("cond_ratios")
+        if was is not None and check_ratios(was) != cond_ratios:
+            _fail(f"{out} was trained with --cond-mix {','.join(f'{k}={w:g}' for k, w in check_ratios(was).items() if w)}: "
+                  f"pass the same mix to resume exactly")
     dit = _preset_config(preset, in_channels=data.channels, text_dim=data.text_dim, patch=pt)
     cfg = TrainConfig(dit=dit, steps=steps, lr=lr, warmup_steps=warmup_steps, max_tokens=max_tokens,
                       base_tokens=base_tokens, seed=seed, log_every=log_every, ckpt_dir=str(out),
                       ckpt_every=ckpt_every, resume=resume, max_seconds=budget_seconds, max_flops=budget_flops,
-                      init_from=str(init_from) if init_from else None, strategy=strategy)
+                      init_from=str(init_from) if init_from else None, strategy=strategy, cond_ratios=cond_ratios)
     if init_from is not None and not (init_from / "latest.json").is_file():
         _fail(f"--init-from {init_from}: no finished run there (latest.json missing)")
     clips_versions = sorted(set(data.table["clips_version"].to_pylist()))

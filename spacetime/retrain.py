@@ -105,6 +105,7 @@ class RetrainConfig:
     dit_steps: int = 5000
     dit_preset: str = "DiT_S"
     max_tokens: int = 4096
+    cond_mix: str = "tasks"  # `spacetime train --cond-mix`: the DiT also learns animate/extend/loop/transition
     sample_frames: int = 9
     sample_size: int = 64
     sample_steps: int = 30
@@ -236,7 +237,7 @@ def retrain(spec_path: Optional[str], sources: list[str], dataset: str, run_dir:
         args = ["train", "--dataset", root, "--latents-version", str(lat["latents_version"]), "--out", str(dit_dir),
                 "--preset", cfg.dit_preset, "--steps", str(cfg.dit_steps), "--max-tokens", str(cfg.max_tokens),
                 "--lr", "1e-3" if cfg.dit_preset == "DiT_T" else "2e-4", "--warmup-steps", "20",
-                "--seed", str(cfg.seed), "--vae-sha", vae["sha256"]]
+                "--seed", str(cfg.seed), "--vae-sha", vae["sha256"], "--cond-mix", cfg.cond_mix]
         if from_checkpoint:
             args += ["--init-from", str(from_checkpoint)]
         spacetime_cmd(args, logs / "train.log", log)
@@ -245,7 +246,7 @@ def retrain(spec_path: Optional[str], sources: list[str], dataset: str, run_dir:
                 "losses": [h["loss"] for h in hist], "from_checkpoint": from_checkpoint, "from_checkpoint_sha": prev}
 
     dit = m.run("train", {"latents_version": lat["latents_version"], "preset": cfg.dit_preset, "steps": cfg.dit_steps,
-                          "from": prev, "seed": cfg.seed}, do_train,
+                          "from": prev, "seed": cfg.seed, "cond_mix": cfg.cond_mix}, do_train,
                 lambda o: (Path(o["checkpoint"]) / "latest.json").is_file(), log)
 
     # -- a fixed prompt set, sampled with a fixed seed: comparable before/after a retrain

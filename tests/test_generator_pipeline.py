@@ -17,6 +17,7 @@ import typer
 from deltalake import DeltaTable, write_deltalake
 from typer.testing import CliRunner
 
+from generator.conditioning import TASK_MIX, check_ratios
 from generator.data import LatentBatches, load_pairs, read_latents
 from generator.precompute import decode_clip, pick_frames, pick_size, tensor_from_bytes
 from pipeline.schema import CLIPS_SCHEMA
@@ -235,6 +236,12 @@ def test_train_dit_from_the_table_loss_falls(app, latents, dataset, tmp_path):
     # an existing checkpoint is never silently overwritten or resumed
     r = CliRunner().invoke(app, [*args, "--steps", "90"])
     assert r.exit_code == 2 and "--resume" in r.output
+    # trained by default with the task conditioning mix; resuming under another mix would not be exact
+    assert run["train"]["cond_ratios"] == check_ratios(TASK_MIX)
+    r = CliRunner().invoke(app, [*args, "--steps", "85", "--resume", "--cond-mix", "t2v"])
+    assert r.exit_code == 2 and "--cond-mix none=0.4,first=0.2,last=0.2" in r.output, r.output
+    r = CliRunner().invoke(app, [*args, "--steps", "85", "--resume", "--cond-mix", "none=1,sideways=2"])
+    assert r.exit_code == 2 and "sideways" in r.output, r.output
     r = CliRunner().invoke(app, [*args, "--steps", "85", "--resume"])
     assert r.exit_code == 0, r.output
     assert json.loads((out / "run.json").read_text())["result"]["step"] == 85

@@ -14,7 +14,8 @@ import typer
 from typer.testing import CliRunner
 
 from generator import tasks
-from generator.conditioning import STRATEGIES, TASK_MIX, check_ratios, frame_mask, sample_clean_tokens
+from generator.conditioning import (STRATEGIES, TASK_MIX, check_ratios, frame_mask, parse_ratios,
+                                    sample_clean_tokens)
 from generator.dit import DiT, DiTConfig
 from generator.flow import RectifiedFlow
 from generator.patches import pack, pack_sequences
@@ -100,6 +101,12 @@ def test_ratio_validation_and_none_draws_nothing():
     with pytest.raises(ValueError, match=">= 0"):
         check_ratios({"none": 1.0, "first": -0.5})
     assert set(check_ratios(TASK_MIX)) == set(STRATEGIES)
+    # the CLI's --cond-mix: a named mix or name=weight pairs, normalised; errors name the problem
+    assert parse_ratios("tasks") == check_ratios(TASK_MIX) and parse_ratios("t2v")["none"] == 1.0
+    assert parse_ratios("none=1, last=3") == {"none": 0.25, "first": 0.0, "last": 0.75, "ends": 0.0, "random": 0.0}
+    for bad, msg in (("most", "one of"), ("none=x", "one of"), ("sideways=1", "unknown")):
+        with pytest.raises(ValueError, match=msg):
+            parse_ratios(bad)
     g = torch.Generator().manual_seed(3)
     before = g.get_state().clone()
     assert sample_clean_tokens(pack([torch.zeros(4, 3, 2, 2)]), {"none": 1.0}, g) is None
@@ -218,6 +225,14 @@ def test_animate_extend_loop_transition_keep_the_given_frames(model, vae):
     _check_given(back)
     start, frames = back.given[0]
     assert start + frames.shape[1] == 17 and frames.shape[1] == 8  # the input's first 8 frames end the output
+    # given frames come out as their own VAE round trip, at the start and (decoded in context) later;
+    # the causal decoder leaves the generated frames before them as the whole latent decodes them
+    rt_fwd = decode_latent(vae, tasks.encode_start(vae, fwd.given[0][1].permute(1, 0, 2, 3)))
+    torch.testing.assert_close(fwd.video[:, :9], rt_fwd, atol=1e-5, rtol=0)
+    rt_back = tasks.decode_later(vae, *tasks.encode_later(vae, frames.permute(1, 0, 2, 3)))
+    torch.testing.assert_close(back.video[:, start:], rt_back, atol=1e-5, rtol=0)
+    torch.testing.assert_close(back.video[:, :start], decode_latent(vae, back.latent)[:, :start], atol=1e-5, rtol=0)
+    assert (back.video[:, start:] - decode_latent(vae, back.latent)[:, start:]).abs().max() > 1e-3  # in context differs
 
     lp = tasks.loop(model, vae, "a cat", frames=9, height=24, width=32, **KW)
     assert lp.video.shape == (3, 9, 24, 32)
