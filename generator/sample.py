@@ -59,6 +59,14 @@ def resolve_checkpoint(path) -> Path:
     return p
 
 
+def trained_cond_ratios(path) -> dict | None:
+    """The conditioning mix a training checkpoint was trained with ({strategy: weight}), or None when
+    the file does not record one (a save_dit file)."""
+    with safe_open(str(resolve_checkpoint(path)), "pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta["train"])["config"].get("cond_ratios") if "train" in meta else None
+
+
 def load_model(path, device="cpu"):
     """(DiT in eval mode, base_tokens) from a training checkpoint (dir or step file: its EMA
     weights) or a save_dit file (base_tokens then defaults to RectifiedFlow's 256).

@@ -129,6 +129,12 @@ def generate_cmd(task: str = typer.Option(..., "--task", help="|".join(TASKS)),
                 typer.echo(f"warning: {w.message}", err=True)
             typer.echo(f"upsampled prompt: {text}", err=True)
         model, codec, base_tokens, info = _load(checkpoint, vae)
+        from generator.sample import trained_cond_ratios
+        mix = trained_cond_ratios(checkpoint)
+        if task in ("animate", "extend", "loop", "transition") and mix and not any(
+                w for k, w in mix.items() if k != "none"):
+            typer.echo(f"warning: {checkpoint} was trained text-only (--cond-mix t2v): it holds the given frames "
+                       f"but never learned to continue them; train with --cond-mix tasks for {task}", err=True)
         res = run_task(task, model, codec, text, [str(p) for p in inputs], out, frames, height, width, direction,
                        strength, fps, text_encoder=_text_encoder(text_encoder, model.cfg.text_dim),
                        max_frames=max_frames, steps=steps, cfg_scale=cfg, seed=seed, method=method,
@@ -139,7 +145,7 @@ def generate_cmd(task: str = typer.Option(..., "--task", help="|".join(TASKS)),
     record = {"task": task, "prompt": prompt, "upsampled_prompt": None if no_upsample else text,
               "upsampler": None if no_upsample or upsampler is None else str(upsampler), "seed": seed,
               "inputs": [str(p) for p in inputs], "frames": T, "height": H, "width": W, "steps": steps, "cfg": cfg,
-              "method": method, "fps": fps, "text_encoder": text_encoder, **info}
+              "method": method, "fps": fps, "text_encoder": text_encoder, "trained_cond_mix": mix, **info}
     if task == "extend":
         record["direction"] = direction
     if task == "edit":

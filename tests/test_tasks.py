@@ -19,7 +19,8 @@ from generator.conditioning import (STRATEGIES, TASK_MIX, check_ratios, frame_ma
 from generator.dit import DiT, DiTConfig
 from generator.flow import RectifiedFlow
 from generator.patches import pack, pack_sequences
-from generator.sample import decode_latent, fit_size, load_model, sample, sha256_file, write_video
+from generator.sample import (decode_latent, fit_size, load_model, sample, sha256_file, trained_cond_ratios,
+                              write_video)
 from generator.shapes import embed_caption, make_dataset, make_video
 from generator.train import TrainConfig, train
 from generator.vae import VAE, VAEConfig, save_vae
@@ -328,6 +329,7 @@ def test_load_model_from_training_dir(checkpoints):
     run, _ = checkpoints
     model, base_tokens = load_model(run)
     assert base_tokens == 32 and model.cfg.text_dim == TEXT_DIM and not model.training
+    assert trained_cond_ratios(run) == TASK_MIX  # the mix travels in the checkpoint's metadata
 
 
 def test_cli_sample_and_generate_write_sidecars(checkpoints, tmp_path):
@@ -354,8 +356,18 @@ def test_cli_sample_and_generate_write_sidecars(checkpoints, tmp_path):
     assert meta["task"] == "animate" and meta["seed"] == 3 and meta["prompt"] == "a red circle"
     assert meta["upsampled_prompt"] == "a red circle"  # no upsampler dir: used as written, with a warning
     ckpt_file = run / json.loads((run / "latest.json").read_text())["file"]
-    assert meta["checkpoint_sha256"] == sha256_file(ckpt_file)
-    assert tasks.read_frames(out).shape[0] == 5
+    assert meta["checkpoint_sha256"] == sha256_file(ckpt_file) and meta["trained_cond_mix"] == TASK_MIX
+    assert tasks.read_frames(out).shape[0] == 5 and "text-only" not in r.output
+
+    # a text-only checkpoint still runs a conditioned task, with a warning saying why it may not follow
+    t2v = tmp_path / "t2v"
+    train(TrainConfig(dit=DiTConfig(in_channels=4, hidden_size=32, depth=1, num_heads=2, text_dim=TEXT_DIM), steps=1,
+                      max_tokens=64, log_every=0, base_tokens=32, ckpt_dir=str(t2v)),
+          [(torch.randn(4, 2, 4, 4), embed_caption("a red circle", TEXT_DIM))])
+    r = runner.invoke(app, ["generate", "--task", "animate", "--prompt", "a red circle", "--input", str(img),
+                            "--no-upsample", "--frames", "5", "--height", "16", "--width", "24", "--out",
+                            str(tmp_path / "t2v.mp4"), *common[2:], "--checkpoint", str(t2v)])
+    assert r.exit_code == 0 and "text-only" in r.output and "--cond-mix tasks" in r.output, r.output
 
     out = tmp_path / "loop.mp4"
     r = runner.invoke(app, ["generate", "--task", "loop", "--prompt", "a red circle", "--no-upsample", "--frames",
