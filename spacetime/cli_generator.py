@@ -224,8 +224,8 @@ def train_cmd(
     """Train the DiT with rectified flow on a pinned latents table version; safetensors checkpoints in --out."""
     import torch
 
-    from generator.data import LatentBatches
     from generator.conditioning import check_ratios, parse_ratios
+    from generator.data import LatentBatches
     from generator.train import STRATEGIES, CheckpointError, TrainConfig, train
 
     root = dataset.resolve()
