@@ -106,8 +106,8 @@ def train_models(args):
         # 9-frame clips, then a quarter of the LR: the causal conv net runs unchanged on any length
         nine = torch.cat([c[:, :, :9] for c in clips])
         hist = []
-        for i, share in enumerate((0.75, 0.25)):
-            n = round(args.vae_steps * share) if i == 0 else args.vae_steps - round(args.vae_steps * 0.75)
+        first = round(args.vae_steps * 0.75)
+        for i, (n, share) in enumerate(((first, 0.75), (args.vae_steps - first, 0.25))):
             hist += train_vae(vae, nine, steps=n, lr=3e-3 / 4 ** i, batch_size=8, seed=100 * args.seed + i,
                               log_every=0, max_seconds=args.vae_minutes * 60 * share, l1_weight=0.0)
         capped = " (stopped by --vae-minutes)" if len(hist) < args.vae_steps else ""
