@@ -75,7 +75,7 @@ class _FullSize:
     def run(self, path):
         with av.open(path) as c:
             for i, f in enumerate(c.decode(video=0)):
-                self.scorer.process_frame(i, f.to_ndarray(format="rgb24"))
+                self.scorer.process_frames(i, f.to_ndarray(format="rgb24")[None])
 
 
 def naive_way(path):

@@ -193,13 +193,21 @@ class EdgeLayout:
         self.size, self.frames = size, frames
         self.layouts: dict[int, np.ndarray] = {}
 
-    def process_frame(self, index: int, frame: np.ndarray) -> None:
+    def process_frames(self, start: int, frames: np.ndarray) -> None:
         import cv2
 
-        g = cv2.cvtColor(cv2.resize(frame, (64, 64), interpolation=cv2.INTER_AREA), cv2.COLOR_RGB2GRAY)
-        g = g.astype(np.float32)
-        edges = np.abs(cv2.Sobel(g, cv2.CV_32F, 1, 0)) + np.abs(cv2.Sobel(g, cv2.CV_32F, 0, 1))
-        self.layouts[index] = cv2.resize(edges, (self.size, self.size), interpolation=cv2.INTER_AREA).ravel().astype(np.float16)
+        # On the whole run at once: an area resize of the stacked frames to n*64 rows keeps every
+        # output row inside its own frame, and the Sobel sums run on each frame padded as
+        # cv2.Sobel pads it (reflect-101), so this equals the per-frame computation.
+        n, h, w = frames.shape[:3]
+        small = cv2.resize(frames.reshape(n * h, w, 3), (64, n * 64), interpolation=cv2.INTER_AREA)
+        g = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY).reshape(n, 64, 64).astype(np.float32)
+        p = np.pad(g, ((0, 0), (1, 1), (1, 1)), mode="reflect")
+        dx, dy = p[:, :, 2:] - p[:, :, :-2], p[:, 2:, :] - p[:, :-2, :]
+        edges = np.abs(dx[:, :-2] + 2 * dx[:, 1:-1] + dx[:, 2:]) + np.abs(dy[:, :, :-2] + 2 * dy[:, :, 1:-1] + dy[:, :, 2:])
+        cells = cv2.resize(edges.reshape(n * 64, 64), (self.size, n * self.size), interpolation=cv2.INTER_AREA)
+        for j, v in enumerate(cells.reshape(n, -1).astype(np.float16)):
+            self.layouts[start + j] = v
 
     def clip_vector(self, start: int, end: int) -> list[float] | None:
         """Unit vector for source frames [start, end), or None if no frame of it was seen."""

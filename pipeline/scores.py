@@ -1,8 +1,8 @@
 """Per-clip quality scores computed from the one shared decode.
 
-Each scorer is fed every frame of a video in order, PySceneDetect style, and later answers for any
-frame range: `process_frame(index, frame)` keeps one or two floats per frame (never the frame), and
-`clip_scores(start, end)` aggregates source frames [start, end) (0-based, end exclusive) into the
+Each scorer is fed every frame of a video in order, a run of frames at a time, and later answers for
+any frame range: `process_frames(start, frames)` keeps one or two floats per frame (never a frame),
+and `clip_scores(start, end)` aggregates source frames [start, end) (0-based, end exclusive) into the
 `clips` table's score columns (pipeline/schema.py):
 
     MotionScore      motion (Farneback flow, px/frame at analysis size), static (frozen hold)
@@ -10,9 +10,10 @@ frame range: `process_frame(index, frame)` keeps one or two floats per frame (ne
     BrightnessScore  brightness (mean luma 0..1), contrast (std of luma 0..1)
     TextScore        text_ratio (fraction of the frame covered by burned-in text)
 
-Frames are (H, W, 3) uint8 RGB at the analysis size (short side ~144 px). Per-frame work is kept to
-tens of microseconds: the grey image is computed once per frame and shared (`GreyFrames`), flow runs
-on a ~48 px image every other frame, and the text detector runs on every 4th frame. A range with no
+Frames are (N, H, W, 3) uint8 RGB at the analysis size (short side ~144 px). Per-frame work is kept
+to tens of microseconds: the grey images of a run are computed once, in one call, and shared
+(`GreyFrames`); per-frame statistics are numpy over the run; flow runs on a ~48 px image every other
+frame, and the text detector on every 4th frame. A range with no
 measured frame gives NaN (the filters record it as "scores missing").
 """
 from array import array
@@ -20,25 +21,30 @@ from array import array
 import cv2
 import numpy as np
 
-from pipeline.decode import halve
+from pipeline.decode import halve, halve_frames
 
 SCORE_COLUMNS = ("motion", "static", "sharpness", "blur", "brightness", "contrast", "text_ratio")
 
 
 class GreyFrames:
-    """The luma image of the current frame, computed once and shared by every scorer built with it.
+    """The luma images of the current run of frames, computed once (one OpenCV call over the stack)
+    and shared by every scorer built with it.
 
-    Keyed by frame index, so it is only valid within one video (scorers are one per video anyway).
+    Keyed by the run's first index and length, so it is only valid within one video (scorers are one
+    per video anyway).
     """
 
     def __init__(self):
-        self._index = None
+        self._key = None
         self._grey = None
 
-    def __call__(self, index: int, frame: np.ndarray) -> np.ndarray:
-        if index != self._index:
-            self._grey = frame if frame.ndim == 2 else cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)  # (H, W) uint8
-            self._index = index
+    def __call__(self, start: int, frames: np.ndarray) -> np.ndarray:
+        """(N, H, W, 3) RGB -> (N, H, W) uint8 grey ((N, H, W) input is taken as grey already)."""
+        if (start, len(frames)) != self._key:
+            n, h, w = frames.shape[:3]
+            self._grey = frames if frames.ndim == 3 else \
+                cv2.cvtColor(frames.reshape(n * h, w, 3), cv2.COLOR_RGB2GRAY).reshape(n, h, w)
+            self._key = (start, len(frames))
         return self._grey
 
 
@@ -53,6 +59,12 @@ class _Series:
         self.index.append(index)
         for col, v in zip(self.values, values):
             col.append(v)
+
+    def extend(self, index, *values) -> None:
+        """Many entries at once: index and each column array-likes of one length."""
+        self.index.extend(np.asarray(index, np.int64).tolist())
+        for col, v in zip(self.values, values):
+            col.extend(np.asarray(v, np.float64).tolist())
 
     def window(self, start: int, end: int) -> list[np.ndarray]:
         """Values of the entries with start <= index < end, one array per column."""
@@ -96,18 +108,24 @@ class MotionScore:
                               interpolation=cv2.INTER_LINEAR)
         return grey
 
-    def process_frame(self, index: int, frame: np.ndarray) -> None:
-        grey = self.grey(index, frame)
-        small = self._small(grey)
-        if self._prev is not None and self._prev[0] == index - 1:
-            prev = self._prev[1]
-            diff = float(cv2.absdiff(prev, small).mean())
-            flow = float("nan")
-            if index % self.flow_every == 0:
-                f = cv2.calcOpticalFlowFarneback(prev, small, None, 0.5, 2, 9, 2, 5, 1.1, 0)  # (h, w, 2)
-                flow = float(cv2.magnitude(f[..., 0], f[..., 1]).mean()) * min(grey.shape) / min(small.shape)
-            self._series.append(index, diff, flow)
-        self._prev = (index, small)
+    def process_frames(self, start: int, frames: np.ndarray) -> None:
+        grey = self.grey(start, frames)
+        halved = halve_frames(grey, self.flow_side)
+        small = np.stack([self._small(g) for g in halved])  # the last, non-integer step per frame
+        px = min(grey.shape[1:]) / min(small.shape[1:])     # flow px at small size -> at analysis size
+        if self._prev is not None and self._prev[0] == start - 1 and self._prev[1].shape == small.shape[1:]:
+            seq, first = np.concatenate([self._prev[1][None], small]), start  # transitions into start..
+        else:
+            seq, first = small, start + 1
+        if len(seq) > 1:
+            diff = np.abs(seq[1:].astype(np.int16) - seq[:-1]).reshape(len(seq) - 1, -1).mean(axis=1)
+            index = np.arange(first, start + len(frames))
+            flow = np.full(len(index), np.nan)
+            for t in np.flatnonzero(index % self.flow_every == 0):
+                f = cv2.calcOpticalFlowFarneback(seq[t], seq[t + 1], None, 0.5, 2, 9, 2, 5, 1.1, 0)  # (h, w, 2)
+                flow[t] = float(cv2.magnitude(f[..., 0], f[..., 1]).mean()) * px
+            self._series.extend(index, diff, flow)
+        self._prev = (start + len(frames) - 1, small[-1].copy())
 
     def clip_scores(self, start: int, end: int) -> dict[str, float | bool]:
         # Transitions *into* frames start+1 .. end-1: the one into `start` crosses the clip's own edge.
@@ -136,11 +154,14 @@ class SharpnessScore:
         self.every, self.blur_scale = every, blur_scale
         self._series = _Series(1)
 
-    def process_frame(self, index: int, frame: np.ndarray) -> None:
-        if index % self.every:
+    def process_frames(self, start: int, frames: np.ndarray) -> None:
+        picks = [j for j in range(len(frames)) if (start + j) % self.every == 0]
+        if not picks:
             return
-        _, std = cv2.meanStdDev(cv2.Laplacian(self.grey(index, frame), cv2.CV_16S))
-        self._series.append(index, float(std[0, 0]) ** 2)
+        grey = self.grey(start, frames)
+        # one Laplacian per frame: on the stack, each frame's edge rows would see its neighbour's
+        var = [float(cv2.meanStdDev(cv2.Laplacian(grey[j], cv2.CV_16S))[1][0, 0]) ** 2 for j in picks]
+        self._series.extend(np.asarray(picks) + start, var)
 
     def clip_scores(self, start: int, end: int) -> dict[str, float]:
         (sharp,) = self._series.window(start, end)
@@ -157,9 +178,9 @@ class BrightnessScore:
         self.grey = grey or GreyFrames()
         self._series = _Series(2)
 
-    def process_frame(self, index: int, frame: np.ndarray) -> None:
-        mean, std = cv2.meanStdDev(self.grey(index, frame))
-        self._series.append(index, float(mean[0, 0]) / 255.0, float(std[0, 0]) / 255.0)
+    def process_frames(self, start: int, frames: np.ndarray) -> None:
+        stats = np.array([cv2.meanStdDev(g) for g in self.grey(start, frames)]).reshape(len(frames), 2)
+        self._series.extend(np.arange(start, start + len(frames)), stats[:, 0] / 255.0, stats[:, 1] / 255.0)
 
     def clip_scores(self, start: int, end: int) -> dict[str, float]:
         mean, std = self._series.window(start, end)
@@ -206,13 +227,18 @@ class TextScore:
         chars = np.bincount(word_of[tall], minlength=n)
         return float((w * h)[shaped & (chars >= 3)].sum())
 
-    def process_frame(self, index: int, frame: np.ndarray) -> None:
-        if index % self.every:
+    def process_frames(self, start: int, frames: np.ndarray) -> None:
+        picks = [j for j in range(len(frames)) if (start + j) % self.every == 0]
+        if not picks:
             return
-        grey = self.grey(index, frame)
-        light = self._text_area(cv2.morphologyEx(grey, cv2.MORPH_TOPHAT, self._stroke_kernel))
-        dark = self._text_area(cv2.morphologyEx(grey, cv2.MORPH_BLACKHAT, self._stroke_kernel))
-        self._series.append(index, min(1.0, (light + dark) / grey.size))
+        greys = self.grey(start, frames)
+        ratios = []
+        for j in picks:
+            grey = greys[j]
+            light = self._text_area(cv2.morphologyEx(grey, cv2.MORPH_TOPHAT, self._stroke_kernel))
+            dark = self._text_area(cv2.morphologyEx(grey, cv2.MORPH_BLACKHAT, self._stroke_kernel))
+            ratios.append(min(1.0, (light + dark) / grey.size))
+        self._series.extend(np.asarray(picks) + start, ratios)
 
     def clip_scores(self, start: int, end: int) -> dict[str, float]:
         (ratio,) = self._series.window(start, end)

@@ -8,13 +8,30 @@ cross-fades, which PySceneDetect does not ship. One transition often fires more 
 then a dissolve claims the cuts near it, then the remaining hard cuts. Shot length is not limited
 here — a short shot is still a shot; minimum clip length is a filter.
 """
-from collections import deque
-
 import cv2
 import numpy as np
 from scenedetect import AdaptiveDetector, FrameTimecode, HistogramDetector, ThresholdDetector
 
-from pipeline.decode import halve
+from pipeline.decode import halve_frames
+
+
+_HUE_BIN = (np.arange(256) * 8 // 180 * 16).astype(np.uint8)  # OpenCV hue 0..179 -> 8 bins, pre-shifted
+
+
+def _hsv_hist(hsv: np.ndarray) -> np.ndarray:
+    """(N, h, w, 3) uint8 HSV -> (N, 128) colour histograms (8 hue x 4 sat x 4 value bins), sum 1:
+    what cv2.calcHist gives with those bins over [0, 180) x [0, 256) x [0, 256)."""
+    bins = _HUE_BIN[hsv[..., 0]] + (hsv[..., 1] >> 6) * 4 + (hsv[..., 2] >> 6)  # fits uint8: <= 127
+    flat = bins.reshape(len(hsv), -1)
+    return np.stack([np.bincount(f, minlength=128) for f in flat]) / max(1, flat.shape[1])
+
+
+class _Level(float):
+    """A frame's mean level standing in for the frame: ThresholdDetector only takes np.mean of its
+    frame, and np.mean defers to an object's own `mean`."""
+
+    def mean(self, *args, **kwargs) -> float:
+        return float(self)
 
 
 class DissolveDetector:
@@ -24,34 +41,42 @@ class DissolveDetector:
     lot. A hard cut puts the middle frame on one side (error ≈ half the end difference), and camera
     motion over detail makes the average a ghosted blur far from the sharp middle frame. Motion over
     smooth or blurred content can look linear too, so the ends must also differ in colour
-    distribution (a camera move stays on one picture; a dissolve changes the picture). Works on tiny
-    frames (~48 px wide), so it costs microseconds per frame.
+    distribution (a camera move stays on one picture; a dissolve changes the picture). Fed tiny
+    frames (~64x36) a run at a time, all windows of the run in a few numpy operations.
     """
 
     def __init__(self, window: int = 10, min_diff: float = 15.0, max_ratio: float = 0.8,
-                 min_hist: float = 0.3, size: int | None = 48):
+                 min_hist: float = 0.3):
         self.k = window // 2
-        self.min_diff, self.max_ratio, self.min_hist, self.size = min_diff, max_ratio, min_hist, size
-        self.buf: deque = deque(maxlen=2 * self.k + 1)
+        self.min_diff, self.max_ratio, self.min_hist = min_diff, max_ratio, min_hist
+        self.grey = np.empty((0, 0, 0), np.float32)  # the last 2k frames seen: grey, colour histogram
+        self.hist = np.empty((0, 128))
+        self.next = 0                                 # source index of the frame after those
         self.hits: list[tuple[int, float]] = []
 
-    def process_frame(self, index: int, frame: np.ndarray) -> None:
-        h, w = frame.shape[:2]
-        small = frame if self.size is None or w == self.size else cv2.resize(frame, (self.size, max(1, self.size * h // w)),
-                                                         interpolation=cv2.INTER_AREA)
-        hist = cv2.calcHist([cv2.cvtColor(small, cv2.COLOR_RGB2HSV)], [0, 1, 2], None, [8, 4, 4],
-                            [0, 180, 0, 256, 0, 256]).ravel()
-        self.buf.append((cv2.cvtColor(small, cv2.COLOR_RGB2GRAY).astype(np.float32), hist / max(hist.sum(), 1)))
-        if len(self.buf) < self.buf.maxlen:
+    def process_frames(self, start: int, frames: np.ndarray, hsv: np.ndarray | None = None) -> None:
+        """frames: (N, h, w, 3) RGB; hsv: the same frames in HSV, if the caller has them already."""
+        n, h, w = frames.shape[:3]
+        if hsv is None:
+            hsv = cv2.cvtColor(frames.reshape(n * h, w, 3), cv2.COLOR_RGB2HSV).reshape(n, h, w, 3)
+        grey = cv2.cvtColor(frames.reshape(n * h, w, 3), cv2.COLOR_RGB2GRAY).reshape(n, h, w).astype(np.float32)
+        if start != self.next or self.grey.shape[1:] != grey.shape[1:]:
+            self.grey, self.hist = grey[:0], np.empty((0, 128))  # a gap: windows never span it
+        g = np.concatenate([self.grey, grey])
+        hs = np.concatenate([self.hist, _hsv_hist(hsv)])
+        first = start - len(self.grey)  # source index of g[0]
+        k = self.k
+        self.grey, self.hist, self.next = g[-2 * k:], hs[-2 * k:], start + n
+        if len(g) <= 2 * k:
             return
-        (a, ha), (m, _), (b, hb) = self.buf[0], self.buf[self.k], self.buf[-1]
-        if float(np.abs(a - b).mean()) < self.min_diff or 0.5 * float(np.abs(ha - hb).sum()) < self.min_hist:
-            return
-        mid_err = float(np.abs(m - (a + b) / 2).mean())
-        nearest_end = min(float(np.abs(m - a).mean()), float(np.abs(m - b).mean()))
-        ratio = mid_err / max(nearest_end, 1e-6)
-        if ratio < self.max_ratio:
-            self.hits.append((index - self.k, ratio))  # the window's centre frame
+        a, m, b = g[:-2 * k], g[k:-k], g[2 * k:]  # window ends and centres
+        ends = np.abs(a - b).mean(axis=(1, 2))
+        hist_change = 0.5 * np.abs(hs[:-2 * k] - hs[2 * k:]).sum(axis=1)
+        mid_err = np.abs(m - (a + b) / 2).mean(axis=(1, 2))
+        nearest_end = np.minimum(np.abs(m - a).mean(axis=(1, 2)), np.abs(m - b).mean(axis=(1, 2)))
+        ratio = mid_err / np.maximum(nearest_end, 1e-6)
+        hit = (ends >= self.min_diff) & (hist_change >= self.min_hist) & (ratio < self.max_ratio)
+        self.hits += [(first + k + int(c), float(ratio[c])) for c in np.flatnonzero(hit)]  # window centres
 
     def cuts(self) -> list[int]:
         """One cut per run of consecutive hits: where the middle frame is most like the average."""
@@ -64,11 +89,34 @@ class DissolveDetector:
         return [min(r, key=lambda h: h[1])[0] for r in runs]
 
 
+class _Given:
+    """Mixin for a PySceneDetect detector: its per-frame measurement is computed by ShotDetector for
+    a whole run of frames at once and handed in, so the detector's own logic (adaptive window,
+    minimum scene length, fade state) runs unchanged on it."""
+    given = None
+
+    def _calculate_frame_score(self, timecode, frame_img):  # ContentDetector / AdaptiveDetector
+        return self.given
+
+    def calculate_histogram(self, frame_img, bins=256, normalize=True):  # HistogramDetector
+        return self.given
+
+
+class _Adaptive(_Given, AdaptiveDetector):
+    pass
+
+
+class _Histogram(_Given, HistogramDetector):
+    pass
+
+
 class ShotDetector:
-    """Frame consumer -> shot boundaries. Per frame: one HSV content score (AdaptiveDetector, which
-    also gives the ContentDetector's absolute-threshold cuts for free), histogram, fade and
-    dissolve detectors, all on one ~36 px copy of the frame, so the per-frame cost stays a
-    fraction of the decode."""
+    """Frame consumer -> shot boundaries. PySceneDetect's AdaptiveDetector (which also gives the
+    ContentDetector's absolute-threshold cuts for free), HistogramDetector and ThresholdDetector,
+    plus the dissolve detector, all on one ~36 px copy of each frame. The measurements those
+    detectors make per frame (HSV content score, luma histogram, mean level) are computed for a
+    whole run of frames in a few numpy operations, the same numbers their own code computes, so
+    the per-frame Python is only the detectors' decision logic."""
 
     def __init__(self, fps: float, content_threshold: float = 27.0, adaptive_threshold: float = 3.0,
                  fade_threshold: float = 3.0, min_shot_frames: int = 4, claim_frames: int = 12):
@@ -77,32 +125,51 @@ class ShotDetector:
         self.content_threshold = content_threshold
         self.small_short_side = 30  # halve the analysis frame while its short side stays >= this
         n = min_shot_frames
-        self.adaptive = AdaptiveDetector(adaptive_threshold=adaptive_threshold, min_content_val=content_threshold / 2,
-                                         min_scene_len=n, window_width=2)
-        self.histogram = HistogramDetector(min_scene_len=n)
+        self.adaptive = _Adaptive(adaptive_threshold=adaptive_threshold, min_content_val=content_threshold / 2,
+                                  min_scene_len=n, window_width=2)
+        self.histogram = _Histogram(min_scene_len=n)
         self.fade = ThresholdDetector(threshold=fade_threshold, min_scene_len=n)
-        self.dissolve = DissolveDetector(size=None)  # fed the small frame as it is
+        self.dissolve = DissolveDetector()
         self.claim = claim_frames
         self.cuts: dict[str, list[int]] = {"hard": [], "fade": []}
         self.scores: list[float] = []   # content score per frame (HSV mean pixel distance)
         self.levels: list[float] = []   # mean pixel level per frame (0..255), for placing fade cuts
+        self._last_hsv = None           # (index, HSV) of the last frame seen: the next run's first score
         self.last = -1
 
-    def process_frame(self, index: int, frame: np.ndarray) -> None:
-        tc = FrameTimecode(index, fps=self.fps)
-        # Every detector scores averages over pixels, so they share one copy of the frame halved
-        # to a short side of ~36 px (64x36 for 16:9): exact 2x area halvings take OpenCV's fast path
-        # (~20x cheaper than resizing to an arbitrary width). Boundary F1 on the demo footage is the
-        # same as at 96 px. PySceneDetect wants BGR: one cvtColor, not a strided copy.
-        small = halve(frame, self.small_short_side)
-        bgr = cv2.cvtColor(small, cv2.COLOR_RGB2BGR)
-        self.cuts["hard"] += [c.frame_num for c in self.adaptive.process_frame(tc, bgr)]
-        self.scores.append(self.adaptive._frame_score or 0.0)
-        self.cuts["hard"] += [c.frame_num for c in self.histogram.process_frame(tc, bgr)]
-        self.cuts["fade"] += [c.frame_num for c in self.fade.process_frame(tc, bgr)]
-        self.levels.append(float(small.mean()))
-        self.dissolve.process_frame(index, small)
-        self.last = index
+    def process_frames(self, start: int, frames: np.ndarray) -> None:
+        # Every detector scores averages over pixels, so they share one copy of the frames halved to
+        # a short side of ~36 px (64x36 for 16:9): exact 2x area halvings take OpenCV's fast path.
+        # Boundary F1 on the demo footage is the same as at 96 px.
+        small = halve_frames(frames, self.small_short_side)
+        n, h, w = small.shape[:3]
+        flat = small.reshape(n * h, w, 3)
+        hsv = cv2.cvtColor(flat, cv2.COLOR_RGB2HSV).reshape(n, h, w, 3)
+        # ContentDetector's score (weights 1, 1, 1, 0): mean |delta| of H, S and V, averaged; 0 for
+        # the first frame of the video.
+        prev = self._last_hsv[1] if self._last_hsv is not None and self._last_hsv[0] == start - 1 else None
+        seq = hsv.astype(np.int16) if prev is None else np.concatenate([prev[None], hsv]).astype(np.int16)
+        content = np.abs(seq[1:] - seq[:-1]).reshape(len(seq) - 1, h * w * 3).mean(axis=1)
+        content = np.concatenate([[0.0], content]) if prev is None else content
+        self._last_hsv = (start + n - 1, hsv[-1].copy())
+        # HistogramDetector's: the luma histogram (its bins, L2-normalised as its cv2.normalize does)
+        bins = self.histogram._bins
+        luma = cv2.cvtColor(flat, cv2.COLOR_RGB2YUV)[:, :, 0].reshape(n, -1).astype(np.int64) * bins // 256
+        hist = np.bincount((luma + bins * np.arange(n)[:, None]).ravel(), minlength=bins * n).reshape(n, bins)
+        hist = (hist / np.linalg.norm(hist, axis=1, keepdims=True)).astype(np.float32)
+        # ThresholdDetector's: the mean of all pixels
+        level = small.reshape(n, -1).mean(axis=1)
+        for j in range(n):
+            tc = FrameTimecode(start + j, fps=self.fps)
+            self.adaptive.given = float(content[j])
+            self.cuts["hard"] += [c.frame_num for c in self.adaptive.process_frame(tc, None)]
+            self.histogram.given = hist[j]
+            self.cuts["hard"] += [c.frame_num for c in self.histogram.process_frame(tc, small[j])]
+            self.cuts["fade"] += [c.frame_num for c in self.fade.process_frame(tc, _Level(level[j]))]
+        self.scores += content.tolist()
+        self.levels += level.tolist()
+        self.dissolve.process_frames(start, small, hsv)
+        self.last = start + n - 1
 
     def boundaries(self) -> list[int]:
         """Sorted frame indices where a new shot starts (0 excluded)."""

@@ -32,11 +32,13 @@ def pan(n=24, px_per_frame=2.0, photo="astronaut") -> list[np.ndarray]:
     return out
 
 
-def feed(frames, analyzers=None, start_index=0):
+def feed(frames, analyzers=None, start_index=0, run=7):
+    """Frames to the scorers in runs of `run` (odd, so runs straddle every sampling period)."""
     analyzers = analyzers if analyzers is not None else S.default_analyzers()
-    for i, f in enumerate(frames):
+    for i in range(0, len(frames), run):
+        stack = np.stack(frames[i:i + run])
         for a in analyzers:
-            a.process_frame(start_index + i, f)
+            a.process_frames(start_index + i, stack)
     return analyzers
 
 
@@ -109,6 +111,38 @@ def test_text_overlay_raises_text_ratio(photo):
         assert text > plain + 0.01, (style, plain, text)
 
 
+def test_run_length_does_not_change_any_measurement():
+    """The decoder hands consumers runs of frames; where the runs split must not matter."""
+    from pipeline.dedup import EdgeLayout
+    from pipeline.shots import ShotDetector
+
+    a, b = pan(24, 2.0), pan(24, 1.0, "coffee")
+    dissolve = [((1 - t) * x + t * y).astype(np.uint8) for t, x, y in zip(np.linspace(0, 1, 10), a[-10:], b[:10])]
+    fade = [(f * t).astype(np.uint8) for t, f in zip(np.linspace(1, 0, 8), b[-8:])] + [b[0] * 0] * 4
+    frames = a[:-10] + dissolve + b[10:] + fade + pan(20, 1.5, "chelsea") + pan(12, 0.0, "rocket")
+
+    def measure(run):
+        consumers = [ShotDetector(25.0), EdgeLayout(), *S.default_analyzers()]
+        feed(frames, consumers, run=run)
+        sd, layout, scorers = consumers[0], consumers[1], consumers[2:]
+        spans = [(0, 30), (5, 47), (40, len(frames))]
+        return (sd.boundaries(), sd.scores, sd.levels, [layout.clip_vector(s, e) for s, e in spans],
+                [S.clip_scores(scorers, s, e) for s, e in spans])
+
+    one = measure(1)
+    assert len(one[0]) >= 3  # the cut, the dissolve and the fade all found
+    for run in (5, 32):
+        other = measure(run)
+        assert other[0] == one[0]
+        np.testing.assert_allclose(other[1], one[1], rtol=1e-9)
+        np.testing.assert_allclose(other[2], one[2], rtol=1e-9)
+        np.testing.assert_allclose(other[3], one[3], rtol=1e-6)
+        for x, y in zip(other[4], one[4]):
+            assert x.keys() == y.keys()
+            for k in x:
+                assert (x[k] == y[k]) if isinstance(x[k], bool) else np.isclose(x[k], y[k], rtol=1e-9, equal_nan=True), k
+
+
 def _encode_h264(path, frames, fps=30):
     with av.open(str(path), "w") as out:
         s = out.add_stream("libx264", rate=fps)
@@ -133,9 +167,9 @@ def test_scorers_cost_against_decode(tmp_path):
             st = c.streams.video[0]
             st.thread_type = "AUTO"
             for i, fr in enumerate(c.decode(st)):
-                rgb = fr.to_ndarray(width=W, height=H, format="rgb24")
+                rgb = fr.to_ndarray(width=W, height=H, format="rgb24")[None]
                 for a in analyzers:
-                    a.process_frame(i, rgb)
+                    a.process_frames(i, rgb)
         return time.perf_counter() - t0
 
     plain, full = [], []
@@ -151,8 +185,9 @@ def test_scorers_cost_against_decode(tmp_path):
         for _ in range(2):
             a = cls()
             t0 = time.perf_counter()
-            for i, f in enumerate(frames):
-                a(i, f) if cls is S.GreyFrames else a.process_frame(i, f)
+            for i in range(0, len(frames), 16):
+                run = np.stack(frames[i:i + 16])
+                a(i, run) if cls is S.GreyFrames else a.process_frames(i, run)
             best = min(best, (time.perf_counter() - t0) / len(frames))
         per_frame[cls.__name__] = best
     grey = per_frame["GreyFrames"]
