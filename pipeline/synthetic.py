@@ -32,7 +32,7 @@ import imageio_ffmpeg
 import numpy as np
 import skimage.data
 
-GENERATOR = "spacetime.synthetic v1"
+GENERATOR = "spacetime.synthetic v2"  # v2: colours as the encoded video shows them, with a margin
 BLOCK = 8
 
 # aspect family -> (width, height); all even, as yuv420p needs.
@@ -611,6 +611,14 @@ PALETTE = ("black", "gray", "white", "red", "orange", "brown", "beige", "yellow"
 def color_names(img: np.ndarray, max_names: int = 3, min_share: float = 0.12) -> list:
     """1-3 dominant colour names of an RGB uint8 image, most common first, from a named HSV
     palette (PALETTE); a second or third name needs at least `min_share` of the pixels."""
+    share = color_shares(img)
+    order = np.argsort(-share, kind="stable")
+    names = [PALETTE[order[0]]] + [PALETTE[i] for i in order[1:] if share[i] >= min_share]
+    return names[:max_names]
+
+
+def color_shares(img: np.ndarray) -> np.ndarray:
+    """Fraction of an RGB uint8 image's pixels that read as each PALETTE colour: (len(PALETTE),)."""
     hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV).reshape(-1, 3)
     h = hsv[:, 0].astype(np.float32) * 2.0                 # degrees
     s, v = hsv[:, 1] / 255.0, hsv[:, 2] / 255.0
@@ -628,10 +636,15 @@ def color_names(img: np.ndarray, max_names: int = 3, min_share: float = 0.12) ->
     label[(label == P["pink"]) & (v < 0.45)] = P["purple"]
     label[~chroma & (v > 0.8)] = P["white"]
     label[v < 0.18] = P["black"]
-    share = np.bincount(label, minlength=len(PALETTE)) / label.size
-    order = np.argsort(-share, kind="stable")
-    names = [PALETTE[order[0]]] + [PALETTE[i] for i in order[1:] if share[i] >= min_share]
-    return names[:max_names]
+    return np.bincount(label, minlength=len(PALETTE)) / label.size
+
+
+def yuv420_roundtrip(img: np.ndarray) -> np.ndarray:
+    """An RGB frame as a yuv420p encode stores it (chroma averaged over 2x2 blocks, 8-bit
+    planes), back in RGB: colours near a hue or saturation boundary change name this way."""
+    h, w = img.shape[:2]
+    img = img[: h - h % 2, : w - w % 2]
+    return cv2.cvtColor(cv2.cvtColor(img, cv2.COLOR_RGB2YUV_I420), cv2.COLOR_YUV2RGB_I420)
 
 
 def _join(words: list) -> str:
@@ -781,15 +794,31 @@ def caption_shot(shot: ShotPlan, plan: VideoPlan, colors: list, rng) -> tuple:
 
 # ------------------------------------------------------------------------------------ the corpus
 
-def _shot_colors(plan: VideoPlan, i: int, seed: int) -> list:
-    """Dominant colours of shot i from its own rendered pixels (3 frames across the shot)."""
+COLOR_NAMED, COLOR_ALLOWED = 0.12, 0.06  # share of a shot's pixels to be named / to be not wrong
+
+
+def _shot_colors(plan: VideoPlan, i: int, seed: int) -> tuple:
+    """Colours of shot i as its encoded frames show them: (named, allowed).
+
+    named: the dominant colour and up to two more covering >= COLOR_NAMED of the pixels (what the
+    captions say); allowed: every colour covering >= COLOR_ALLOWED (what a caption may say without
+    being wrong). Measured over 8 frames across the shot after a yuv420p round trip, since a
+    captioner only ever sees decoded video: on pre-encode pixels and 3 frames, ~20% of frames named
+    colours differently once encoded (a grey read as blue at the chroma threshold, red/orange order).
+    The margin between the two thresholds keeps a colour near one threshold from making a correct
+    caption wrong."""
     shots = plan.shots
     owned = shot_ranges(shots)
     content = _content_ranges(shots, owned)
     a, z = content[i]
     r = ShotRenderer(shots[i], plan.aspect, plan.fps, z - a, seed)
-    frames = [r(owned[i][0] - a + int(q * (owned[i][1] - owned[i][0] - 1))) for q in (0.2, 0.5, 0.8)]
-    return color_names(np.concatenate(frames, axis=0))
+    n = owned[i][1] - owned[i][0]
+    frames = [yuv420_roundtrip(r(owned[i][0] - a + int(q * (n - 1)))) for q in (np.arange(8) + 0.5) / 8]
+    share = color_shares(np.concatenate(frames, axis=0))
+    order = [int(k) for k in np.argsort(-share, kind="stable")]
+    named = [PALETTE[order[0]]] + [PALETTE[k] for k in order[1:3] if share[k] >= COLOR_NAMED]
+    allowed = named + [PALETTE[k] for k in order if share[k] >= COLOR_ALLOWED and PALETTE[k] not in named]
+    return named, allowed
 
 
 def ground_truth(plans: list, seed: int) -> dict:
@@ -799,7 +828,7 @@ def ground_truth(plans: list, seed: int) -> dict:
         owned = shot_ranges(plan.shots)
         shots = []
         for i, (shot, (a, z)) in enumerate(zip(plan.shots, owned)):
-            colors = _shot_colors(plan, i, seed)
+            colors, allowed = _shot_colors(plan, i, seed)
             short, dense = caption_shot(shot, plan, colors, np.random.default_rng([seed, v, i, 2]))
             dup = None
             if shot.duplicate_of is not None:
@@ -810,7 +839,7 @@ def ground_truth(plans: list, seed: int) -> dict:
                 "transition_in": shot.transition_in,
                 "subject": shot.photo, "scene": PHOTOS[shot.photo].scene,
                 "camera_motion": shot.motion, "direction": shot.direction,
-                "colors": colors, "text": shot.text, "defects": list(shot.defects),
+                "colors": colors, "colors_allowed": allowed, "text": shot.text, "defects": list(shot.defects),
                 "duplicate_of": dup, "caption_short": short, "caption_dense": dense})
         videos.append({"file": plan.file, "fps": plan.fps, "width": plan.width, "height": plan.height,
                        "num_frames": owned[-1][1], "boundaries": [a for a, _ in owned[1:]],

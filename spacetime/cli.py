@@ -281,7 +281,9 @@ def eval_captioner_cmd(dataset: Path = typer.Option(..., "--dataset", help="a ve
         for r in rows:
             s = shots.get((Path(r["source_uri"]).name, r["shot_start_frame"]))
             if s:
-                truths[r["clip_id"]] = {"subject": s["subject"], "colour": (s["colors"] or [None])[0],
+                # the dominant colour must be named; any colour the shot shows may be
+                colour = tuple(s.get("colors_allowed") or s["colors"]) or None
+                truths[r["clip_id"]] = {"subject": s["subject"], "colour": colour,
                                         "direction": None if s["direction"] == "none" else s["direction"]}
     evaluate(hyps, refs, truths, out_json=out, name=str(t["caption_model"][0] if t.num_rows else "captioner"))
     typer.echo(f"{len(rows)} held-out clips; wrote {out}")

@@ -194,6 +194,21 @@ def test_defects_are_measurable(corpus):
     assert short and max(short) < 1.0
 
 
+def test_colour_truth_is_what_the_encoded_video_shows(corpus):
+    """The colours the ground truth names are read off the decoded files by the same labeller: the
+    dominant one, and nothing outside the allowed set (the captioner is scored this way)."""
+    gt_path, gt, _ = corpus
+    right = []
+    for v in gt["videos"]:
+        frames, *_ = decode(gt_path.parent / v["file"])
+        for s in v["shots"]:
+            assert s["colors"] == s["colors_allowed"][: len(s["colors"])]  # named first, then the margin
+            mid = shot_frames(frames, s)
+            names = S.color_names(np.concatenate([mid[int(q * (len(mid) - 1))] for q in np.linspace(0, 1, 8)]))
+            right.append(names[0] == s["colors"][0] and set(names) <= set(s["colors_allowed"]))
+    assert np.mean(right) >= 0.9, right
+
+
 def test_near_duplicate_is_the_nearest_shot(corpus):
     gt_path, gt, _ = corpus
     thumbs = {}
