@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from captioner import decode
-from captioner.data import load_frames, read_clips, training_rows
+from captioner.data import FRAME_FITS, load_frames, read_clips, training_rows
 from captioner.metrics import attribute_accuracy, caption_scores, format_table
 from captioner.model import VideoCaptioner, build_tokenizer, preset
 from captioner.train import TrainConfig, evenly_spaced, fit, make_data
@@ -160,6 +160,8 @@ def main():
                     help="decode this many times the model's frames per clip; training shows a random ordered subset")
     ap.add_argument("--global-motion", action=argparse.BooleanOptionalAction, default=True,
                     help="the camera-motion tokens (CaptionerConfig.global_motion; --no-global-motion to compare)")
+    ap.add_argument("--frame-fit", choices=FRAME_FITS, default=None,
+                    help="how a frame becomes the model's square input (CaptionerConfig.frame_fit; default: the preset's)")
     ap.add_argument("--upsampler-steps", type=int, default=400)
     # 1 thread: on a shared, oversubscribed 2-core box two OpenMP threads spin-waited for each
     # other and took ~6x the CPU time per step (measured); on an idle box --threads 2 is faster
@@ -187,7 +189,8 @@ def main():
     unseen = {combos[i] for i in np.random.default_rng(0).permutation(len(combos))[: len(combos) // 3]}
     train_rows = [r for r in rows if not r["heldout"]
                   and (r["truth"]["subject"], r["truth"]["camera"]) not in unseen]
-    cfg = TrainConfig(preset="small", model={**MODEL, "global_motion": args.global_motion}, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+    model_cfg = {**MODEL, "global_motion": args.global_motion, **({"frame_fit": args.frame_fit} if args.frame_fit else {})}
+    cfg = TrainConfig(preset="small", model=model_cfg, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       warmup_steps=min(100, args.steps // 10), eval_every=max(args.steps // 4, 1),
                       ckpt_every=args.steps, log_every=max(args.steps // 20, 1), seed=0,
                       # captioning alone: the contrastive text pass would re-run the decoder over
@@ -200,7 +203,8 @@ def main():
     mcfg = preset(cfg.preset, **cfg.model, vocab_size=tok.get_vocab_size())
     everything = train_rows + test_rows
     frames, errors = load_frames([r["clip_id"] for r in everything], [r["clip_uri"] for r in everything],
-                                 mcfg.num_frames * cfg.frame_pool, mcfg.image_size, cache_file=out / "frames.npz")
+                                 mcfg.num_frames * cfg.frame_pool, mcfg.image_size, cache_file=out / "frames.npz",
+                                 fit=mcfg.frame_fit)
     train, test = (make_data(rs, frames, tok, mcfg.max_text_len) for rs in (train_rows, test_rows))
     test = evenly_spaced(test, cfg.frame_pool)
     by_id = {r["clip_id"]: r for r in everything}

@@ -30,14 +30,14 @@ class TableMoved(ValueError):
     """The clips table got a new version between reading it and committing the captions."""
 
 
-def decode_frames(batch: dict, num_frames: int, size: int) -> dict:
+def decode_frames(batch: dict, num_frames: int, size: int, fit: str = "crop") -> dict:
     """Ray Data stage: {"clip_id", "clip_uri"} -> adds "frames" (B, T, S, S, 3) uint8 and "error"
     ("" when the clip decoded; frames are zeros otherwise)."""
     frames = np.zeros((len(batch["clip_id"]), num_frames, size, size, 3), np.uint8)
     errors = []
     for i, uri in enumerate(batch["clip_uri"]):
         try:
-            frames[i] = read_clip_frames(str(uri), num_frames, size)
+            frames[i] = read_clip_frames(str(uri), num_frames, size, fit)
             errors.append("")
         except ValueError as e:
             errors.append(str(e))
@@ -98,7 +98,8 @@ def caption_dataset(dataset_root, checkpoint, version: int | None = None, batch_
     if not ray.is_initialized():
         ray.init()
     results = (ray.data.from_arrow(todo)
-               .map_batches(decode_frames, fn_kwargs={"num_frames": cfg.num_frames, "size": cfg.image_size},
+               .map_batches(decode_frames, fn_kwargs={"num_frames": cfg.num_frames, "size": cfg.image_size,
+                                                      "fit": cfg.frame_fit},
                             batch_size=batch_size, batch_format="numpy", num_cpus=1)
                .map_batches(Captioner, fn_constructor_kwargs={"checkpoint": str(checkpoint), "method": method,
                                                               "num_beams": num_beams, "max_len": max_len},

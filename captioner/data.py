@@ -56,13 +56,26 @@ def sample_indices(start: int, end: int, num_frames: int) -> np.ndarray:
     return start + np.minimum(((np.arange(num_frames) + 0.5) * n / num_frames).astype(int), n - 1)
 
 
-def to_square(img: np.ndarray, size: int) -> np.ndarray:
-    """(H, W, 3) -> (size, size, 3): centre crop to a square, then area-resize (CLIP's preprocessing)."""
+FRAME_FITS = ("crop", "resize", "pad")
+
+
+def to_square(img: np.ndarray, size: int, fit: str = "crop") -> np.ndarray:
+    """(H, W, 3) -> (size, size, 3), area-resized. fit: "crop" the centre square (CLIP's
+    preprocessing: the sides of a wide frame are never seen), "resize" the whole frame to the square
+    (aspect squeezed, nothing lost), or "pad" it to a square with black bars first (LLaVA-style)."""
     h, w = img.shape[:2]
-    s = min(h, w)
-    top, left = (h - s) // 2, (w - s) // 2
-    crop = img[top:top + s, left:left + s]
-    return cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
+    if fit == "crop":
+        s = min(h, w)
+        top, left = (h - s) // 2, (w - s) // 2
+        img = img[top:top + s, left:left + s]
+    elif fit == "pad":
+        s = max(h, w)
+        canvas = np.zeros((s, s, 3), img.dtype)
+        canvas[(s - h) // 2:(s - h) // 2 + h, (s - w) // 2:(s - w) // 2 + w] = img
+        img = canvas
+    elif fit != "resize":
+        raise ValueError(f"unknown frame fit {fit!r}; choose from {FRAME_FITS}")
+    return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
 
 
 def _rotate(img: np.ndarray, ccw_degrees: float) -> np.ndarray:
@@ -71,8 +84,9 @@ def _rotate(img: np.ndarray, ccw_degrees: float) -> np.ndarray:
     return np.rot90(img, k=int(round(ccw_degrees / 90)) % 4)
 
 
-def read_clip_frames(uri: str, num_frames: int, size: int) -> np.ndarray:
-    """Decode a clip -> (num_frames, size, size, 3) uint8 RGB, upright, uniformly sampled.
+def read_clip_frames(uri: str, num_frames: int, size: int, fit: str = "crop") -> np.ndarray:
+    """Decode a clip -> (num_frames, size, size, 3) uint8 RGB, upright, uniformly sampled, each
+    frame made square by `fit` (to_square).
 
     Raises ValueError (with the uri) if the file is unreadable or has fewer frames than the range.
     """
@@ -91,7 +105,7 @@ def read_clip_frames(uri: str, num_frames: int, size: int) -> np.ndarray:
                     break
                 if idx in wanted_set:
                     img = _rotate(frame.to_ndarray(format="rgb24"), frame.rotation or 0)
-                    picks[idx] = to_square(img, size)
+                    picks[idx] = to_square(img, size, fit)
     except (av.error.FFmpegError, OSError) as e:
         raise ValueError(f"cannot decode {uri}: {e}") from e
     missing = [int(i) for i in wanted if i not in picks]
@@ -118,7 +132,8 @@ def _frames_from(container, stream, start: int):
         yield int(round((frame.pts - t0) * tb * fps)), frame
 
 
-def load_frames(clip_ids, uris, num_frames: int, size: int, cache_file=None, workers: int | None = None):
+def load_frames(clip_ids, uris, num_frames: int, size: int, cache_file=None, workers: int | None = None,
+                fit: str = "crop"):
     """Decode each clip once -> (frames {clip_id: (T, S, S, 3) uint8}, errors {clip_id: reason}).
 
     With `cache_file` (an .npz) clips already there are loaded instead of decoded, and the
@@ -127,13 +142,14 @@ def load_frames(clip_ids, uris, num_frames: int, size: int, cache_file=None, wor
     frames = {}
     if cache_file and Path(cache_file).is_file():
         with np.load(cache_file) as npz:
-            frames = {k: npz[k] for k in npz.files if npz[k].shape == (num_frames, size, size, 3)}
+            if "__fit__" in npz.files and str(npz["__fit__"]) == fit:  # frames made square another way: stale
+                frames = {k: npz[k] for k in npz.files if npz[k].shape == (num_frames, size, size, 3)}
     todo = [(c, u) for c, u in zip(clip_ids, uris) if c not in frames]
 
     def one(item):
         cid, uri = item
         try:
-            return cid, read_clip_frames(uri, num_frames, size), None
+            return cid, read_clip_frames(uri, num_frames, size, fit), None
         except ValueError as e:
             return cid, None, str(e)
 
@@ -146,7 +162,7 @@ def load_frames(clip_ids, uris, num_frames: int, size: int, cache_file=None, wor
                 errors[cid] = err
     if cache_file and todo:
         tmp = Path(str(cache_file) + ".tmp.npz")
-        np.savez(tmp, **frames)
+        np.savez(tmp, __fit__=np.array(fit), **frames)
         os.replace(tmp, cache_file)
     wanted = set(clip_ids)
     return {k: v for k, v in frames.items() if k in wanted}, errors

@@ -69,6 +69,12 @@ class CaptionerConfig:
     # preset for small/base; off for tiny (4 frames of 32 px), where it made held-out colour
     # learning in the unit test seed-dependent (2 of 4 seeds below chance x2)
     global_motion: bool = False
+    # how a frame becomes a square (captioner.data.to_square): "crop" its centre (CLIP's
+    # preprocessing, so "base" keeps it for open_clip weights; a 16:9 frame loses 44% of its width
+    # and the colours, subjects and text there), "resize" it whole, or "pad" it. "small" resizes: on
+    # the demo benchmark (mixed 16:9 / 9:16 / 4:3 footage) that took held-out subject accuracy from
+    # 0.48 to 0.69 and CIDEr from 1.57 to 1.89 against crop, same data and steps
+    frame_fit: str = "crop"
 
 
 # Size presets. "base" has the ViT-B-32 image tower, so open_clip ViT-B-32 weights load into it.
@@ -78,7 +84,7 @@ PRESETS = {
                  text_layers=2, text_heads=4, max_text_len=48, temporal_layers=1, motion_channels=16),
     "small": dict(image_size=112, patch_size=16, vision_width=256, vision_layers=4, vision_heads=4,
                   num_frames=8, n_queries=16, pooler_heads=4, embed_dim=256, text_width=256,
-                  text_layers=4, text_heads=4, max_text_len=64, global_motion=True),
+                  text_layers=4, text_heads=4, max_text_len=64, global_motion=True, frame_fit="resize"),
     "base": dict(image_size=224, patch_size=32, vision_width=768, vision_layers=12, vision_heads=12,
                  num_frames=8, n_queries=32, pooler_heads=8, embed_dim=512, text_width=512,
                  text_layers=6, text_heads=8, max_text_len=77, global_motion=True),

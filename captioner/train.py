@@ -127,7 +127,8 @@ def prepare(dataset_root, version, out_dir, cfg: TrainConfig):
         tok = build_tokenizer(texts, cfg.min_word_count)
     mcfg = preset(cfg.preset, **cfg.model, vocab_size=tok.get_vocab_size())
     frames, errors = load_frames([r["clip_id"] for r in rows], [r["clip_uri"] for r in rows],
-                                 mcfg.num_frames * cfg.frame_pool, mcfg.image_size, cache_file=out / "frames.npz")
+                                 mcfg.num_frames * cfg.frame_pool, mcfg.image_size, cache_file=out / "frames.npz",
+                                 fit=mcfg.frame_fit)
     train = make_data(train_rows, frames, tok, mcfg.max_text_len)
     val = evenly_spaced(make_data(val_rows, frames, tok, mcfg.max_text_len), cfg.frame_pool)
     info = {"dataset_root": str(dataset_root), "version": read_version, "train_clips": len(train),

@@ -20,7 +20,7 @@ import torch
 from deltalake import DeltaTable, write_deltalake
 
 from captioner import decode
-from captioner.data import parse_clip_uri, read_clip_frames, sample_indices
+from captioner.data import load_frames, parse_clip_uri, read_clip_frames, sample_indices, to_square
 from captioner.metrics import attribute_accuracy, caption_scores
 from captioner.model import (VideoCaptioner, build_tokenizer, checkpoint_hash, decode_caption,
                              encode_caption, load_captioner, preset, save_captioner)
@@ -169,6 +169,25 @@ def test_read_frames_ranges_and_rotation(tmp_path):
     (tmp_path / "junk.mp4").write_bytes(b"not a video")
     with pytest.raises(ValueError, match="junk.mp4"):
         read_clip_frames(str(tmp_path / "junk.mp4"), 4, 32)
+
+
+def test_frame_fits_and_the_frame_cache(tmp_path):
+    # a 2:1 frame: red left quarter, green middle, blue right quarter
+    img = np.zeros((32, 64, 3), np.uint8)
+    img[:, :16, 0], img[:, 16:48, 1], img[:, 48:, 2] = 255, 255, 255
+    crop, whole, pad = (to_square(img, 16, fit) for fit in ("crop", "resize", "pad"))
+    assert crop[..., 1].min() == 255 and crop[..., [0, 2]].max() == 0  # the sides are gone
+    assert whole[:, 0, 0].min() == 255 and whole[:, -1, 2].min() == 255 and whole[:, 8, 1].min() == 255
+    assert pad[:4].max() == 0 and pad[-4:].max() == 0 and pad[8, 0, 0] == 255 and pad[8, -1, 2] == 255
+    with pytest.raises(ValueError, match="frame fit"):
+        to_square(img, 16, "stretch")
+    # the decoded-frames cache knows how its frames were made square
+    src = tmp_path / "wide.mp4"
+    write_mp4(src, np.repeat(img[None], N_FRAMES, 0))
+    cache = tmp_path / "frames.npz"
+    a, _ = load_frames(["c"], [str(src)], 2, 16, cache_file=cache, fit="crop")
+    b, _ = load_frames(["c"], [str(src)], 2, 16, cache_file=cache, fit="resize")
+    assert a["c"][..., 0].max() < 40 and b["c"][:, :, 0, 0].min() > 200
 
 
 def test_split_by_source_has_no_leakage(dataset):
