@@ -60,7 +60,8 @@ class CaptionerConfig:
     text_heads: int = 8
     max_text_len: int = 64      # tokens, including the style token and <eos>
     vocab_size: int = 0         # set from the tokenizer
-    dropout: float = 0.0
+    dropout: float = 0.0        # text decoder; "small" uses 0.1: on the demo bench (90 training clips,
+                                # which it memorises) held-out subject 0.69 -> 0.93, CIDEr 1.89 -> 2.19
     temporal_layers: int = 2    # joint spacetime attention layers after the per-frame ViT
     motion_channels: int = 32   # width of the frame-pair conv net's first stage; 0 = no motion tokens
     # + one token per frame pair from phase correlation and spectral scale (camera pan / tilt / zoom),
@@ -84,7 +85,8 @@ PRESETS = {
                  text_layers=2, text_heads=4, max_text_len=48, temporal_layers=1, motion_channels=16),
     "small": dict(image_size=112, patch_size=16, vision_width=256, vision_layers=4, vision_heads=4,
                   num_frames=8, n_queries=16, pooler_heads=4, embed_dim=256, text_width=256,
-                  text_layers=4, text_heads=4, max_text_len=64, global_motion=True, frame_fit="resize"),
+                  text_layers=4, text_heads=4, max_text_len=64, global_motion=True, frame_fit="resize",
+                  dropout=0.1),
     "base": dict(image_size=224, patch_size=32, vision_width=768, vision_layers=12, vision_heads=12,
                  num_frames=8, n_queries=32, pooler_heads=8, embed_dim=512, text_width=512,
                  text_layers=6, text_heads=8, max_text_len=77, global_motion=True),
