@@ -252,6 +252,21 @@ def caption_cmd(dataset: Path = typer.Option(..., "--dataset"),
     typer.echo(json.dumps({k: v for k, v in s.items()}, default=str))
 
 
+def demo_truths(rows: list[dict], gt: dict) -> dict:
+    """{clip_id: attribute truth} for clips of the demo footage, from its ground_truth.json: the
+    shot a clip was cut from (by source file name and shot start) gives its subject, its colours
+    (the dominant one must be named; any the shot shows may be: `colors_allowed`) and direction."""
+    shots = {(v["file"], s["start_frame"]): s for v in gt["videos"] for s in v["shots"]}
+    truths = {}
+    for r in rows:
+        s = shots.get((Path(r["source_uri"]).name, r["shot_start_frame"]))
+        if s:
+            truths[r["clip_id"]] = {"subject": s["subject"],
+                                    "colour": tuple(s.get("colors_allowed") or s["colors"]) or None,
+                                    "direction": None if s["direction"] == "none" else s["direction"]}
+    return truths
+
+
 @app.command("eval-captioner")
 def eval_captioner_cmd(dataset: Path = typer.Option(..., "--dataset", help="a version captioned by the model"),
                        version: Optional[int] = typer.Option(None, "--version"),
@@ -273,18 +288,7 @@ def eval_captioner_cmd(dataset: Path = typer.Option(..., "--dataset", help="a ve
     rows = [r for r, h in zip(rows, held) if h] or rows
     hyps = {r["clip_id"]: r["caption_dense"] for r in rows}
     refs = {r["clip_id"]: [r["caption_teacher_dense"]] for r in rows}
-    truths = None
-    if ground_truth:
-        gt = json.loads(ground_truth.read_text())
-        shots = {(v["file"], s["start_frame"]): s for v in gt["videos"] for s in v["shots"]}
-        truths = {}
-        for r in rows:
-            s = shots.get((Path(r["source_uri"]).name, r["shot_start_frame"]))
-            if s:
-                # the dominant colour must be named; any colour the shot shows may be
-                colour = tuple(s.get("colors_allowed") or s["colors"]) or None
-                truths[r["clip_id"]] = {"subject": s["subject"], "colour": colour,
-                                        "direction": None if s["direction"] == "none" else s["direction"]}
+    truths = demo_truths(rows, json.loads(ground_truth.read_text())) if ground_truth else None
     evaluate(hyps, refs, truths, out_json=out, name=str(t["caption_model"][0] if t.num_rows else "captioner"))
     typer.echo(f"{len(rows)} held-out clips; wrote {out}")
 

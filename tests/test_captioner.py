@@ -190,6 +190,26 @@ def test_frame_fits_and_the_frame_cache(tmp_path):
     assert a["c"][..., 0].max() < 40 and b["c"][:, :, 0, 0].min() > 200
 
 
+def test_demo_attribute_truth_uses_the_allowed_colours():
+    from captioner.metrics import attribute_accuracy
+    from spacetime.cli import demo_truths
+
+    gt = {"videos": [{"file": "video_000.mp4", "shots": [
+        {"start_frame": 0, "subject": "coffee", "colors": ["brown", "white"],
+         "colors_allowed": ["brown", "white", "black"], "direction": "left"},
+        {"start_frame": 40, "subject": "rocket", "colors": ["blue"], "direction": "none"}]}]}  # v1: no allowed list
+    rows = [{"clip_id": "a", "source_uri": "/data/raw/video_000.mp4", "shot_start_frame": 0},
+            {"clip_id": "b", "source_uri": "/data/raw/video_000.mp4", "shot_start_frame": 40},
+            {"clip_id": "c", "source_uri": "/data/raw/video_001.mp4", "shot_start_frame": 0}]
+    truths = demo_truths(rows, gt)
+    assert truths == {"a": {"subject": "coffee", "colour": ("brown", "white", "black"), "direction": "left"},
+                      "b": {"subject": "rocket", "colour": ("blue",), "direction": None}}
+    said = {"brown and black coffee": 1.0, "black and white coffee": 0.0, "brown and red coffee": 0.0}
+    for caption, right in said.items():
+        assert attribute_accuracy([caption], [{"colour": truths["a"]["colour"]}],
+                                  {"colour": ["brown", "white", "black", "red"]})["colour"] == right, caption
+
+
 def test_split_by_source_has_no_leakage(dataset):
     root, rows = dataset
     kept = [r for r in rows if r.get("status") == "kept"]
