@@ -27,7 +27,8 @@ Bar: attribute accuracy (all) >= 0.90 and CIDEr clearly above the best retrieval
 Measured on 2 CPU cores (29 held-out clips; small preset: whole frame resized, decoder dropout 0.1):
 40 videos / 1200 steps: camera 0.83, colour 0.79, subject 0.83, all 0.59, CIDEr 2.41 (best retrieval
 1.23); training ~10 CPU-min, the whole script ~20 min with the upsampler. 24 videos / 800 steps:
-camera 0.83, colour 0.62, subject 0.93, all 0.48, CIDEr 2.19.
+camera 0.83, colour 0.62, subject 0.93, all 0.48, CIDEr 2.19. --seed 1 at the defaults: all 0.52, CIDEr 2.73;
+56 videos: all 0.59, CIDEr 2.63 (subject 0.76-0.93 run to run: 29 clips are few).
 
 (run it as a module: as a script, this file would shadow the captioner package)
 """
@@ -169,6 +170,7 @@ def main():
                     help="how a frame becomes the model's square input (CaptionerConfig.frame_fit; default: the preset's)")
     ap.add_argument("--dropout", type=float, default=None,
                     help="text decoder dropout (CaptionerConfig.dropout; default: the preset's)")
+    ap.add_argument("--seed", type=int, default=0, help="training seed (init, batches); the footage stays fixed")
     ap.add_argument("--upsampler-steps", type=int, default=400)
     # 1 thread: on a shared, oversubscribed 2-core box two OpenMP threads spin-waited for each
     # other and took ~6x the CPU time per step (measured); on an idle box --threads 2 is faster
@@ -200,7 +202,7 @@ def main():
                  **{k: v for k, v in (("frame_fit", args.frame_fit), ("dropout", args.dropout)) if v is not None}}
     cfg = TrainConfig(preset="small", model=model_cfg, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       warmup_steps=min(100, args.steps // 10), eval_every=max(args.steps // 4, 1),
-                      ckpt_every=args.steps, log_every=max(args.steps // 20, 1), seed=0,
+                      ckpt_every=args.steps, log_every=max(args.steps // 20, 1), seed=args.seed,
                       # captioning alone: the contrastive text pass would re-run the decoder over
                       # every caption (~30% of a step) for an embedding this benchmark never uses
                       contrastive_weight=0.0,
