@@ -26,8 +26,8 @@ Bar: attribute accuracy (all) >= 0.90 and CIDEr clearly above the best retrieval
 
 Measured on 2 CPU cores (29 held-out clips; small preset: whole frame resized, decoder dropout 0.1):
 40 videos / 1200 steps: camera 0.83, colour 0.79, subject 0.83, all 0.59, CIDEr 2.41 (best retrieval
-1.23); training ~10 CPU-min, the whole script ~20 min with the upsampler. 24 videos / 800 steps:
-camera 0.83, colour 0.62, subject 0.93, all 0.48, CIDEr 2.19. --seed 1 at the defaults: all 0.52, CIDEr 2.73;
+1.92); training ~10 CPU-min, the whole script ~20 min with the upsampler. 24 videos / 800 steps:
+camera 0.83, colour 0.62, subject 0.93, all 0.48, CIDEr 2.19 (1.33). --seed 1 at the defaults: all 0.52, CIDEr 2.73;
 56 videos: all 0.59, CIDEr 2.63 (subject 0.76-0.93 run to run: 29 clips are few).
 
 (run it as a module: as a script, this file would shadow the captioner package)
