@@ -53,7 +53,8 @@ from captioner.metrics import attribute_accuracy, caption_scores, format_table
 from captioner.model import VideoCaptioner, build_tokenizer, preset
 from captioner.train import TrainConfig, evenly_spaced, fit, make_data
 from captioner.upsample import T5Upsampler, UpsamplerConfig, train_upsampler
-from pipeline.synthetic import MOVE_NOUN, MOVE_SHORT, PALETTE, PHOTOS, generate_footage, ground_truth_captions
+from pipeline.synthetic import (MOVE_NOUN, MOVE_SHORT, PALETTE, PHOTOS, colour_truth, generate_footage,
+                                ground_truth_captions)
 
 # camera attribute: canonical name -> every phrase the captions use for it
 CAMERA_WORDS = {f"{m} {d}": [MOVE_SHORT[(m, d)], MOVE_NOUN[(m, d)]] for m, d in MOVE_SHORT if m != "static"}
@@ -122,9 +123,7 @@ def shot_truths(gt_path) -> dict:
         for s in v["shots"]:
             camera = "static" if s["camera_motion"] == "static" else f"{s['camera_motion']} {s['direction']}"
             out[(src, s["start_frame"], s["end_frame"])] = {
-                "subject": PHOTOS[s["subject"]].name, "camera": camera,
-                # name the dominant colour; may name any colour the shot shows (v1 truth: its colours)
-                "colour": tuple(s.get("colors_allowed", s["colors"]))}
+                "subject": PHOTOS[s["subject"]].name, "colour": colour_truth(s), "camera": camera}
     return out
 
 

@@ -142,7 +142,8 @@ def load_frames(clip_ids, uris, num_frames: int, size: int, cache_file=None, wor
     frames = {}
     if cache_file and Path(cache_file).is_file():
         with np.load(cache_file) as npz:
-            if "__fit__" in npz.files and str(npz["__fit__"]) == fit:  # frames made square another way: stale
+            # frames made square another way (or by code that did not record how) are not reused
+            if "__fit__" in npz.files and str(npz["__fit__"]) == fit:
                 frames = {k: npz[k] for k in npz.files if npz[k].shape == (num_frames, size, size, 3)}
     todo = [(c, u) for c, u in zip(clip_ids, uris) if c not in frames]
 

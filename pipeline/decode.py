@@ -41,17 +41,11 @@ def scaled_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     return max(2, int(round(width * scale / 2)) * 2), max(2, int(round(height * scale / 2)) * 2)
 
 
-def halve(img: np.ndarray, min_short_side: int) -> np.ndarray:
-    """Halve `img` (2x2 area averages) while its short side is >= 2 * min_short_side and both sides
-    are even, so every step takes OpenCV's fast integer-factor path."""
-    while min(img.shape[:2]) >= 2 * min_short_side and img.shape[0] % 2 == 0 and img.shape[1] % 2 == 0:
-        img = cv2.resize(img, (img.shape[1] // 2, img.shape[0] // 2), interpolation=cv2.INTER_AREA)
-    return img
-
-
 def halve_frames(frames: np.ndarray, min_short_side: int) -> np.ndarray:
-    """`halve` over a stack (N, H, W[, C]) in one OpenCV call: the frames are stacked along the rows,
-    and with H even every 2x2 block stays inside its own frame, so the result equals halving each."""
+    """Halve each frame of a stack (N, H, W[, C]) by 2x2 area averages while its short side is
+    >= 2 * min_short_side and both sides are even, so every step takes OpenCV's fast integer-factor
+    path. One call per step for the whole stack: the frames are stacked along the rows, and with H
+    even every 2x2 block stays inside its own frame."""
     n, h, w = frames.shape[:3]
     flat = frames.reshape(n * h, w, *frames.shape[3:])
     while min(h, w) >= 2 * min_short_side and h % 2 == 0 and w % 2 == 0:

@@ -21,7 +21,7 @@ from array import array
 import cv2
 import numpy as np
 
-from pipeline.decode import halve, halve_frames
+from pipeline.decode import halve_frames
 
 SCORE_COLUMNS = ("motion", "static", "sharpness", "blur", "brightness", "contrast", "text_ratio")
 
@@ -99,9 +99,8 @@ class MotionScore:
         self._prev = None          # (index, small grey) of the previous frame
         self._series = _Series(2)  # keyed by i: transition (i-1 -> i): mean abs diff, flow px/frame (NaN = not run)
 
-    def _small(self, grey: np.ndarray) -> np.ndarray:
-        # Exact halvings take OpenCV's fast area path; one bilinear step then lands on flow_side.
-        grey = halve(grey, self.flow_side)
+    def _to_flow_side(self, grey: np.ndarray) -> np.ndarray:
+        """One bilinear step from a halved grey frame down to a short side of flow_side."""
         scale = self.flow_side / min(grey.shape)
         if scale < 1:
             grey = cv2.resize(grey, (max(1, round(grey.shape[1] * scale)), max(1, round(grey.shape[0] * scale))),
@@ -110,8 +109,9 @@ class MotionScore:
 
     def process_frames(self, start: int, frames: np.ndarray) -> None:
         grey = self.grey(start, frames)
-        halved = halve_frames(grey, self.flow_side)
-        small = np.stack([self._small(g) for g in halved])  # the last, non-integer step per frame
+        # exact halvings of the whole run take OpenCV's fast area path; the last, non-integer step
+        # is per frame (bilinear on the stack would mix rows of neighbouring frames)
+        small = np.stack([self._to_flow_side(g) for g in halve_frames(grey, self.flow_side)])
         px = min(grey.shape[1:]) / min(small.shape[1:])     # flow px at small size -> at analysis size
         if self._prev is not None and self._prev[0] == start - 1 and self._prev[1].shape == small.shape[1:]:
             seq, first = np.concatenate([self._prev[1][None], small]), start  # transitions into start..

@@ -611,10 +611,19 @@ PALETTE = ("black", "gray", "white", "red", "orange", "brown", "beige", "yellow"
 def color_names(img: np.ndarray, max_names: int = 3, min_share: float = 0.12) -> list:
     """1-3 dominant colour names of an RGB uint8 image, most common first, from a named HSV
     palette (PALETTE); a second or third name needs at least `min_share` of the pixels."""
-    share = color_shares(img)
+    return _named(color_shares(img), min_share)[:max_names]
+
+
+def _named(share: np.ndarray, min_share: float) -> list:
+    """PALETTE names by decreasing share: the dominant one, then every other at >= min_share."""
     order = np.argsort(-share, kind="stable")
-    names = [PALETTE[order[0]]] + [PALETTE[i] for i in order[1:] if share[i] >= min_share]
-    return names[:max_names]
+    return [PALETTE[order[0]]] + [PALETTE[i] for i in order[1:] if share[i] >= min_share]
+
+
+def colour_truth(shot: dict) -> tuple:
+    """A ground-truth shot's colours for scoring a caption: the dominant first (must be named),
+    then every colour it may name (`colors_allowed`; a v1 file has only `colors`)."""
+    return tuple(shot.get("colors_allowed") or shot["colors"])
 
 
 def color_shares(img: np.ndarray) -> np.ndarray:
@@ -815,10 +824,8 @@ def _shot_colors(plan: VideoPlan, i: int, seed: int) -> tuple:
     n = owned[i][1] - owned[i][0]
     frames = [yuv420_roundtrip(r(owned[i][0] - a + int(q * (n - 1)))) for q in (np.arange(8) + 0.5) / 8]
     share = color_shares(np.concatenate(frames, axis=0))
-    order = [int(k) for k in np.argsort(-share, kind="stable")]
-    named = [PALETTE[order[0]]] + [PALETTE[k] for k in order[1:3] if share[k] >= COLOR_NAMED]
-    allowed = named + [PALETTE[k] for k in order if share[k] >= COLOR_ALLOWED and PALETTE[k] not in named]
-    return named, allowed
+    named = _named(share, COLOR_NAMED)[:3]
+    return named, named + [c for c in _named(share, COLOR_ALLOWED) if c not in named]
 
 
 def ground_truth(plans: list, seed: int) -> dict:

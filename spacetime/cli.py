@@ -256,13 +256,14 @@ def demo_truths(rows: list[dict], gt: dict) -> dict:
     """{clip_id: attribute truth} for clips of the demo footage, from its ground_truth.json: the
     shot a clip was cut from (by source file name and shot start) gives its subject, its colours
     (the dominant one must be named; any the shot shows may be: `colors_allowed`) and direction."""
+    from pipeline.synthetic import colour_truth
+
     shots = {(v["file"], s["start_frame"]): s for v in gt["videos"] for s in v["shots"]}
     truths = {}
     for r in rows:
         s = shots.get((Path(r["source_uri"]).name, r["shot_start_frame"]))
         if s:
-            truths[r["clip_id"]] = {"subject": s["subject"],
-                                    "colour": tuple(s.get("colors_allowed") or s["colors"]) or None,
+            truths[r["clip_id"]] = {"subject": s["subject"], "colour": colour_truth(s) or None,
                                     "direction": None if s["direction"] == "none" else s["direction"]}
     return truths
 
