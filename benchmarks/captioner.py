@@ -51,10 +51,10 @@ from captioner import decode
 from captioner.data import FRAME_FITS, load_frames, read_clips, training_rows
 from captioner.metrics import attribute_accuracy, caption_scores, format_table
 from captioner.model import VideoCaptioner, build_tokenizer, preset
-from captioner.train import TrainConfig, evenly_spaced, fit, make_data
+from captioner.train import TrainConfig, caption_texts, evenly_spaced, fit, make_data
 from captioner.upsample import T5Upsampler, UpsamplerConfig, train_upsampler
-from pipeline.synthetic import (MOVE_NOUN, MOVE_SHORT, PALETTE, PHOTOS, colour_truth, generate_footage,
-                                ground_truth_captions)
+from pipeline.synthetic import (MOVE_NOUN, MOVE_SHORT, PALETTE, PHOTOS, REVERSED_MOVES, colour_truth,
+                                generate_footage, ground_truth_captions)
 
 # camera attribute: canonical name -> every phrase the captions use for it
 CAMERA_WORDS = {f"{m} {d}": [MOVE_SHORT[(m, d)], MOVE_NOUN[(m, d)]] for m, d in MOVE_SHORT if m != "static"}
@@ -170,8 +170,12 @@ def main():
                     help="how a frame becomes the model's square input (CaptionerConfig.frame_fit; default: the preset's)")
     ap.add_argument("--dropout", type=float, default=None,
                     help="text decoder dropout (CaptionerConfig.dropout; default: the preset's)")
+    ap.add_argument("--reverse", type=float, default=0.0,
+                    help="play this fraction of training clips backwards, with the move's opposite in the caption (TrainConfig.reverse)")
+    ap.add_argument("--color-token", action=argparse.BooleanOptionalAction, default=None,
+                    help="the colour-histogram token (CaptionerConfig.color_token; default: the preset's)")
     ap.add_argument("--seed", type=int, default=0, help="training seed (init, batches); the footage stays fixed")
-    ap.add_argument("--upsampler-steps", type=int, default=400)
+    ap.add_argument("--upsampler-steps", type=int, default=400, help="0 skips the upsampler")
     # 1 thread: on a shared, oversubscribed 2-core box two OpenMP threads spin-waited for each
     # other and took ~6x the CPU time per step (measured); on an idle box --threads 2 is faster
     ap.add_argument("--threads", type=int, default=1)
@@ -199,7 +203,8 @@ def main():
     train_rows = [r for r in rows if not r["heldout"]
                   and (r["truth"]["subject"], r["truth"]["camera"]) not in unseen]
     model_cfg = {**MODEL, "global_motion": args.global_motion,
-                 **{k: v for k, v in (("frame_fit", args.frame_fit), ("dropout", args.dropout)) if v is not None}}
+                 **{k: v for k, v in (("frame_fit", args.frame_fit), ("dropout", args.dropout),
+                                      ("color_token", args.color_token)) if v is not None}}
     cfg = TrainConfig(preset="small", model=model_cfg, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       warmup_steps=min(100, args.steps // 10), eval_every=max(args.steps // 4, 1),
                       ckpt_every=args.steps, log_every=max(args.steps // 20, 1), seed=args.seed,
@@ -208,14 +213,15 @@ def main():
                       contrastive_weight=0.0,
                       # the demo captions' left/right are screen directions: mirrored clips double the pans
                       hflip=0.5, short_fraction=args.short_fraction,
-                      frame_pool=args.frame_pool)
-    tok = build_tokenizer([r[f"caption_teacher_{s}"] or "" for r in train_rows for s in ("short", "dense")])
+                      frame_pool=args.frame_pool, reverse=args.reverse, reverse_swap=REVERSED_MOVES)
+    tok = build_tokenizer(caption_texts(train_rows, cfg))
     mcfg = preset(cfg.preset, **cfg.model, vocab_size=tok.get_vocab_size())
     everything = train_rows + test_rows
     frames, errors = load_frames([r["clip_id"] for r in everything], [r["clip_uri"] for r in everything],
                                  mcfg.num_frames * cfg.frame_pool, mcfg.image_size, cache_file=out / "frames.npz",
                                  fit=mcfg.frame_fit)
-    train, test = (make_data(rs, frames, tok, mcfg.max_text_len) for rs in (train_rows, test_rows))
+    train = make_data(train_rows, frames, tok, mcfg.max_text_len, cfg.reverse_swap if cfg.reverse else None)
+    test = make_data(test_rows, frames, tok, mcfg.max_text_len)
     test = evenly_spaced(test, cfg.frame_pool)
     by_id = {r["clip_id"]: r for r in everything}
     print(f"table version {version}: {len(train)} training clips, {len(test)} held-out clips "
@@ -269,16 +275,18 @@ def main():
     print(format_table(results))
 
     # ---- prompt upsampler: held-out short captions -> dense, vs the short prompt as is
-    clock.start()
-    pairs = sorted({(r["caption_teacher_short"], r["caption_teacher_dense"]) for r in train_rows
-                    if r["caption_teacher_short"] and r["caption_teacher_dense"]})
-    up_dir = train_upsampler(pairs, out / "upsampler", UpsamplerConfig(steps=args.upsampler_steps, seed=0),
-                             log=lambda m: None)
-    upsampler = T5Upsampler(up_dir)
-    upsampled = {c: upsampler(by_id[c]["caption_teacher_short"]) for c in ids}
-    up = {"upsampled_BLEU-4": caption_scores(refs, upsampled)["BLEU-4"],
-          "short_prompt_BLEU-4": caption_scores(refs, {c: by_id[c]["caption_teacher_short"] for c in ids})["BLEU-4"]}
-    clock.stop("upsampler")
+    up, upsampled = {"upsampled_BLEU-4": float("nan"), "short_prompt_BLEU-4": float("nan")}, {c: None for c in ids}
+    if args.upsampler_steps > 0:
+        clock.start()
+        pairs = sorted({(r["caption_teacher_short"], r["caption_teacher_dense"]) for r in train_rows
+                        if r["caption_teacher_short"] and r["caption_teacher_dense"]})
+        up_dir = train_upsampler(pairs, out / "upsampler", UpsamplerConfig(steps=args.upsampler_steps, seed=0),
+                                 log=lambda m: None)
+        upsampler = T5Upsampler(up_dir)
+        upsampled = {c: upsampler(by_id[c]["caption_teacher_short"]) for c in ids}
+        up = {"upsampled_BLEU-4": caption_scores(refs, upsampled)["BLEU-4"],
+              "short_prompt_BLEU-4": caption_scores(refs, {c: by_id[c]["caption_teacher_short"] for c in ids})["BLEU-4"]}
+        clock.stop("upsampler")
 
     by = {r["system"]: r for r in results}
     best_retrieval = max((r for r in results if r["system"].startswith("retrieval")), key=lambda r: r["CIDEr"])

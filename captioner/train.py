@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -64,16 +65,25 @@ class TrainConfig:
     # same 8 frames every epoch, which a captioner memorises instead of reading the motion.
     # Validation (and captioning) use the evenly spaced subset, as with frame_pool = 1.
     frame_pool: int = 1
+    # Play a clip backwards with this probability and exchange these phrase pairs in its caption:
+    # a zoom in becomes a zoom out, a tilt up a tilt down, so every camera move is seen both ways.
+    # Off by default: only right where the captions' motion is the camera's (a ball falling
+    # backwards is no fall); the demo benchmark sets its caption phrases
+    # (pipeline.synthetic.REVERSED_MOVES)
+    reverse: float = 0.0
+    reverse_swap: list = field(default_factory=list)
 
 
 @dataclass
 class CaptionData:
     """Clips decoded once: frames (N, T, S, S, 3) uint8; ids (N, 2, L) token ids for the short and
-    dense caption (all <pad> where that style is missing); has (N, 2) bool; clip_ids list."""
+    dense caption (all <pad> where that style is missing); has (N, 2) bool; clip_ids list;
+    ids_reversed: the captions with TrainConfig.reverse_swap applied (None without it)."""
     frames: torch.Tensor
     ids: torch.Tensor
     has: torch.Tensor
     clip_ids: list
+    ids_reversed: torch.Tensor | None = None
 
     def __len__(self):
         return len(self.clip_ids)
@@ -90,20 +100,42 @@ def split_by_source(source_shas, val_fraction: float, seed: int = 0) -> np.ndarr
     return np.array([s in val for s in source_shas], dtype=bool)
 
 
-def make_data(rows: list[dict], frames: dict, tok: Tokenizer, max_len: int) -> CaptionData:
-    """rows: dicts with clip_id, caption_teacher_short, caption_teacher_dense; frames: clip_id -> array."""
+def swap_phrases(text: str, pairs) -> str:
+    """`text` lower-cased with each (a, b) phrase pair exchanged, whole words, longest phrase first
+    (so "zooms in on" -> "zooms out from" wins over "zooms in" -> "zooms out")."""
+    table = {}
+    for a, b in pairs:
+        table[a.lower()], table[b.lower()] = b.lower(), a.lower()
+    if not table:
+        return text.lower()
+    pattern = r"\b(" + "|".join(re.escape(p) for p in sorted(table, key=len, reverse=True)) + r")\b"
+    return re.sub(pattern, lambda m: table[m[1]], text.lower())
+
+
+def caption_texts(rows: list[dict], cfg: TrainConfig) -> list[str]:
+    """Every teacher caption of `rows` the training shows (reversed ones too): the tokenizer's corpus."""
+    texts = [r[f"caption_teacher_{s}"] or "" for r in rows for s in STYLE_ORDER]
+    return texts + ([swap_phrases(t, cfg.reverse_swap) for t in texts] if cfg.reverse and cfg.reverse_swap else [])
+
+
+def make_data(rows: list[dict], frames: dict, tok: Tokenizer, max_len: int, reverse_swap=None) -> CaptionData:
+    """rows: dicts with clip_id, caption_teacher_short, caption_teacher_dense; frames: clip_id -> array.
+    With reverse_swap (phrase pairs), also the reversed-clip captions (CaptionData.ids_reversed)."""
     rows = [r for r in rows if r["clip_id"] in frames]
-    ids = torch.full((len(rows), 2, max_len), SPECIAL_TOKENS.index(PAD), dtype=torch.long)
+    variants = [None] + ([reverse_swap] if reverse_swap else [])
+    ids = torch.full((len(variants), len(rows), 2, max_len), SPECIAL_TOKENS.index(PAD), dtype=torch.long)
     has = torch.zeros(len(rows), 2, dtype=torch.bool)
     for i, r in enumerate(rows):
         for j, style in enumerate(STYLE_ORDER):
             text = r.get(f"caption_teacher_{style}")
             if text:
-                seq = encode_caption(tok, text, style, max_len)
-                ids[i, j, :len(seq)] = torch.tensor(seq)
+                for k, pairs in enumerate(variants):
+                    seq = encode_caption(tok, text if pairs is None else swap_phrases(text, pairs), style, max_len)
+                    ids[k, i, j, :len(seq)] = torch.tensor(seq)
                 has[i, j] = True
     stacked = np.stack([frames[r["clip_id"]] for r in rows]) if rows else np.zeros((0,))
-    return CaptionData(torch.from_numpy(stacked), ids, has, [r["clip_id"] for r in rows])
+    return CaptionData(torch.from_numpy(stacked), ids[0], has, [r["clip_id"] for r in rows],
+                       ids[1] if reverse_swap else None)
 
 
 def prepare(dataset_root, version, out_dir, cfg: TrainConfig):
@@ -123,13 +155,12 @@ def prepare(dataset_root, version, out_dir, cfg: TrainConfig):
     if ckpt is not None:  # resume: the vocabulary must be the one the weights were trained with
         tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
     else:
-        texts = [r[f"caption_teacher_{s}"] or "" for r in train_rows for s in STYLE_ORDER]
-        tok = build_tokenizer(texts, cfg.min_word_count)
+        tok = build_tokenizer(caption_texts(train_rows, cfg), cfg.min_word_count)
     mcfg = preset(cfg.preset, **cfg.model, vocab_size=tok.get_vocab_size())
     frames, errors = load_frames([r["clip_id"] for r in rows], [r["clip_uri"] for r in rows],
                                  mcfg.num_frames * cfg.frame_pool, mcfg.image_size, cache_file=out / "frames.npz",
                                  fit=mcfg.frame_fit)
-    train = make_data(train_rows, frames, tok, mcfg.max_text_len)
+    train = make_data(train_rows, frames, tok, mcfg.max_text_len, cfg.reverse_swap if cfg.reverse else None)
     val = evenly_spaced(make_data(val_rows, frames, tok, mcfg.max_text_len), cfg.frame_pool)
     info = {"dataset_root": str(dataset_root), "version": read_version, "train_clips": len(train),
             "val_clips": len(val), "decode_errors": errors,
@@ -145,7 +176,8 @@ def evenly_spaced(data: CaptionData, pool: int) -> CaptionData:
 
 
 def sample_batch(data: CaptionData, batch_size: int, gen: torch.Generator, hflip: float = 0.0,
-                 swap_ids: list = (), short_fraction: float | None = None, num_frames: int | None = None):
+                 swap_ids: list = (), short_fraction: float | None = None, num_frames: int | None = None,
+                 reverse: float = 0.0):
     """One caption style per batch, drawn in proportion to how many clips have it (or short with
     probability short_fraction), and random
     clips (with replacement) among those that have it.
@@ -155,6 +187,7 @@ def sample_batch(data: CaptionData, batch_size: int, gen: torch.Generator, hflip
     Clips holding more than num_frames frames show an ordered random num_frames of them.
     With hflip > 0 that fraction of clips is mirrored left-right (frames (B, T, H, W, 3): the W
     axis) and each (a, b) token pair in swap_ids is exchanged in their captions.
+    With reverse > 0 (and data.ids_reversed) that fraction plays backwards with the reversed caption.
     """
     weights = data.has.sum(0).float()
     if short_fraction is not None:
@@ -168,6 +201,10 @@ def sample_batch(data: CaptionData, batch_size: int, gen: torch.Generator, hflip
     if num_frames is not None and frames.shape[1] > num_frames:  # temporal jitter: an ordered random subset
         keep = torch.rand(batch_size, frames.shape[1], generator=gen).topk(num_frames, dim=1).indices.sort(1).values
         frames = frames[torch.arange(batch_size)[:, None], keep]
+    if reverse > 0 and data.ids_reversed is not None:
+        back = torch.rand(batch_size, generator=gen) < reverse
+        frames = torch.where(back.view(-1, 1, 1, 1, 1), frames.flip(1), frames)
+        ids = torch.where(back.view(-1, 1), data.ids_reversed[idx, style], ids)
     if hflip > 0:
         flip = torch.rand(batch_size, generator=gen) < hflip
         frames = torch.where(flip.view(-1, 1, 1, 1, 1), frames.flip(3), frames)
@@ -298,7 +335,7 @@ def fit(model, tok, train: CaptionData, val: CaptionData, cfg: TrainConfig, out_
     t0 = time.time()
     while step < cfg.steps:
         frames, ids = sample_batch(train, cfg.batch_size, gen, cfg.hflip, swap_ids, cfg.short_fraction,
-                                   raw.cfg.num_frames)
+                                   raw.cfg.num_frames, cfg.reverse)
         frames, ids = frames.to(device), ids.to(device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)

@@ -696,6 +696,12 @@ MOVE_EFFECT = {("pan", "left"): "sweeping across the scene from right to left",
                ("tilt", "down"): "travelling from the top of the picture down toward the bottom",
                ("zoom", "in"): "pushing closer so that details grow larger in the frame",
                ("zoom", "out"): "pulling back to reveal more of the surroundings"}
+# The caption phrases of each move and of the same move played backwards, which the captioner's
+# time-reversal augmentation exchanges (captioner.train.swap_phrases). A zoom's preposition
+# changes with it ("zooms in on" / "zooms out from", see caption_shot)
+OPPOSITE_MOVES = {("zoom", "in"): ("zoom", "out"), ("tilt", "up"): ("tilt", "down"), ("pan", "left"): ("pan", "right")}
+REVERSED_MOVES = [("zooms in on", "zooms out from"), ("zoom in on", "zoom out from")] + \
+    [(table[a], table[b]) for table in (MOVE_SHORT, MOVE_NOUN, MOVE_EFFECT) for a, b in OPPOSITE_MOVES.items()]
 GRADE_WORDS = {"natural": "natural, true-to-life colour", "warm": "a warm, golden colour grade",
                "cool": "a cool, bluish colour grade", "mono": "black-and-white tones",
                "sepia": "a brownish sepia tint"}

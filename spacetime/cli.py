@@ -209,6 +209,18 @@ def train_aesthetic_cmd(dataset: Path = typer.Option(..., "--dataset", help="dat
 
 # --- captioner ------------------------------------------------------------------------------
 
+def _phrase_pairs(path: Path) -> list:
+    """A JSON file holding [[phrase, opposite], ...] -> that list; a clear error otherwise."""
+    try:
+        pairs = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        fail(f"cannot read phrase pairs from {path}: {e}")
+    if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 and all(isinstance(w, str) and w.strip() for w in p)
+                                              for p in pairs):
+        fail(f"{path}: expected a JSON list of [phrase, opposite] pairs of non-empty strings")
+    return pairs
+
+
 @app.command("train-captioner")
 def train_captioner_cmd(dataset: Path = typer.Option(..., "--dataset"),
                         version: Optional[int] = typer.Option(None, "--version", help="table version (default latest)"),
@@ -219,12 +231,27 @@ def train_captioner_cmd(dataset: Path = typer.Option(..., "--dataset"),
                         short_fraction: Optional[float] = typer.Option(
                             None, min=0.0, max=1.0, help="fraction of batches in the short caption style "
                             "(default: in proportion to the clips that have each style)"),
+                        frame_pool: int = typer.Option(1, min=1, help="temporal jitter: decode this many times "
+                                                       "the model's frames per clip, show an ordered random subset"),
+                        hflip: float = typer.Option(0.0, min=0.0, max=1.0, help="mirror this fraction of clips, "
+                                                    "swapping left/right in their captions (screen directions only)"),
+                        reverse: float = typer.Option(0.0, min=0.0, max=1.0, help="play this fraction of clips "
+                                                      "backwards, swapping each camera move for its opposite in "
+                                                      "the caption (camera motion only: a reversed fall is no fall)"),
+                        reverse_phrases: Optional[Path] = typer.Option(
+                            None, help="JSON file of phrase pairs for --reverse, each a list of a phrase and its opposite "
+                            "(\"zooms in on\", \"zooms out from\"); default: the demo captions' camera phrases"),
                         seed: int = typer.Option(0)):
     """Train the video captioner on kept clips' teacher captions (validation split by source video)."""
     from captioner.train import TrainConfig, train_captioner
 
     _need_table(dataset)
-    cfg = TrainConfig(preset=preset, steps=steps, batch_size=batch_size, seed=seed, short_fraction=short_fraction)
+    pairs = _phrase_pairs(reverse_phrases) if reverse_phrases else []
+    if reverse and not reverse_phrases:
+        from pipeline.synthetic import REVERSED_MOVES
+        pairs = [list(p) for p in REVERSED_MOVES]
+    cfg = TrainConfig(preset=preset, steps=steps, batch_size=batch_size, seed=seed, short_fraction=short_fraction,
+                      frame_pool=frame_pool, hflip=hflip, reverse=reverse, reverse_swap=pairs)
     try:
         ckpt = train_captioner(str(dataset), version, out, cfg, num_workers=workers, log=typer.echo)
     except ValueError as e:

@@ -252,6 +252,40 @@ def test_temporal_jitter_shows_ordered_random_frames():
     assert evenly_spaced(data, 2).frames[0, :, 0, 0, 0].tolist() == [0, 2, 4, 6]
 
 
+def test_reversed_caption_is_the_caption_of_the_reversed_move():
+    """swap_phrases(caption, REVERSED_MOVES) is what the demo generator writes for the same shot
+    with the opposite move (same template draws), for every move that has an opposite."""
+    from dataclasses import replace
+    from captioner.train import swap_phrases
+    from pipeline.synthetic import OPPOSITE_MOVES, REVERSED_MOVES, caption_shot, plan_footage
+    opposite = {**OPPOSITE_MOVES, **{b: a for a, b in OPPOSITE_MOVES.items()}}
+    checked = set()
+    for v, plan in enumerate(plan_footage(seed=0, videos=16)):
+        for i, shot in enumerate(plan.shots):
+            key = (shot.motion, shot.direction)
+            back = (replace(shot, motion=opposite[key][0], direction=opposite[key][1], window0=shot.window1,
+                            window1=shot.window0) if key in opposite else shot)
+            for style in (0, 1):
+                ours = caption_shot(shot, plan, ["gray", "red"], np.random.default_rng([v, i]))[style]
+                theirs = caption_shot(back, plan, ["gray", "red"], np.random.default_rng([v, i]))[style]
+                assert swap_phrases(ours, REVERSED_MOVES) == theirs.lower(), (key, ours)
+            checked.add(key)
+    assert set(opposite) <= checked                  # every move seen
+
+
+def test_time_reversal_plays_clips_backwards_with_the_reversed_caption():
+    from captioner.train import CaptionData, sample_batch
+    frames = torch.arange(4, dtype=torch.uint8).view(1, 4, 1, 1, 1).expand(2, 4, 2, 2, 3).contiguous()
+    ids = torch.tensor([3, 7, 2]).view(1, 1, 3).expand(2, 2, 3).contiguous()
+    data = CaptionData(frames, ids, torch.ones(2, 2, dtype=torch.bool), ["a", "b"], ids_reversed=ids + 5 * (ids == 7))
+    gen = torch.Generator().manual_seed(0)
+    f, i = sample_batch(data, 64, gen, reverse=0.5)
+    back = f[:, 0, 0, 0, 0] == 3
+    assert 10 < int(back.sum()) < 54
+    assert (f[back, :, 0, 0, 0] == torch.tensor([3, 2, 1, 0])).all() and (i[back, 1] == 12).all()
+    assert (f[~back, :, 0, 0, 0] == torch.tensor([0, 1, 2, 3])).all() and (i[~back, 1] == 7).all()
+
+
 # ---------------------------------------------------------------- model + decoding
 
 def _untrained():
@@ -303,12 +337,44 @@ def test_camera_features_read_pans_tilts_and_zooms():
     crops = lambda sizes: np.stack([cv2.resize(smooth[48 - s // 2:48 + s // 2, 48 - s // 2:48 + s // 2],
                                                (48, 48), interpolation=cv2.INTER_AREA).transpose(2, 0, 1) for s in sizes])
     zoom_in, zoom_out = crops([80, 70, 60, 52]), crops([52, 60, 70, 80])                   # smaller crop = closer
-    z = zoom_rate(torch.from_numpy(np.stack([zoom_in, zoom_out, pan, tilt])))            # (4, 3)
+    x = torch.from_numpy(np.stack([zoom_in, zoom_out, pan, tilt]))
+    z = zoom_rate(x, phase_correlation(x)[..., :2])                                        # (4, 3)
     assert (z[0] < -0.05).all() and (z[1] > 0.05).all() and (z[2:].abs() < 0.02).all(), z
     model, tok = _untrained()
     gm = VideoCaptioner(preset("tiny", vocab_size=tok.get_vocab_size(), global_motion=True)).eval()
     emb, cond = gm.encode_video(torch.randint(0, 255, (2, 4, 32, 32, 3), dtype=torch.uint8))
     assert emb.shape == (2, 64) and cond.shape == (2, 8 + 3, 64)  # pooled tokens + one per frame pair
+
+
+def test_colour_token_reads_the_clip_colour_histogram():
+    from captioner.model import HSV_BINS, color_histogram
+    frames = np.zeros((2, 3, 8, 8, 3), np.uint8)
+    frames[0, :, :2] = (255, 0, 0)                     # a quarter pure red, the rest black
+    frames[1] = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3))
+    h = color_histogram(torch.from_numpy(frames)) ** 2  # shares
+    assert torch.allclose(h.sum(1), torch.ones(2))
+    _, ns, nv = HSV_BINS
+    red, black = (0 * ns + ns - 1) * nv + nv - 1, 0
+    assert h[0, red] == 0.25 and h[0, black] == 0.75
+    hsv = cv2.cvtColor(frames[1].reshape(-1, 8, 3), cv2.COLOR_RGB2HSV_FULL).reshape(-1, 3) / 256.0
+    idx = ((hsv[:, 0] * HSV_BINS[0]).astype(int) * ns + (hsv[:, 1] * ns).astype(int)) * nv + (hsv[:, 2] * nv).astype(int)
+    ref = np.bincount(idx, minlength=h.shape[1]) / len(idx)
+    assert np.abs(ref - h[1].numpy()).sum() < 0.15    # OpenCV's 8-bit hue moves a few pixels across bin edges
+    model, tok = _untrained()
+    ct = VideoCaptioner(preset("tiny", vocab_size=tok.get_vocab_size(), color_token=True)).eval()
+    _, cond = ct.encode_video(torch.randint(0, 255, (2, 4, 32, 32, 3), dtype=torch.uint8))
+    assert cond.shape == (2, 8 + 1, 64)                # pooled tokens + the colour token
+
+
+def test_train_captioner_refuses_a_bad_phrase_file(dataset, tmp_path):
+    from typer.testing import CliRunner
+    from spacetime.cli import app
+    bad = tmp_path / "pairs.json"
+    bad.write_text('[["zooms in on"]]')
+    r = CliRunner().invoke(app, ["train-captioner", "--dataset", str(dataset[0]), "--reverse", "0.5",
+                                 "--reverse-phrases", str(bad), "--out", str(tmp_path / "run")])
+    assert r.exit_code == 2 and "pairs.json" in r.output and "phrase" in r.output, r.output
+    assert not (tmp_path / "run").exists()            # refused before any work
 
 
 def test_corrupt_checkpoint_is_refused(tmp_path):
