@@ -156,7 +156,7 @@ def describe_all(model, tok, frames, style, method, batch=32):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--train-videos", type=int, default=40)
-    ap.add_argument("--heldout-videos", type=int, default=8)
+    ap.add_argument("--heldout-videos", type=int, default=16)
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--batch-size", type=int, default=12)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -170,7 +170,7 @@ def main():
                     help="how a frame becomes the model's square input (CaptionerConfig.frame_fit; default: the preset's)")
     ap.add_argument("--dropout", type=float, default=None,
                     help="text decoder dropout (CaptionerConfig.dropout; default: the preset's)")
-    ap.add_argument("--reverse", type=float, default=0.0,
+    ap.add_argument("--reverse", type=float, default=0.5,
                     help="play this fraction of training clips backwards, with the move's opposite in the caption (TrainConfig.reverse)")
     ap.add_argument("--color-token", action=argparse.BooleanOptionalAction, default=None,
                     help="the colour-histogram token (CaptionerConfig.color_token; default: the preset's)")

@@ -91,7 +91,7 @@ PRESETS = {
     "small": dict(image_size=112, patch_size=16, vision_width=256, vision_layers=4, vision_heads=4,
                   num_frames=8, n_queries=16, pooler_heads=4, embed_dim=256, text_width=256,
                   text_layers=4, text_heads=4, max_text_len=64, global_motion=True, frame_fit="resize",
-                  dropout=0.1),
+                  dropout=0.1, color_token=True),
     "base": dict(image_size=224, patch_size=32, vision_width=768, vision_layers=12, vision_heads=12,
                  num_frames=8, n_queries=32, pooler_heads=8, embed_dim=512, text_width=512,
                  text_layers=6, text_heads=8, max_text_len=77, global_motion=True),
