@@ -79,7 +79,9 @@ class CaptionerConfig:
     # + one token holding the clip's colour histogram (color_histogram: hue x saturation x value
     # over all its frames), given to the spacetime encoder and straight to the decoder like the
     # camera tokens. Naming the dominant colours means judging pixel shares over the whole clip,
-    # which a ViT trained from scratch on a few hundred clips learns slowly and unevenly
+    # which a ViT trained from scratch on a few hundred clips learns slowly and unevenly. On by
+    # preset for "small": with time reversal it took the demo bench's all-attribute accuracy from
+    # 0.58 to 0.77 (57 held-out clips, 40 training videos)
     color_token: bool = False
 
 
