@@ -282,6 +282,11 @@ def color_histogram(frames: torch.Tensor, bins: tuple = HSV_BINS) -> torch.Tenso
     return (hist / x.shape[1]).sqrt()
 
 
+def _feature_mlp(n_in: int, width: int) -> nn.Module:
+    """Hand-computed clip features (camera motion, colour histogram) -> a token of `width`."""
+    return nn.Sequential(nn.Linear(n_in, width), nn.GELU(), nn.Linear(width, width))
+
+
 class VideoCaptioner(nn.Module):
     def __init__(self, cfg: CaptionerConfig):
         super().__init__()
@@ -298,12 +303,9 @@ class VideoCaptioner(nn.Module):
                        if cfg.motion_channels > 0 else None)
         # camera_features -> a token per frame pair; the decoder also reads them directly (a
         # projection to its width): through the pooler alone, a small decoder learned to ignore them
-        self.global_motion = (nn.Sequential(nn.Linear(4, cfg.vision_width), nn.GELU(), nn.Linear(cfg.vision_width, cfg.vision_width))
-                              if cfg.global_motion else None)
+        self.global_motion = _feature_mlp(4, cfg.vision_width) if cfg.global_motion else None
         self.motion_to_text = nn.Linear(cfg.vision_width, cfg.text_width) if cfg.global_motion else None
-        n_bins = math.prod(HSV_BINS)
-        self.colour = (nn.Sequential(nn.Linear(n_bins, cfg.vision_width), nn.GELU(), nn.Linear(cfg.vision_width, cfg.vision_width))
-                       if cfg.color_token else None)
+        self.colour = _feature_mlp(math.prod(HSV_BINS), cfg.vision_width) if cfg.color_token else None
         self.colour_to_text = nn.Linear(cfg.vision_width, cfg.text_width) if cfg.color_token else None
         self.spacetime = (Transformer(cfg.vision_width, cfg.temporal_layers, cfg.vision_heads)
                           if cfg.temporal_layers > 0 else None)

@@ -246,8 +246,10 @@ def train_captioner_cmd(dataset: Path = typer.Option(..., "--dataset"),
     from captioner.train import TrainConfig, train_captioner
 
     _need_table(dataset)
-    pairs = _phrase_pairs(reverse_phrases) if reverse_phrases else []
-    if reverse and not reverse_phrases:
+    pairs = []
+    if reverse_phrases:
+        pairs = _phrase_pairs(reverse_phrases)
+    elif reverse:
         from pipeline.synthetic import REVERSED_MOVES
         pairs = [list(p) for p in REVERSED_MOVES]
     cfg = TrainConfig(preset=preset, steps=steps, batch_size=batch_size, seed=seed, short_fraction=short_fraction,
