@@ -20,7 +20,7 @@ class _Strict(BaseModel):
 
 class AnalysisSpec(_Strict):
     short_side: int = Field(144, ge=32, le=1080, description="decode for analysis at this short side (pixels)")
-    threads: int = Field(0, ge=0, description="decoder threads per video; 0 = codec default (auto)")
+    threads: int = Field(0, ge=0, description="decoder threads per video; 0 = auto (one thread for frames under 200k pixels, else the codec default)")
     timeout_s: float = Field(600.0, gt=0, description="per-source analysis time limit (s)")
 
 
