@@ -3,13 +3,14 @@
 `decode_for_analysis` opens the file with PyAV once and decodes it on a background thread, while the
 calling thread feeds runs of consecutive frames to every consumer's `process_frames(start, frames)`
 in order (shot detector, motion, blur, brightness, text, ...): libav and OpenCV release the GIL, so
-the decode of the next run overlaps the analysis of this one. Each frame is scaled to the analysis
-size plane by plane in OpenCV (area halvings, then one bilinear step; ~2x faster than a swscale
-call per frame, measured) and converted to RGB in display orientation. Consumers work on the whole
-run at once (one OpenCV call over a stack of frames, numpy over the run): at the analysis size a
-frame decodes in ~0.1 ms, so per-frame Python calls would cost more than the decode. Every
-`thumb_every_s` seconds the decode thread also keeps a JPEG at CLIP resolution, so embeddings and
-report thumbnails never need a second decode.
+the decode of the next run overlaps the analysis of this one. The decode thread scales each frame's
+planes to the analysis size in OpenCV (area halvings, then one bilinear step; ~2x faster than a
+swscale call per frame, measured) into a stacked I420 buffer per run; one OpenCV call per run turns
+that into RGB in display orientation. Consumers work on the whole run at once (one OpenCV call over
+a stack of frames, numpy over the run): at the analysis size a frame decodes in ~0.1 ms, so
+per-frame Python calls would cost more than the decode. Every `thumb_every_s` seconds a JPEG at CLIP
+resolution is kept too, so embeddings and report thumbnails never need a second decode. The colour
+conversion and the thumbnails are done by whichever thread is free (`_Finisher`).
 """
 import queue
 import threading
@@ -83,10 +84,10 @@ class I420Stack:
     def put(self, j: int, frame: av.VideoFrame) -> None:
         if frame.format.name != "yuv420p":
             frame = self.to_yuv420p.reformat(frame, format="yuv420p")
-        for i, planes in enumerate(self.planes):
-            p, dst = frame.planes[i], planes[j]
-            pw, ph = (frame.width, frame.height) if i == 0 else ((frame.width + 1) // 2, (frame.height + 1) // 2)
-            src = halve_frames(np.frombuffer(p, np.uint8).reshape(1, -1, p.line_size)[:, :ph, :pw], min(dst.shape))[0]
+        for p, planes in zip(frame.planes, self.planes):
+            src, dst = np.frombuffer(p, np.uint8).reshape(-1, p.line_size)[:p.height, :p.width], planes[j]
+            if min(src.shape) >= 2 * min(dst.shape):
+                src = halve_frames(src[None], min(dst.shape))[0]
             if src.shape == dst.shape:
                 dst[...] = src
             else:
@@ -195,7 +196,7 @@ def _decode_runs(path: str, out: Decoded, runs: queue.Queue, free: queue.Queue, 
 
 def decode_for_analysis(path: str, consumers: list[FrameConsumer], *, rotation: int = 0,
                         short_side: int = 144, thumb_side: int = 224, thumb_every_s: float = 0.25,
-                        threads: int = 0, timeout_s: float = 600.0, run: int = 32, ring: int = 3) -> Decoded:
+                        threads: int = 0, timeout_s: float = 600.0, run: int = 16, ring: int = 3) -> Decoded:
     """Decode `path` once; feed its frames (RGB uint8, display orientation, analysis size) to every
     consumer in runs of up to `run` consecutive frames, decoding up to `ring` - 1 runs ahead.
 
@@ -219,7 +220,9 @@ def decode_for_analysis(path: str, consumers: list[FrameConsumer], *, rotation: 
     try:
         while True:
             try:
-                r = runs.get(timeout=max(0.0, deadline - time.monotonic()))
+                if time.monotonic() > deadline:
+                    raise queue.Empty
+                r = runs.get(timeout=deadline - time.monotonic())
             except queue.Empty:
                 raise TimeoutError(f"analysis exceeded {timeout_s:.0f}s at frame {out.num_frames}") from None
             if r is None:

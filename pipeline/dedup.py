@@ -190,26 +190,28 @@ class EdgeLayout:
     a different camera move over the same picture from a copy of the same move.
     """
 
-    def __init__(self, size: int = 8, frames: int = 3, every: int = 2):
+    def __init__(self, size: int = 8, frames: int = 3, every: int = 2, grey=None):
+        from pipeline.scores import GreyFrames
+
         self.size, self.frames, self.every = size, frames, every
+        self.grey = grey or GreyFrames()  # the scorers' GreyFrames, when given: one grey conversion per run
         self.layouts: dict[int, np.ndarray] = {}
 
     def process_frames(self, start: int, frames: np.ndarray) -> None:
         import cv2
 
         first = -start % self.every  # the run's first sampled frame
-        frames = frames[first::self.every]
+        grey = self.grey(start, frames)[first::self.every]
         start += first
-        if not len(frames):
+        if not len(grey):
             return
-        # On the whole run at once: grey first (a third of the pixels to resample), then an area
-        # resize of the stacked frames to n*64 rows, which keeps every output row inside its own
-        # frame; the Sobel sums run on each frame padded as cv2.Sobel pads it (reflect-101). So
-        # this equals the per-frame computation. Area averages are separable: columns, then rows,
-        # is the same resize (to 1 grey level of rounding) at half the cost of both at once.
-        n, h, w = frames.shape[:3]
-        grey = cv2.cvtColor(frames.reshape(n * h, w, 3), cv2.COLOR_RGB2GRAY)
-        grey = cv2.resize(grey, (64, n * h), interpolation=cv2.INTER_AREA)
+        # On the whole run at once: an area resize of the stacked grey frames to n*64 rows keeps
+        # every output row inside its own frame, and the Sobel sums run on each frame padded as
+        # cv2.Sobel pads it (reflect-101), so this equals the per-frame computation. Area averages
+        # are separable: columns, then rows, is the same resize (to 1 grey level of rounding) at
+        # half the cost of both at once.
+        n, h, w = grey.shape
+        grey = cv2.resize(grey.reshape(n * h, w), (64, n * h), interpolation=cv2.INTER_AREA)
         g = cv2.resize(grey, (64, n * 64), interpolation=cv2.INTER_AREA).reshape(n, 64, 64).astype(np.float32)
         p = np.pad(g, ((0, 0), (1, 1), (1, 1)), mode="reflect")
         dx, dy = p[:, :, 2:] - p[:, :, :-2], p[:, 2:, :] - p[:, :-2, :]

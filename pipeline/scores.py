@@ -260,9 +260,10 @@ class TextScore:
         return {"text_ratio": _nanmean(ratio)}
 
 
-def default_analyzers() -> list:
-    """One fresh set of scorers for one video, sharing a single grey conversion per frame."""
-    grey = GreyFrames()
+def default_analyzers(grey: GreyFrames | None = None) -> list:
+    """One fresh set of scorers for one video, sharing a single grey conversion per frame (`grey`,
+    which other consumers of the same video may share too)."""
+    grey = grey or GreyFrames()
     return [MotionScore(grey), SharpnessScore(grey), BrightnessScore(grey), TextScore(grey)]
 
 

@@ -21,9 +21,10 @@ _HUE_BIN = (np.arange(256) * 8 // 180 * 16).astype(np.uint8)  # OpenCV hue 0..17
 def _hsv_hist(hsv: np.ndarray) -> np.ndarray:
     """(N, h, w, 3) uint8 HSV -> (N, 128) colour histograms (8 hue x 4 sat x 4 value bins), sum 1:
     what cv2.calcHist gives with those bins over [0, 180) x [0, 256) x [0, 256)."""
+    n = len(hsv)
     bins = _HUE_BIN[hsv[..., 0]] + (hsv[..., 1] >> 6) * 4 + (hsv[..., 2] >> 6)  # fits uint8: <= 127
-    flat = bins.reshape(len(hsv), -1)
-    return np.stack([np.bincount(f, minlength=128) for f in flat]) / max(1, flat.shape[1])
+    flat = bins.reshape(n, -1) + 128 * np.arange(n)[:, None]  # frame j counts into bins 128j .. 128j+127
+    return np.bincount(flat.ravel(), minlength=128 * n).reshape(n, 128) / max(1, flat.shape[1])
 
 
 class _Level(float):

@@ -1,0 +1,126 @@
+"""The shared analysis decode: frames in order at the analysis size, colour close to swscale's,
+rotation, other pixel formats, and the decode thread's errors, timeouts and clean exit."""
+import threading
+import time
+
+import av
+import cv2
+import numpy as np
+import pytest
+from skimage import data
+
+from pipeline.decode import I420Stack, decode_for_analysis, scaled_size
+
+
+def _video(path, n=40, size=(320, 180), pix_fmt="yuv420p", fps=25):
+    """A slow pan over a photo, H.264 (`pix_fmt` yuv420p or yuv444p)."""
+    big = data.astronaut()
+    w, h = size
+    with av.open(str(path), "w") as out:
+        s = out.add_stream("libx264", rate=fps)
+        s.width, s.height, s.pix_fmt = w, h, pix_fmt
+        for i in range(n):
+            f = cv2.resize(big[40 + i:340 + i, 20:20 + 300 * w // h], (w, h), interpolation=cv2.INTER_AREA)
+            for p in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
+                out.mux(p)
+        for p in s.encode():
+            out.mux(p)
+    return str(path)
+
+
+class Keep:
+    def __init__(self):
+        self.runs = []
+
+    def process_frames(self, start, frames):
+        self.runs.append((start, frames.copy()))
+
+
+def _reference(path, short_side=144):
+    """Each frame through swscale (area) to yuv420p at the analysis size, then OpenCV's I420 -> RGB:
+    the slower way this decode replaced."""
+    with av.open(path) as c:
+        st = c.streams.video[0]
+        w, h = scaled_size(st.codec_context.width, st.codec_context.height, short_side)
+        return np.stack([cv2.cvtColor(f.reformat(w, h, "yuv420p", interpolation="AREA").to_ndarray(),
+                                      cv2.COLOR_YUV2RGB_I420) for f in c.decode(st)])
+
+
+@pytest.mark.parametrize("pix_fmt", ["yuv420p", "yuv444p"])
+def test_frames_arrive_in_order_at_the_analysis_size(tmp_path, pix_fmt):
+    path = _video(tmp_path / "pan.mp4", pix_fmt=pix_fmt)
+    keep = Keep()
+    dec = decode_for_analysis(path, [keep], run=16)
+    assert dec.num_frames == 40 and dec.error is None and dec.analysis_size == (256, 144)
+    assert [s for s, _ in keep.runs] == [0, 16, 32] and [len(f) for _, f in keep.runs] == [16, 16, 8]
+    frames = np.concatenate([f for _, f in keep.runs])
+    ref = _reference(path)
+    assert frames.shape == ref.shape
+    assert np.abs(frames.astype(int) - ref).mean() < 1.0  # bilinear vs area scaling: the same picture
+    assert dec.thumbs and min(dec.thumbs) == 0 and all(cv2.imdecode(np.frombuffer(j, np.uint8), 1).shape[:2] == (180, 320)
+                                                      for j in dec.thumbs.values())
+    np.testing.assert_allclose(dec.pts_s, np.arange(40) / 25, atol=1e-6)
+
+
+def test_rotation_turns_frames_and_thumbnails(tmp_path):
+    path = _video(tmp_path / "pan.mp4", n=10)
+    plain, turned = Keep(), Keep()
+    decode_for_analysis(path, [plain])
+    dec = decode_for_analysis(path, [turned], rotation=90)
+    a, b = plain.runs[0][1], turned.runs[0][1]
+    assert dec.analysis_size == (144, 256) and b.shape == (10, 256, 144, 3)
+    np.testing.assert_array_equal(b[3], np.rot90(a[3], -1))  # 90 degrees clockwise
+    assert cv2.imdecode(np.frombuffer(dec.thumbs[0], np.uint8), 1).shape[:2] == (320, 180)  # never upscaled
+
+
+def test_stacked_conversion_equals_one_frame_at_a_time(tmp_path):
+    path = _video(tmp_path / "pan.mp4", n=6, size=(1280, 720))  # two halvings, then a bilinear step
+    with av.open(path) as c:
+        frames = list(c.decode(video=0))
+    w, h = scaled_size(1280, 720, 144)
+    stack, one = I420Stack(len(frames), w, h), I420Stack(1, w, h)
+    for j, f in enumerate(frames):
+        stack.put(j, f)
+    together = stack.colour()
+    for j, f in enumerate(frames):
+        one.put(0, f)
+        np.testing.assert_array_equal(together[j], one.colour()[0])
+
+
+def _decoders():
+    return [t for t in threading.enumerate() if t.name == "decode"]
+
+
+def test_consumer_error_stops_the_decoder(tmp_path):
+    path = _video(tmp_path / "pan.mp4")
+
+    class Boom:
+        def process_frames(self, start, frames):
+            raise RuntimeError("scorer failed")
+
+    with pytest.raises(RuntimeError, match="scorer failed"):
+        decode_for_analysis(path, [Boom()], run=8)
+    assert not _decoders()
+
+
+def test_unreadable_file_raises_from_the_decode_thread(tmp_path):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video at all" * 100)
+    with pytest.raises(av.error.FFmpegError):
+        decode_for_analysis(str(bad), [Keep()])
+    assert not _decoders()
+
+
+def test_timeout_ends_the_pass(tmp_path):
+    path = _video(tmp_path / "pan.mp4")
+
+    class Slow:
+        def process_frames(self, start, frames):
+            time.sleep(0.2)
+
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match="analysis exceeded"):
+        decode_for_analysis(path, [Slow()], run=4, timeout_s=0.3)
+    assert time.monotonic() - t0 < 2.0
+    time.sleep(0.1)
+    assert not _decoders()
