@@ -131,7 +131,9 @@ class MotionScore:
             diff = np.abs(seq[1:].astype(np.int16) - seq[:-1]).reshape(len(seq) - 1, -1).mean(axis=1)
             index = np.arange(first, start + len(frames))
             flow = np.full(len(index), np.nan)
-            for t in np.flatnonzero(index % self.flow_every == 0):
+            sampled = index % self.flow_every == 0
+            flow[sampled & (diff < self.still_diff)] = 0.0  # nothing changed: no motion to measure
+            for t in np.flatnonzero(sampled & (diff >= self.still_diff)):
                 f = cv2.calcOpticalFlowFarneback(seq[t], seq[t + 1], None, 0.5, 2, 9, 2, 5, 1.1, 0)  # (h, w, 2)
                 flow[t] = float(cv2.magnitude(f[..., 0], f[..., 1]).mean()) * px
             self._series.extend(index, diff, flow)
