@@ -59,6 +59,24 @@ def halve_frames(frames: np.ndarray, min_short_side: int) -> np.ndarray:
     return flat.reshape(n, h, w, *frames.shape[3:])
 
 
+def shrink_frames(frames: np.ndarray, w: int, h: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Scale a stack of one-channel frames (N, H, W) down to (N, h, w): exact area halvings
+    (`halve_frames`), then one bilinear step, each one OpenCV call over the whole stack. A bilinear
+    downscale samples each output row from two rows of its own frame (the row scale is the same
+    ratio, and a frame is at least as tall as its output), so the stack gives the per-frame result.
+    `out`: an (N, h, w) uint8 array to write into."""
+    if min(frames.shape[1:]) >= 2 * min(w, h):  # (the check alone: this runs per frame, per plane)
+        frames = halve_frames(frames, min(w, h))
+    n, fh, fw = frames.shape
+    if (fh, fw) == (h, w):
+        if out is None:
+            return frames
+        out[...] = frames
+        return out
+    dst = None if out is None else out.reshape(n * h, w)
+    return cv2.resize(frames.reshape(n * fh, fw), (w, n * h), dst=dst, interpolation=cv2.INTER_LINEAR).reshape(n, h, w)
+
+
 def _rotate(img: np.ndarray, rotation: int, axes=(0, 1)) -> np.ndarray:
     # `rotation` is clockwise degrees (the probe's convention); np.rot90 turns counter-clockwise.
     k = (-rotation // 90) % 4
@@ -70,8 +88,8 @@ class I420Stack:
     their U planes, then all their V planes. I420 subsamples 2x2 blocks and h is even, so each
     frame's chroma rows sit beside its own luma rows, and one OpenCV call converts the whole stack.
 
-    `put` scales a decoded frame's planes straight into slot j (area halvings, then one bilinear
-    step; ~2x faster than a swscale call per frame, measured). Other pixel formats (4:4:4, 10-bit,
+    `put` scales a decoded frame's planes straight into slot j (`shrink_frames`; ~2x faster than a
+    swscale call per frame, measured). Other pixel formats (4:4:4, 10-bit,
     full range) go through swscale to yuv420p at their own size first."""
 
     def __init__(self, n: int, w: int, h: int):
@@ -85,13 +103,8 @@ class I420Stack:
         if frame.format.name != "yuv420p":
             frame = self.to_yuv420p.reformat(frame, format="yuv420p")
         for p, planes in zip(frame.planes, self.planes):
-            src, dst = np.frombuffer(p, np.uint8).reshape(-1, p.line_size)[:p.height, :p.width], planes[j]
-            if min(src.shape) >= 2 * min(dst.shape):
-                src = halve_frames(src[None], min(dst.shape))[0]
-            if src.shape == dst.shape:
-                dst[...] = src
-            else:
-                cv2.resize(src, dst.shape[::-1], dst=dst, interpolation=cv2.INTER_LINEAR)
+            src = np.frombuffer(p, np.uint8).reshape(-1, p.line_size)[:p.height, :p.width]
+            shrink_frames(src[None], planes.shape[2], planes.shape[1], out=planes[j:j + 1])
 
     def colour(self, code: int = cv2.COLOR_YUV2RGB_I420) -> np.ndarray:
         """All n slots as (n, h, w, 3) uint8 (RGB, or BGR with COLOR_YUV2BGR_I420)."""

@@ -19,6 +19,7 @@ import pyarrow as pa
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from pipeline.scores import GreyFrames
 from pipeline.spec import DedupSpec
 
 _CHUNK_ELEMENTS = 1 << 24  # similarity entries per chunk: 64 MiB of float32
@@ -190,9 +191,7 @@ class EdgeLayout:
     a different camera move over the same picture from a copy of the same move.
     """
 
-    def __init__(self, size: int = 8, frames: int = 3, every: int = 2, grey=None):
-        from pipeline.scores import GreyFrames
-
+    def __init__(self, size: int = 8, frames: int = 3, every: int = 2, grey: GreyFrames | None = None):
         self.size, self.frames, self.every = size, frames, every
         self.grey = grey or GreyFrames()  # the scorers' GreyFrames, when given: one grey conversion per run
         self.layouts: dict[int, np.ndarray] = {}

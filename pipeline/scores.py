@@ -23,7 +23,7 @@ from array import array
 import cv2
 import numpy as np
 
-from pipeline.decode import halve_frames
+from pipeline.decode import shrink_frames
 
 SCORE_COLUMNS = ("motion", "static", "sharpness", "blur", "brightness", "contrast", "text_ratio")
 
@@ -107,17 +107,12 @@ class MotionScore:
         self._series = _Series(2)  # keyed by i: transition (i-1 -> i): mean abs diff, flow px/frame (NaN = not run)
 
     def _to_flow_side(self, grey: np.ndarray) -> np.ndarray:
-        """A stack of grey frames (N, h, w) -> short side flow_side: exact area halvings (OpenCV's fast
-        path), then one bilinear step. Both run on the whole stack in one call: a bilinear downscale
-        samples each output row from two rows of its own frame (the row scale is the same ratio, and
-        the frame is at least as tall as its output), so the stack gives the per-frame result."""
-        grey = halve_frames(grey, self.flow_side)
-        n, h, w = grey.shape
+        """A stack of grey frames (N, h, w) -> short side flow_side (never upscaled)."""
+        h, w = grey.shape[1:]
         scale = self.flow_side / min(h, w)
         if scale >= 1:
             return grey
-        sw, sh = max(1, round(w * scale)), max(1, round(h * scale))
-        return cv2.resize(grey.reshape(n * h, w), (sw, n * sh), interpolation=cv2.INTER_LINEAR).reshape(n, sh, sw)
+        return shrink_frames(grey, max(1, round(w * scale)), max(1, round(h * scale)))
 
     def process_frames(self, start: int, frames: np.ndarray) -> None:
         grey = self.grey(start, frames)
