@@ -9,9 +9,10 @@ footage sits. Ratios 1, 2 and 4 print CPU-time ratios beside the wall-time ones:
 decodes on one thread while the calling thread analyses, so it uses up to two cores where
 `ffmpeg -threads 1` uses one.
 
-Measured on a 2-core VM (runs of the same code spread ±3%): at demo size ratio 1 1.15-1.26, ratio 2
-1.27-1.39, ratio 4 1.46-1.52 (CPU time 2.3-2.4x single-thread ffmpeg's), ratio 5 ~6; at --scale 4
-ratio 1 0.91 (1.17 against auto-thread ffmpeg), ratio 4 0.94 (1.20).
+Measured on a 2-core VM (runs of the same code spread ±3%, and about one run in six lands ~10%
+high): at demo size ratio 1 1.16-1.20, ratio 2 1.31-1.35, ratio 4 1.38-1.41 (CPU time 2.16-2.29x
+single-thread ffmpeg's), ratio 5 7.6-8.7; at --scale 4 ratio 1 0.88 (1.14 against auto-thread
+ffmpeg), ratio 4 0.96 (1.23).
 
 1. analysis (probe + one decode + shot detection) ÷ an ffmpeg decode-only pass    (target ≤ 1.3)
 2. PySceneDetect `detect()` ÷ our split, and both boundary F1s                    (target ≥ 1.0, F1 ≥ its)
@@ -41,7 +42,7 @@ from pipeline.clips import plan_clips, transcode_clips  # noqa: E402
 from pipeline.decode import decode_for_analysis  # noqa: E402
 from pipeline.dedup import EdgeLayout  # noqa: E402
 from pipeline.probe import probe  # noqa: E402
-from pipeline.scores import GreyFrames, default_analyzers  # noqa: E402
+from pipeline.scores import default_analyzers  # noqa: E402
 from pipeline.shots import ShotDetector, boundary_f1, shots_from_boundaries  # noqa: E402
 from pipeline.synthetic import generate_footage  # noqa: E402
 
@@ -67,8 +68,7 @@ def ffmpeg_decode(path, threads):
 def our_analysis(path, scorers: bool):
     info = probe(path)
     sd = ShotDetector(info.fps)
-    grey = GreyFrames()
-    extra = [EdgeLayout(grey=grey), *default_analyzers(grey)] if scorers else []  # what the curate graph runs
+    extra = [EdgeLayout(), *default_analyzers()] if scorers else []  # what the curate graph runs
     dec = decode_for_analysis(path, [sd, *extra], rotation=info.rotation)
     return sd.boundaries(), dec, info
 

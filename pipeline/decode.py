@@ -5,12 +5,14 @@ calling thread feeds runs of consecutive frames to every consumer's `process_fra
 in order (shot detector, motion, blur, brightness, text, ...): libav and OpenCV release the GIL, so
 the decode of the next run overlaps the analysis of this one. The decode thread scales each frame's
 planes to the analysis size in OpenCV (area halvings, then one bilinear step; ~2x faster than a
-swscale call per frame, measured) into a stacked I420 buffer per run; one OpenCV call per run turns
-that into RGB in display orientation. Consumers work on the whole run at once (one OpenCV call over
-a stack of frames, numpy over the run): at the analysis size a frame decodes in ~0.1 ms, so
+swscale call per frame, measured) into a stacked I420 buffer per run. Consumers get that run as
+`Frames`: views made on first use and shared by every consumer: the luma plane as it is (every
+grey measurement reads it), a small RGB copy made from the halved planes (the shot detector), and
+full-size RGB only if some consumer asks. Consumers work on the whole run at once (one OpenCV call
+over a stack of frames, numpy over the run): at the analysis size a frame decodes in ~0.1 ms, so
 per-frame Python calls would cost more than the decode. Every `thumb_every_s` seconds a JPEG at CLIP
-resolution is kept too, so embeddings and report thumbnails never need a second decode. The colour
-conversion and the thumbnails are done by whichever thread is free (`_Finisher`).
+resolution is kept too, so embeddings and report thumbnails never need a second decode; the
+thumbnails are made by whichever thread is free (`_Finisher`).
 """
 import queue
 import threading
@@ -25,9 +27,9 @@ import numpy as np
 
 
 class FrameConsumer(Protocol):
-    def process_frames(self, start: int, frames: np.ndarray) -> None:
-        """frames: (N, H, W, 3) uint8 RGB, source frames start .. start+N-1. The buffer is reused
-        after the call: copy what you keep."""
+    def process_frames(self, start: int, frames: "Frames | np.ndarray") -> None:
+        """Source frames start .. start+N-1 at the analysis size: `Frames`, or an (N, H, W, 3) uint8
+        RGB array (`Frames.of` takes either). The buffers are reused after the call: copy what you keep."""
 
 
 @dataclass
@@ -46,14 +48,24 @@ def scaled_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     return max(2, int(round(width * scale / 2)) * 2), max(2, int(round(height * scale / 2)) * 2)
 
 
-def halve_frames(frames: np.ndarray, min_short_side: int) -> np.ndarray:
-    """Halve each frame of a stack (N, H, W[, C]) by 2x2 area averages while its short side is
-    >= 2 * min_short_side and both sides are even, so every step takes OpenCV's fast integer-factor
-    path. One call per step for the whole stack: the frames are stacked along the rows, and with H
-    even every 2x2 block stays inside its own frame."""
-    n, h, w = frames.shape[:3]
-    flat = frames.reshape(n * h, w, *frames.shape[3:])
+def halvings(h: int, w: int, min_short_side: int) -> int:
+    """How many exact 2x2 halvings keep the short side >= min_short_side (both sides even at each)."""
+    k = 0
     while min(h, w) >= 2 * min_short_side and h % 2 == 0 and w % 2 == 0:
+        h, w, k = h // 2, w // 2, k + 1
+    return k
+
+
+def halve_frames(frames: np.ndarray, min_short_side: int = 1, steps: int | None = None) -> np.ndarray:
+    """Halve each frame of a stack (N, H, W[, C]) by 2x2 area averages, `steps` times (by default
+    while its short side stays >= min_short_side and both sides are even: `halvings`), so every step
+    takes OpenCV's fast integer-factor path. One call per step for the whole stack: the frames are
+    stacked along the rows, and with H even every 2x2 block stays inside its own frame."""
+    n, h, w = frames.shape[:3]
+    if steps is None:
+        steps = halvings(h, w, min_short_side)
+    flat = frames.reshape(n * h, w, *frames.shape[3:])
+    for _ in range(steps):
         h, w = h // 2, w // 2
         flat = cv2.resize(flat, (w, n * h), interpolation=cv2.INTER_AREA)
     return flat.reshape(n, h, w, *frames.shape[3:])
@@ -111,6 +123,82 @@ class I420Stack:
         return cv2.cvtColor(self.buf, code).reshape(*self.planes[0].shape, 3)
 
 
+class Frames:
+    """A run of N consecutive frames at the analysis size in display orientation: what each consumer's
+    `process_frames(start, frames)` is given. Each view is made on first use, once, and shared by all
+    the consumers of the run:
+
+        rgb          (N, H, W, 3) uint8 RGB
+        luma         (N, H, W) uint8 luma; as grey levels 0..255: (luma - luma_black) * luma_gain
+        small(side)  (N, h, w, 3) uint8 RGB, halved by 2x2 area averages while the short side stays >= side
+
+    Decoded video (`Frames(stack, n, rotation)`) gives the I420 stack's Y plane as `luma` with no
+    conversion at all (video range: black 16, gain 255/219; OpenCV's RGB -> grey of the converted
+    frame is the same picture, to rounding and clipping of saturated colours), and `small` from the
+    halved planes. So a run whose consumers only measure grey and a small colour copy never converts
+    its full-size frames to RGB (measured: that conversion, the grey one and the RGB halving cost
+    ~25 us a frame at the demo size, against a ~100 us decode). An RGB array (`Frames.of(array)`:
+    unit tests, the naive benchmark) gives OpenCV's grey (black 0, gain 1).
+    """
+    luma_black, luma_gain = 0.0, 1.0
+
+    def __init__(self, stack: I420Stack | None = None, n: int = 0, rotation: int = 0, rgb: np.ndarray | None = None):
+        self._stack, self._rotation, self._rgb, self._luma, self._small = stack, rotation, rgb, None, {}
+        self._n = n if stack is not None else len(rgb)
+        if stack is not None:
+            self.luma_black, self.luma_gain = 16.0, 255.0 / 219.0
+
+    @classmethod
+    def of(cls, frames: "Frames | np.ndarray") -> "Frames":
+        return frames if isinstance(frames, Frames) else cls(rgb=frames)
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def rgb(self) -> np.ndarray:
+        if self._rgb is None:
+            self._rgb = _rotate(self._stack.colour()[:self._n], self._rotation, axes=(1, 2))
+        return self._rgb
+
+    @property
+    def luma(self) -> np.ndarray:
+        if self._luma is None:
+            if self._stack is not None:
+                self._luma = _rotate(self._stack.planes[0][:self._n], self._rotation, axes=(1, 2))
+            else:
+                n, h, w = self._rgb.shape[:3]
+                self._luma = cv2.cvtColor(self._rgb.reshape(n * h, w, 3), cv2.COLOR_RGB2GRAY).reshape(n, h, w)
+        return self._luma
+
+    def small(self, side: int) -> np.ndarray:
+        if side not in self._small:
+            self._small[side] = self._small_rgb(side)
+        return self._small[side]
+
+    def _small_rgb(self, side: int) -> np.ndarray:
+        if self._stack is None:
+            return halve_frames(self._rgb, side)
+        y, u, v = (p[:self._n] for p in self._stack.planes)
+        k = halvings(*y.shape[1:], side)
+        if k == 0:
+            return self.rgb
+        # Luma halved k times and chroma k - 1 times meet at one size (4:4:4), where one affine map
+        # gives RGB: the halved RGB to rounding, since the conversion is affine until it clips and
+        # OpenCV's I420 conversion shares each chroma sample over its 2x2 block.
+        y, u, v = halve_frames(y, steps=k), halve_frames(u, steps=k - 1), halve_frames(v, steps=k - 1)
+        n, h, w = y.shape
+        yuv = cv2.merge([p.reshape(n * h, w) for p in (y, u, v)])
+        return _rotate(cv2.transform(yuv, _BT601).reshape(n, h, w, 3), self._rotation, axes=(1, 2))
+
+
+# Video-range BT.601 YUV -> RGB, OpenCV's I420 conversion coefficients: rows R, G, B; columns Y, U, V, 1.
+_Y, _UB, _UG, _VG, _VR = 1.164, 2.018, -0.391, -0.813, 1.596
+_BT601 = np.array([[_Y, 0.0, _VR, -16 * _Y - 128 * _VR],
+                   [_Y, _UG, _VG, -16 * _Y - 128 * (_UG + _VG)],
+                   [_Y, _UB, 0.0, -16 * _Y - 128 * _UB]], np.float32)
+
+
 # Below this many pixels a frame decodes on one thread when `threads` is 0 (auto): on the demo footage
 # (240x240 .. 320x180) libav's frame threads cost more CPU than they save wall time, measured beside this
 # thread's own work; at 640x360 it is a wash, and at 1280x720 they cut the analysis wall time by 20%.
@@ -127,21 +215,19 @@ class _Run:
     stack: I420Stack
     n: int
     due: list                          # (frame index, decoded frame) due for a thumbnail
-    frames: np.ndarray | None = None   # once finished: (n, H, W, 3) RGB in display orientation
     thumbs: dict | None = None         # once finished: frame index -> JPEG
 
 
 class _Finisher:
-    """Colour conversion and thumbnails of a run, by whichever thread is free: the decode thread when
-    the analysis is behind (heavy scorers), the analysis thread otherwise (shot detection alone).
-    One per thread: it owns the one-frame stack thumbnails are scaled into."""
+    """The thumbnails of a run, by whichever thread is free: the decode thread when the analysis is
+    behind (heavy scorers), the analysis thread otherwise (shot detection alone). One per thread: it
+    owns the one-frame stack thumbnails are scaled into."""
 
     def __init__(self, rotation: int, thumb_side: int):
         self.rotation, self.thumb_side, self.thumb = rotation, thumb_side, None
 
     def __call__(self, r: _Run) -> _Run:
-        if r.frames is None:
-            r.frames = _rotate(r.stack.colour()[:r.n], self.rotation, axes=(1, 2))
+        if r.thumbs is None:
             r.thumbs = {}
             for i, frame in r.due:
                 if self.thumb is None:
@@ -210,7 +296,7 @@ def _decode_runs(path: str, out: Decoded, runs: queue.Queue, free: queue.Queue, 
 def decode_for_analysis(path: str, consumers: list[FrameConsumer], *, rotation: int = 0,
                         short_side: int = 144, thumb_side: int = 224, thumb_every_s: float = 0.25,
                         threads: int = 0, timeout_s: float = 600.0, run: int = 16, ring: int = 3) -> Decoded:
-    """Decode `path` once; feed its frames (RGB uint8, display orientation, analysis size) to every
+    """Decode `path` once; feed its frames (`Frames`: display orientation, analysis size) to every
     consumer in runs of up to `run` consecutive frames, decoding up to `ring` - 1 runs ahead.
 
     Raises TimeoutError past `timeout_s` (also while the decoder itself is stuck); a decode error
@@ -243,11 +329,12 @@ def decode_for_analysis(path: str, consumers: list[FrameConsumer], *, rotation: 
             if isinstance(r, BaseException):
                 raise r
             finish(r)
-            free.put(r.slot)  # the stack is free again: the decoder fills it while the consumers run
+            frames = Frames(r.stack, r.n, rotation)
             for c in consumers:
-                c.process_frames(r.start, r.frames)
+                c.process_frames(r.start, frames)
+            free.put(r.slot)  # the consumers are done with the stack's planes: the decoder may refill it
             out.thumbs.update(r.thumbs)
-            out.analysis_size = r.frames.shape[2:0:-1]
+            out.analysis_size = frames.luma.shape[:0:-1]
     finally:
         stop.set()
         free.put(_STOP)

@@ -99,7 +99,7 @@ class AnalyzeSource:
     def _analyze(self, uri: str) -> list[dict]:
         from pipeline.probe import probe, sha256_file
         from pipeline.dedup import EdgeLayout
-        from pipeline.scores import GreyFrames, clip_scores, default_analyzers
+        from pipeline.scores import clip_scores, default_analyzers
 
         spec = self.spec
         info = probe(uri, timeout_s=min(60.0, spec.analysis.timeout_s))
@@ -115,9 +115,8 @@ class AnalyzeSource:
             return seen
         shot_detector = ShotDetector(info.fps, spec.shots.content_threshold, spec.shots.adaptive_threshold,
                                      spec.shots.fade_threshold, spec.shots.min_shot_frames)
-        grey = GreyFrames()
-        scorers = default_analyzers(grey)
-        layout = EdgeLayout(grey=grey)
+        scorers = default_analyzers()
+        layout = EdgeLayout()
         dec = decode_for_analysis(uri, [shot_detector, layout, *scorers], rotation=info.rotation,
                                   short_side=spec.analysis.short_side, threads=spec.analysis.threads,
                                   timeout_s=spec.analysis.timeout_s)

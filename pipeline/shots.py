@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 from scenedetect import AdaptiveDetector, FrameTimecode, HistogramDetector, ThresholdDetector
 
-from pipeline.decode import halve_frames
+from pipeline.decode import Frames
 
 
 _HUE_BIN = (np.arange(256) * 8 // 180 * 16).astype(np.uint8)  # OpenCV hue 0..179 -> 8 bins, pre-shifted
@@ -55,12 +55,15 @@ class DissolveDetector:
         self.next = 0                                 # source index of the frame after those
         self.hits: list[tuple[int, float]] = []
 
-    def process_frames(self, start: int, frames: np.ndarray, hsv: np.ndarray | None = None) -> None:
-        """frames: (N, h, w, 3) RGB; hsv: the same frames in HSV, if the caller has them already."""
+    def process_frames(self, start: int, frames: np.ndarray, hsv: np.ndarray | None = None,
+                       grey: np.ndarray | None = None) -> None:
+        """frames: (N, h, w, 3) RGB; hsv, grey: the same frames in HSV and grey, if the caller has them."""
         n, h, w = frames.shape[:3]
         if hsv is None:
             hsv = cv2.cvtColor(frames.reshape(n * h, w, 3), cv2.COLOR_RGB2HSV).reshape(n, h, w, 3)
-        grey = cv2.cvtColor(frames.reshape(n * h, w, 3), cv2.COLOR_RGB2GRAY).reshape(n, h, w).astype(np.float32)
+        if grey is None:
+            grey = cv2.cvtColor(frames.reshape(n * h, w, 3), cv2.COLOR_RGB2GRAY).reshape(n, h, w)
+        grey = grey.astype(np.float32)
         if start != self.next or self.grey.shape[1:] != grey.shape[1:]:
             self.grey, self.hist = grey[:0], np.empty((0, 128))  # a gap: windows never span it
         g = np.concatenate([self.grey, grey])
@@ -139,11 +142,11 @@ class ShotDetector:
         self.last = -1
         self._tc0 = FrameTimecode(0, fps=self.fps)
 
-    def process_frames(self, start: int, frames: np.ndarray) -> None:
+    def process_frames(self, start: int, frames: Frames | np.ndarray) -> None:
         # Every detector scores averages over pixels, so they share one copy of the frames halved to
         # a short side of ~36 px (64x36 for 16:9): exact 2x area halvings take OpenCV's fast path.
         # Boundary F1 on the demo footage is the same as at 96 px.
-        small = halve_frames(frames, self.small_short_side)
+        small = Frames.of(frames).small(self.small_short_side)
         n, h, w = small.shape[:3]
         flat = small.reshape(n * h, w, 3)
         hsv = cv2.cvtColor(flat, cv2.COLOR_RGB2HSV).reshape(n, h, w, 3)
@@ -154,9 +157,12 @@ class ShotDetector:
         content = np.abs(seq[1:] - seq[:-1]).reshape(len(seq) - 1, h * w * 3).mean(axis=1)
         content = np.concatenate([[0.0], content]) if prev is None else content
         self._last_hsv = (start + n - 1, hsv[-1].copy())
-        # HistogramDetector's: the luma histogram (its bins, L2-normalised as its cv2.normalize does)
+        # HistogramDetector's: the luma histogram (its bins, L2-normalised as its cv2.normalize does).
+        # Its own code takes Y of a YUV conversion; OpenCV's grey is the same weights (1 level of
+        # rounding apart on 0.3% of pixels) and the dissolve detector needs it too.
         bins = self.histogram._bins
-        luma = cv2.cvtColor(flat, cv2.COLOR_RGB2YUV)[:, :, 0].reshape(n, -1).astype(np.int64) * bins // 256
+        grey = cv2.cvtColor(flat, cv2.COLOR_RGB2GRAY).reshape(n, h, w)
+        luma = grey.reshape(n, -1).astype(np.int64) * bins // 256
         hist = np.bincount((luma + bins * np.arange(n)[:, None]).ravel(), minlength=bins * n).reshape(n, bins)
         hist = (hist / np.linalg.norm(hist, axis=1, keepdims=True)).astype(np.float32)
         # ThresholdDetector's: the mean of all pixels
@@ -170,7 +176,7 @@ class ShotDetector:
             self.cuts["fade"] += [c.frame_num for c in self.fade.process_frame(tc, _Level(level[j]))]
         self.scores += content.tolist()
         self.levels += level.tolist()
-        self.dissolve.process_frames(start, small, hsv)
+        self.dissolve.process_frames(start, small, hsv, grey)
         self.last = start + n - 1
 
     def boundaries(self) -> list[int]:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from skimage import data
 
-from pipeline.decode import I420Stack, decode_for_analysis, scaled_size
+from pipeline.decode import Frames, I420Stack, decode_for_analysis, scaled_size
 
 
 def _video(path, n=40, size=(320, 180), pix_fmt="yuv420p", fps=25):
@@ -29,11 +29,16 @@ def _video(path, n=40, size=(320, 180), pix_fmt="yuv420p", fps=25):
 
 
 class Keep:
-    def __init__(self):
-        self.runs = []
+    """Keeps each run's RGB (and, with views=True, its luma and small views)."""
+
+    def __init__(self, views=False):
+        self.runs, self.views, self.luma, self.small = [], views, [], []
 
     def process_frames(self, start, frames):
-        self.runs.append((start, frames.copy()))
+        self.runs.append((start, frames.rgb.copy()))
+        if self.views:
+            self.luma.append(frames.luma.copy())
+            self.small.append(frames.small(30).copy())
 
 
 def _reference(path, short_side=144):
@@ -64,12 +69,14 @@ def test_frames_arrive_in_order_at_the_analysis_size(tmp_path, pix_fmt):
 
 def test_rotation_turns_frames_and_thumbnails(tmp_path):
     path = _video(tmp_path / "pan.mp4", n=10)
-    plain, turned = Keep(), Keep()
+    plain, turned = Keep(views=True), Keep(views=True)
     decode_for_analysis(path, [plain])
     dec = decode_for_analysis(path, [turned], rotation=90)
     a, b = plain.runs[0][1], turned.runs[0][1]
     assert dec.analysis_size == (144, 256) and b.shape == (10, 256, 144, 3)
     np.testing.assert_array_equal(b[3], np.rot90(a[3], -1))  # 90 degrees clockwise
+    np.testing.assert_array_equal(turned.luma[0][3], np.rot90(plain.luma[0][3], -1))
+    np.testing.assert_array_equal(turned.small[0][3], np.rot90(plain.small[0][3], -1))
     assert cv2.imdecode(np.frombuffer(dec.thumbs[0], np.uint8), 1).shape[:2] == (320, 180)  # never upscaled
 
 
@@ -85,6 +92,24 @@ def test_stacked_conversion_equals_one_frame_at_a_time(tmp_path):
     for j, f in enumerate(frames):
         one.put(0, f)
         np.testing.assert_array_equal(together[j], one.colour()[0])
+
+
+@pytest.mark.parametrize("rotation", [0, 270])
+def test_luma_and_small_views_match_the_rgb_frames(tmp_path, rotation):
+    """Consumers read the Y plane as grey and a small copy made from halved planes: the same
+    pictures as OpenCV's grey and the halved RGB, to rounding (and the luma's video-range mapping)."""
+    path = _video(tmp_path / "pan.mp4", n=20, size=(640, 360))
+    keep = Keep(views=True)
+    decode_for_analysis(path, [keep], rotation=rotation, run=8)
+    rgb = np.concatenate([f for _, f in keep.runs])
+    luma, small = np.concatenate(keep.luma), np.concatenate(keep.small)
+    as_rgb = Frames.of(rgb)
+    grey = (luma.astype(float) - 16) * 255 / 219  # Frames(stack).luma_black / luma_gain
+    err = np.abs(grey - as_rgb.luma)
+    assert err.mean() < 1.0 and np.percentile(err, 99) <= 2  # far apart only where RGB clips a saturated colour
+    assert small.shape == as_rgb.small(30).shape == (20, rgb.shape[1] // 4, rgb.shape[2] // 4, 3)  # two halvings
+    err = np.abs(small.astype(int) - as_rgb.small(30))
+    assert err.mean() < 0.75 and np.percentile(err, 99) <= 2
 
 
 def _decoders():

@@ -10,6 +10,7 @@ import torch
 from skimage import data
 
 from pipeline import scores as S
+from pipeline.decode import Frames
 from pipeline.embed import AestheticHead, ClipEmbedder, train_aesthetic
 
 W, H = 256, 144  # analysis size
@@ -179,18 +180,19 @@ def test_scorers_cost_against_decode(tmp_path):
     ratio = min(full) / min(plain)
 
     frames = pan(48, 2.0)
+    runs = [np.stack(frames[i:i + 16]) for i in range(0, len(frames), 16)]
     per_frame = {}
-    for cls in (S.GreyFrames, S.MotionScore, S.SharpnessScore, S.BrightnessScore, S.TextScore):
+    for name, make in (("grey", lambda: None), *((c.__name__, c) for c in (S.MotionScore, S.SharpnessScore,
+                                                                         S.BrightnessScore, S.TextScore))):
         best = float("inf")
         for _ in range(2):
-            a = cls()
+            a = make()
             t0 = time.perf_counter()
-            for i in range(0, len(frames), 16):
-                run = np.stack(frames[i:i + 16])
-                a(i, run) if cls is S.GreyFrames else a.process_frames(i, run)
+            for i, run in enumerate(runs):
+                Frames.of(run).luma if a is None else a.process_frames(16 * i, run)
             best = min(best, (time.perf_counter() - t0) / len(frames))
-        per_frame[cls.__name__] = best
-    grey = per_frame["GreyFrames"]
+        per_frame[name] = best
+    grey = per_frame["grey"]
     print("\nper-frame us (each incl. its own grey conversion):",
           {k: round(v * 1e6) for k, v in per_frame.items()},
           f"\ncost relative to the grey conversion: "
