@@ -332,6 +332,12 @@ def resume_ratio(src: Path, work: Path, frac: float = 0.9) -> dict:
     assert start_curate([str(src)], killed, work / "resume_cold.log").wait() == 0
     resume_cold = time.perf_counter() - t
 
+    # The fixed cost of any run, resumed or not: a cold run over one video (its own work included).
+    one = sorted(src.glob("*.mp4"))[:1]
+    t = time.perf_counter()
+    assert start_curate([str(one[0])], work / "ds_one_cold", work / "one_cold.log").wait() == 0
+    one_cold = time.perf_counter() - t
+
     t = time.perf_counter()
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
     ray_init = time.perf_counter() - t
@@ -341,8 +347,11 @@ def resume_ratio(src: Path, work: Path, frac: float = 0.9) -> dict:
     t = time.perf_counter()
     curate([str(src)], str(work / "ds_resume_warm"), DatasetSpec())
     resume_warm = time.perf_counter() - t
+    t = time.perf_counter()
+    curate([str(one[0])], str(work / "ds_one_warm"), DatasetSpec())
+    one_warm = time.perf_counter() - t
     return {"staged_at_kill": at_kill, "full_cold": full_cold, "resume_cold": resume_cold, "ray_init": ray_init,
-            "full_warm": full_warm, "resume_warm": resume_warm,
+            "full_warm": full_warm, "resume_warm": resume_warm, "one_cold": one_cold, "one_warm": one_warm,
             "audits": {n: audit(work / n) for n in ("ds_full_cold", "ds_resume_cold", "ds_full_warm", "ds_resume_warm")}}
 
 
@@ -396,8 +405,10 @@ def main():
               f"staging left {sum(a.staging_left for a in audits)}")
         print(f"4. resume of a run killed {args.resume_at:.0%} of the way through ({r['staged_at_kill']}/{args.videos} "
               f"sources staged) ÷ full run (target ≤ 0.2):")
-        print(f"     cold (fresh CLI processes, Ray start-up included): {r['resume_cold'] / r['full_cold']:.3f}")
-        print(f"     warm (one process, Ray already up):                {r['resume_warm'] / r['full_warm']:.3f}")
+        for kind, how in (("cold", "fresh CLI processes, Ray start-up included"), ("warm", "one process, Ray already up")):
+            full, resumed, one = r[f"full_{kind}"], r[f"resume_{kind}"], r[f"one_{kind}"]
+            print(f"     {kind} ({how}): {resumed / full:.3f}   ({resumed:.1f} s ÷ {full:.1f} s); the fixed cost, a "
+                  f"{kind} run over one video: {one:.1f} s; beyond it, resume ÷ full {(resumed - one) / (full - one):.3f}")
         print(f"     Ray start-up ÷ warm full run: {r['ray_init'] / r['full_warm']:.3f}; "
               f"warm full ÷ cold full: {r['full_warm'] / r['full_cold']:.3f}")
     finally:

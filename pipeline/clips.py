@@ -62,11 +62,12 @@ def _even_scale() -> str:
 
 
 def transcode_clips(source: str, jobs: list[tuple[int, int, Path]], crf: int = 20, preset: str = "veryfast",
-                    timeout_s: float = 600.0) -> dict[Path, str | None]:
+                    timeout_s: float = 600.0, run: str = "") -> dict[Path, str | None]:
     """Cut frame ranges [start, end) of `source` into H.264 mp4s; one decode of the source per batch.
 
     ffmpeg applies the rotation metadata (autorotate), so outputs are in display orientation.
     Returns {out_path: None on success | error text}. Existing outputs are skipped (resume).
+    Each output is written to a temp file named by `partial_name(out, run)`, then renamed into place.
     """
     results: dict[Path, str | None] = {}
     todo = [(s, e, Path(p)) for s, e, p in jobs if not Path(p).exists()]
@@ -75,11 +76,18 @@ def transcode_clips(source: str, jobs: list[tuple[int, int, Path]], crf: int = 2
             results[Path(p)] = None
     for i in range(0, len(todo), MAX_OUTPUTS_PER_FFMPEG):
         batch = todo[i:i + MAX_OUTPUTS_PER_FFMPEG]
-        results.update(_transcode_batch(source, batch, crf, preset, timeout_s))
+        results.update(_transcode_batch(source, batch, crf, preset, timeout_s, run))
     return results
 
 
-def _transcode_batch(source, batch, crf, preset, timeout_s):
+def partial_name(out: Path, run: str = "") -> Path:
+    """A temp file beside `out`, unique per writer (a killed worker's ffmpeg may still be writing while
+    Ray retries the task) and tagged with the curate run that wrote it, so that run's garbage
+    collection can remove the leftovers of its killed workers (store.collect_garbage)."""
+    return out.with_name(f"{out.stem}.partial.{run or 'x'}.{uuid.uuid4().hex[:8]}.mp4")
+
+
+def _transcode_batch(source, batch, crf, preset, timeout_s, run=""):
     n = len(batch)
     head = f"[0:v]{_even_scale()}" + (f",split={n}" + "".join(f"[s{k}]" for k in range(n)) if n > 1 else "[s0]")
     trims = [f"[s{k}]trim=start_frame={s}:end_frame={e},setpts=PTS-STARTPTS[o{k}]" for k, (s, e, _) in enumerate(batch)]
@@ -88,8 +96,7 @@ def _transcode_batch(source, batch, crf, preset, timeout_s):
     outs = []
     for k, (_, _, out) in enumerate(batch):
         out.parent.mkdir(parents=True, exist_ok=True)
-        # Unique per writer: a killed worker's ffmpeg may still be writing while Ray retries the task.
-        tmp = out.with_name(f"{out.stem}.partial.{uuid.uuid4().hex[:8]}.mp4")
+        tmp = partial_name(out, run)
         outs.append((out, tmp))
         cmd += ["-map", f"[o{k}]", "-an", "-c:v", "libx264", "-preset", preset, "-crf", str(crf),
                 "-pix_fmt", "yuv420p", "-threads", "1", "-movflags", "+faststart", str(tmp)]

@@ -55,9 +55,13 @@ class EmbedClips:
     """map_batches stage: pipeline.embed.ClipEmbedder, imported inside the actor. The driver only
     names this class, so a `curate` never pays open_clip's import (~5 s: torchvision, transformers)."""
 
-    def __init__(self, **kwargs):
+    def __init__(self, threads: int = 0, **kwargs):
+        import torch
+
         from pipeline.embed import ClipEmbedder
 
+        if threads:  # more than Ray's share of the node: worth it where other stages leave cores idle
+            torch.set_num_threads(threads)
         self.embed = ClipEmbedder(**kwargs)
 
     def __call__(self, batch):
@@ -67,11 +71,12 @@ class EmbedClips:
 class AnalyzeSource:
     """flat_map stage: one source path -> its clip rows (or one rejected row, or one skip marker)."""
 
-    def __init__(self, root: str, spec: dict, sources: list, done: "Done"):
+    def __init__(self, root: str, spec: dict, sources: list, done: "Done", run: str = ""):
         self.root, self.spec = root, DatasetSpec.model_validate(spec)
         # Paths travel by index: a non-UTF-8 file name can't be an Arrow string in a Ray block.
         self.sources = sources
         self.done = done
+        self.run = run  # this curate run's id: it tags the temp files of its transcodes
 
     def _seen(self, uri: str, sha: Optional[str]) -> Optional[list[dict]]:
         """Skip marker if this (content, path) is committed; a duplicate-source row if only the content is."""
@@ -129,7 +134,7 @@ class AnalyzeSource:
 
         if spec.clips.mode == "transcode":
             jobs = [(p.start_frame, p.end_frame, media_path(self.root, cid)) for p, cid in zip(plans, ids)]
-            errors = transcode_clips(uri, jobs, spec.clips.crf, spec.clips.preset, spec.analysis.timeout_s)
+            errors = transcode_clips(uri, jobs, spec.clips.crf, spec.clips.preset, spec.analysis.timeout_s, run=self.run)
             uris = [(str(out), errors[out]) for _, _, out in jobs]
         else:
             uris = [(reference_uri(display_uri(uri), p.start_frame, p.end_frame), None) for p in plans]
@@ -313,12 +318,13 @@ def curate(source_args: list[str], root: str, spec: DatasetSpec, captions: Optio
     Path(root).mkdir(parents=True, exist_ok=True)
     lease = store.acquire_lease(root)
     try:
-        return _curate(source_args, root, spec, captions, progress, ray_address, started, rehash)
+        return _curate(source_args, root, spec, captions, progress, ray_address, (started, lease.stem), rehash)
     finally:
         store.release_lease(lease)
 
 
-def _curate(source_args, root, spec, captions, progress, ray_address, started, rehash=False) -> CurateResult:
+def _curate(source_args, root, spec, captions, progress, ray_address, run, rehash=False) -> CurateResult:
+    """`run`: (start time, id) of this run, for its temp files and the garbage collection after it."""
     import ray
 
     sources: list[Source] = expand_sources(source_args)
@@ -333,7 +339,7 @@ def _curate(source_args, root, spec, captions, progress, ray_address, started, r
     if skipped and progress:
         progress(skipped, len(sources), f"{skipped} unchanged source(s) already done")
     if not run_sources:
-        return _finish(root, staged, committed, sources, skipped, captions, spec, source_args, started)
+        return _finish(root, staged, committed, sources, skipped, captions, spec, source_args, run)
 
     if not ray.is_initialized():
         ray.init(address=ray_address, ignore_reinit_error=True, log_to_driver=False,
@@ -348,13 +354,13 @@ def _curate(source_args, root, spec, captions, progress, ray_address, started, r
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     ds = ds.flat_map(AnalyzeSource, fn_constructor_kwargs=dict(
         root=root, spec=spec.model_dump(mode="json"), sources=[(s.uri, s.reject) for s in run_sources],
-        done=done),
+        done=done, run=run[1]),
         # no more analysis actors than sources: an idle one would hold CPU the embed stage could use
         compute=ray.data.ActorPoolStrategy(size=min(res.analyze.concurrency, len(run_sources))),
         num_cpus=res.analyze.num_cpus)
     ds = ds.map_batches(EmbedClips, fn_constructor_kwargs=dict(
         model=spec.embedding.model, pretrained=spec.embedding.pretrained,
-        aesthetic_weights=spec.embedding.aesthetic_weights),
+        aesthetic_weights=spec.embedding.aesthetic_weights, threads=res.embed.threads),
         batch_size=res.embed.batch_size, compute=ray.data.ActorPoolStrategy(size=res.embed.concurrency),
         num_cpus=res.embed.num_cpus, num_gpus=res.embed.num_gpus, batch_format="pyarrow")
     finished = skipped
@@ -381,10 +387,10 @@ def _curate(source_args, root, spec, captions, progress, ray_address, started, r
     for uri, rows in pending.items():  # should not happen; never lose rows silently
         log.warning("source %s ended with %d partial rows; staging what arrived", uri, len(rows))
         _stage_source(root, staged, rows)
-    return _finish(root, staged, committed, sources, skipped, captions, spec, source_args, started)
+    return _finish(root, staged, committed, sources, skipped, captions, spec, source_args, run)
 
 
-def _finish(root, staged, committed, sources, skipped, captions, spec, source_args, started) -> CurateResult:
+def _finish(root, staged, committed, sources, skipped, captions, spec, source_args, run) -> CurateResult:
     """Decide (filters, dedup) over everything staged and commit it as one version; then clear
     the staging area and collect garbage."""
     if not staged:
@@ -403,7 +409,7 @@ def _finish(root, staged, committed, sources, skipped, captions, spec, source_ar
         # enough to rebuild this version from scratch (`spacetime datasets rebuild`)
         "spec": spec.model_dump(mode="json"), "source_args": list(source_args)})
     store.clear_staging(root)
-    store.collect_garbage(root, older_than=store.oldest_live_start(root, started))
+    store.collect_garbage(root, older_than=store.oldest_live_start(root, run[0]), run=run[1])
     rej = pc.filter(new, pc.equal(new["status"], "rejected")).select(["source_uri", "reason"]).to_pylist()
     return CurateResult(version, counts, len(sources), skipped, new.num_rows,
                         [(r["source_uri"], r["reason"]) for r in rej])

@@ -150,3 +150,20 @@ def test_a_copied_root_keeps_its_media(tmp_path):
     assert (new / "media" / "id" / "id0.mp4").is_file() and (new / "media" / "id" / "id1.mp4").is_file()
     (new / "media" / "id" / "id9.mp4").write_bytes(b"orphan")  # named by nothing: still collected
     assert [p.name for p in store.collect_garbage(new, older_than=time.time() + 60)] == ["id9.mp4"]
+
+
+def test_gc_removes_this_runs_partials_of_any_age(tmp_path):
+    """A killed worker's temp transcode is tagged with its run: that run's GC removes it even though
+    it is newer than the run's start; another live run's fresh temp files are left alone."""
+    import time
+
+    from pipeline.clips import partial_name
+
+    out = tmp_path / "media" / "ab" / "abc.mp4"
+    out.parent.mkdir(parents=True)
+    mine, theirs = partial_name(out, "run1"), partial_name(out, "run2")
+    mine.write_bytes(b"torn")
+    theirs.write_bytes(b"being written")
+    started = time.time() - 60  # both files are newer than this run's start
+    assert store.collect_garbage(tmp_path, older_than=started, run="run1") == [mine]
+    assert theirs.is_file()
