@@ -208,7 +208,7 @@ class Audit:
 def audit(root, count_frames: bool = False) -> Audit:
     """Check the latest version of `root`'s clips table against the files on disk."""
     root = Path(root)
-    a = Audit(staging_left=store.staging_dir(root).exists())
+    a = Audit(staging_left=store.staging_dir(root).exists() or store.analysed_dir(root).exists())
     if not store.table_exists(root):
         a.orphans = sorted(str(p) for p in (root / "media").rglob("*") if p.is_file()) if (root / "media").exists() else []
         return a

@@ -77,6 +77,9 @@ class AnalyzeSource:
         self.sources = sources
         self.done = done
         self.run = run  # this curate run's id: it tags the temp files of its transcodes
+        # What the analysed rows depend on: a resume under another spec analyses again.
+        what = {k: spec[k] for k in ("analysis", "shots", "clips", "embedding")}
+        self.analysis_hash = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
 
     def _seen(self, uri: str, sha: Optional[str]) -> Optional[list[dict]]:
         """Skip marker if this (content, path) is committed; a duplicate-source row if only the content is."""
@@ -103,8 +106,6 @@ class AnalyzeSource:
 
     def _analyze(self, uri: str) -> list[dict]:
         from pipeline.probe import probe, sha256_file
-        from pipeline.dedup import EdgeLayout
-        from pipeline.scores import clip_scores, default_analyzers
 
         spec = self.spec
         info = probe(uri, timeout_s=min(60.0, spec.analysis.timeout_s))
@@ -118,6 +119,29 @@ class AnalyzeSource:
         seen = self._seen(uri, sha)
         if seen:
             return seen
+        key = f"{sha}.{_uri_key(uri)}.{self.analysis_hash}"
+        kept = self._analysed(key)
+        if kept is not None:
+            return kept
+        rows = self._decode_and_cut(uri, sha, info)
+        if not any(r.get("status") == "rejected" for r in rows):  # errors may be transient: not kept
+            store.save_analysed(self.root, key, pa.Table.from_pylist(rows))
+        return rows
+
+    def _analysed(self, key: str) -> Optional[list[dict]]:
+        """Rows an earlier, killed run analysed but never staged, if their clip files are all still here."""
+        t = store.load_analysed(self.root, key)
+        if t is None:
+            return None
+        rows = t.to_pylist()
+        media = [r["clip_uri"] for r in rows if r.get("clip_uri") and "#frames=" not in r["clip_uri"]]
+        return rows if all(os.path.isfile(m) for m in media) else None
+
+    def _decode_and_cut(self, uri: str, sha: str, info) -> list[dict]:
+        from pipeline.dedup import EdgeLayout
+        from pipeline.scores import clip_scores, default_analyzers
+
+        spec = self.spec
         shot_detector = ShotDetector(info.fps, spec.shots.content_threshold, spec.shots.adaptive_threshold,
                                      spec.shots.fade_threshold, spec.shots.min_shot_frames)
         scorers = default_analyzers()

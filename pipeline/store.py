@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import time
 import uuid
 from importlib import metadata
@@ -213,7 +214,10 @@ def staging_dir(root: str | Path) -> Path:
 
 def stage(root: str | Path, key: str, table: pa.Table) -> Path:
     """Persist one finished source's rows; atomic (write temp, then rename)."""
-    d = staging_dir(root)
+    return _write_atomic(staging_dir(root), key, table)
+
+
+def _write_atomic(d: Path, key: str, table: pa.Table) -> Path:
     final = d / f"{key}.parquet"
     for attempt in range(3):
         d.mkdir(parents=True, exist_ok=True)
@@ -263,7 +267,27 @@ def _rebase_media(t: pa.Table, root: str | Path) -> pa.Table:
     return t.set_column(i, "clip_uri", pa.array(rebased, t.schema.field(i).type))
 
 
+def analysed_dir(root: str | Path) -> Path:
+    return Path(root) / "_analysed"
+
+
+def save_analysed(root: str | Path, key: str, table: pa.Table) -> Path:
+    """Persist one source's analysed rows (scores, thumbnails, clip files already on disk) before
+    they are embedded: a run killed while its embed stage lags behind the analysis resumes from
+    here instead of decoding those sources again. Atomic, like `stage`; removed at each commit."""
+    return _write_atomic(analysed_dir(root), key, table)
+
+
+def load_analysed(root: str | Path, key: str) -> Optional[pa.Table]:
+    """The rows `save_analysed` kept under `key`, or None (never saved, cleared, or unreadable)."""
+    try:
+        return pq.read_table(analysed_dir(root) / f"{key}.parquet")
+    except (OSError, pa.ArrowInvalid):  # missing, or removed by a concurrent run's commit meanwhile
+        return None
+
+
 def clear_staging(root: str | Path) -> None:
+    shutil.rmtree(analysed_dir(root), ignore_errors=True)  # a concurrent run's entries only cost it a redo
     d = staging_dir(root)
     if d.is_dir():
         for p in d.iterdir():

@@ -245,3 +245,38 @@ def test_cli_start_and_curate_driver_do_not_import_the_model_stack():
             "print([m for m in ('torch', 'open_clip', 'transformers', 'ray.job_submission') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_analysed_sources_are_not_decoded_again(curated, footage, tmp_path, monkeypatch):
+    """A run killed while its embed stage lags the analysis resumes from the analysed rows kept under
+    <root>/_analysed (clip files already on disk): no second decode. Another spec, or a clip file
+    gone meanwhile, analyses again; a commit clears them (the module's run left none)."""
+    from pipeline import graph
+
+    root, *_ = curated
+    src, gt, _ = footage
+    assert not store.analysed_dir(root).exists()
+    video = str(src / gt["videos"][0]["file"])
+    spec = DatasetSpec().model_dump(mode="json")
+
+    def analyse(s=spec):
+        return graph.AnalyzeSource(str(tmp_path), s, [(video, None)], graph.Done())({"i": 0})
+
+    first = analyse()
+    assert len(first) >= 2 and all(r["clip_id"] and r["frames"] for r in first)
+    assert len(list(store.analysed_dir(tmp_path).glob("*.parquet"))) == 1
+
+    def no_decode(*a, **k):
+        raise AssertionError("decoded again")
+    monkeypatch.setattr(graph, "decode_for_analysis", no_decode)
+    again = analyse()
+    assert [(r["clip_id"], r["clip_uri"], r["frames"], r["layout"]) for r in again] == \
+           [(r["clip_id"], r["clip_uri"], r["frames"], r["layout"]) for r in first]
+    assert [r["motion"] for r in again] == pytest.approx([r["motion"] for r in first], nan_ok=True)
+
+    other = {**spec, "shots": {**spec["shots"], "min_shot_frames": 6}}
+    assert "decoded again" in analyse(other)[0]["reason"]  # another spec: analysed again (and refused here)
+    os.remove(first[0]["clip_uri"])
+    assert "decoded again" in analyse()[0]["reason"]  # a clip file gone: analysed again
+    store.clear_staging(tmp_path)
+    assert not store.analysed_dir(tmp_path).exists()
