@@ -120,22 +120,13 @@ class AnalyzeSource:
         if seen:
             return seen
         key = f"{sha}.{_uri_key(uri)}.{self.analysis_hash}"
-        kept = self._analysed(key)
+        kept = store.load_analysed(self.root, key)  # analysed by a killed run, never staged
         if kept is not None:
-            return kept
+            return kept.to_pylist()
         rows = self._decode_and_cut(uri, sha, info)
         if not any(r.get("status") == "rejected" for r in rows):  # errors may be transient: not kept
             store.save_analysed(self.root, key, pa.Table.from_pylist(rows))
         return rows
-
-    def _analysed(self, key: str) -> Optional[list[dict]]:
-        """Rows an earlier, killed run analysed but never staged, if their clip files are all still here."""
-        t = store.load_analysed(self.root, key)
-        if t is None:
-            return None
-        rows = t.to_pylist()
-        media = [r["clip_uri"] for r in rows if r.get("clip_uri") and "#frames=" not in r["clip_uri"]]
-        return rows if all(os.path.isfile(m) for m in media) else None
 
     def _decode_and_cut(self, uri: str, sha: str, info) -> list[dict]:
         from pipeline.dedup import EdgeLayout

@@ -279,11 +279,17 @@ def save_analysed(root: str | Path, key: str, table: pa.Table) -> Path:
 
 
 def load_analysed(root: str | Path, key: str) -> Optional[pa.Table]:
-    """The rows `save_analysed` kept under `key`, or None (never saved, cleared, or unreadable)."""
+    """The rows `save_analysed` kept under `key`, or None (never saved, cleared, unreadable, or
+    naming a clip file this root does not hold: a copied root's rows are re-pointed at its own
+    copies, as staged rows are, and a file collected meanwhile means the source is analysed again)."""
     try:
-        return pq.read_table(analysed_dir(root) / f"{key}.parquet")
+        t = _rebase_media(pq.read_table(analysed_dir(root) / f"{key}.parquet"), root)
     except (OSError, pa.ArrowInvalid):  # missing, or removed by a concurrent run's commit meanwhile
         return None
+    media = Path(root).resolve() / "media"
+    uris = t["clip_uri"].to_pylist() if "clip_uri" in t.column_names else []
+    files = [Path(u) for u in uris if u and "#frames=" not in u]
+    return t if all(p.parent.parent == media and p.is_file() for p in files) else None
 
 
 def clear_staging(root: str | Path) -> None:

@@ -167,3 +167,20 @@ def test_gc_removes_this_runs_partials_of_any_age(tmp_path):
     started = time.time() - 60  # both files are newer than this run's start
     assert store.collect_garbage(tmp_path, older_than=started, run="run1") == [mine]
     assert theirs.is_file()
+
+
+def test_analysed_rows_of_a_copied_root_name_its_own_media(tmp_path):
+    """A root copied after a killed run: its kept analysis must name the copy's clip files, never the
+    original's; with the copy's file gone it is analysed again (None), even though the original's exists."""
+    import shutil
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    f = old / "media" / "ab" / "abc.mp4"
+    f.parent.mkdir(parents=True)
+    f.write_bytes(b"clip")
+    store.save_analysed(old, "k", pa.table({"clip_id": ["abc"], "clip_uri": [str(f.resolve())]}))
+    shutil.copytree(old, new)
+    assert store.load_analysed(old, "k")["clip_uri"][0].as_py() == str(f.resolve())
+    assert store.load_analysed(new, "k")["clip_uri"][0].as_py() == str((new / "media" / "ab" / "abc.mp4").resolve())
+    (new / "media" / "ab" / "abc.mp4").unlink()
+    assert store.load_analysed(new, "k") is None
