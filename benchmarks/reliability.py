@@ -1,6 +1,6 @@
 """Reliability figures, measured in one run: under faults nothing is lost, duplicated or left behind.
 
-    python benchmarks/reliability.py [--videos 54] [--resume-at 0.9] [--kill-points 5] [--seed 0]
+    python benchmarks/reliability.py [--videos 162] [--resume-at 0.9] [--kill-points 5] [--seed 0]
 
 Prints:
 1. hostile inputs tried / handled (curated, or rejected with the expected reason)
@@ -9,17 +9,21 @@ Prints:
    commit just landed), then rerun; and, separately, one of the run's Ray workers SIGKILLed while busy
    (an analysis actor or the embed actor, seeded) as the run goes on: Ray Data restarts the actor and
    retries its task, or the run fails and a rerun finishes it
-3. duplicate clip_ids, orphan media files, clip rows whose media is missing, `_staging` left — summed
-   over every dataset root this run wrote
+3. duplicate clip_ids, orphan media files, clip rows whose media is missing, `_staging` or
+   `_analysed` left — summed over every dataset root this run wrote
 4. resumed run ÷ full run, the run killed --resume-at (0.9) of the way through a full run's wall
    time (target ≤ 0.2): "cold" (both are fresh `spacetime curate` processes, Ray start-up included)
-   and "warm" (both in this process, Ray already up). A resume pays a fixed start-up (Ray Data's
-   actors, the embed actor's open_clip import and model build: ~9 s on 2 CPUs) that a full run pays
-   once, so on a small corpus that cost, not redone work, sets the ratio: 54 videos by default
-   (measured on 2 CPUs, killed at 90% of an 89 s full run with 46/54 sources staged: cold 0.26,
-   warm 0.19; the embed stage, CLIP ViT-B-32 on CPU, is busy for ~80% of the run). The line prints
-   how many sources were staged at the kill: the embed stage batches 16 clips and the stream's end
-   flushes the last few sources together, so a kill by staged count could land after all of them.
+   and "warm" (both in this process, Ray already up, as for a job on a running cluster). Beside each,
+   the fixed cost every run pays (a run over one video: Ray start and stop, Ray Data's actors, the
+   embed actor's open_clip import and model build) and the ratio beyond it. On a small corpus that
+   fixed cost, not redone work, sets the ratio, and the kill lands at a random phase of the embed
+   stage's batches (16 clips, ~2 s), so runs spread by several points. Hence 162 videos by default
+   (a full run ~170 s on 2 CPUs), where the fixed cost is under a tenth of the run. Measured on
+   2 CPUs: 162 videos, killed with 146/162 sources staged: cold 0.156 (fixed 13.4 s), warm 0.121
+   (fixed 7.3 s), beyond the fixed cost 0.085 / 0.080. At 54 videos (a 64-66 s full run): killed
+   with 45-49 staged, cold 0.25-0.31 (fixed 13-15 s), warm 0.18-0.21; beyond the fixed cost
+   0.06-0.11. A resume redoes at most the embed batch in flight: the analysis of sources not yet
+   embedded is kept (<root>/_analysed). The line prints how many sources were staged at the kill.
 
 The helpers (launch `spacetime curate` in its own session, find its Ray workers, kill it, audit a
 dataset root, the clip set of a clean analysis) are shared with tests/test_reliability.py.
@@ -357,7 +361,7 @@ def resume_ratio(src: Path, work: Path, frac: float = 0.9) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--videos", type=int, default=54, help="demo videos for the resume ratio")
+    ap.add_argument("--videos", type=int, default=162, help="demo videos for the resume ratio (~170 s a full run on 2 CPUs)")
     ap.add_argument("--resume-at", type=float, default=0.9,
                     help="kill the run to resume this fraction of the way through (of a full run's wall time)")
     ap.add_argument("--kill-videos", type=int, default=3, help="demo videos for each kill point")
