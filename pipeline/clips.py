@@ -18,6 +18,8 @@ from pathlib import Path
 
 import imageio_ffmpeg
 
+from pipeline.store import partial_name
+
 # Fixed namespace: clip ids are the same on every machine and every run.
 CLIP_NAMESPACE = uuid.UUID("5b0f3c1e-2f6a-4d7e-9a51-7c0de5ace001")
 MAX_OUTPUTS_PER_FFMPEG = 12  # encoders running in one process; bounds its memory
@@ -67,7 +69,7 @@ def transcode_clips(source: str, jobs: list[tuple[int, int, Path]], crf: int = 2
 
     ffmpeg applies the rotation metadata (autorotate), so outputs are in display orientation.
     Returns {out_path: None on success | error text}. Existing outputs are skipped (resume).
-    Each output is written to a temp file named by `partial_name(out, run)`, then renamed into place.
+    Each output is written to a temp file named by `store.partial_name(out, run)`, then renamed into place.
     """
     results: dict[Path, str | None] = {}
     todo = [(s, e, Path(p)) for s, e, p in jobs if not Path(p).exists()]
@@ -78,13 +80,6 @@ def transcode_clips(source: str, jobs: list[tuple[int, int, Path]], crf: int = 2
         batch = todo[i:i + MAX_OUTPUTS_PER_FFMPEG]
         results.update(_transcode_batch(source, batch, crf, preset, timeout_s, run))
     return results
-
-
-def partial_name(out: Path, run: str = "") -> Path:
-    """A temp file beside `out`, unique per writer (a killed worker's ffmpeg may still be writing while
-    Ray retries the task) and tagged with the curate run that wrote it, so that run's garbage
-    collection can remove the leftovers of its killed workers (store.collect_garbage)."""
-    return out.with_name(f"{out.stem}.partial.{run or 'x'}.{uuid.uuid4().hex[:8]}.mp4")
 
 
 def _transcode_batch(source, batch, crf, preset, timeout_s, run=""):

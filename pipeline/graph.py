@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -78,8 +78,7 @@ class AnalyzeSource:
         self.done = done
         self.run = run  # this curate run's id: it tags the temp files of its transcodes
         # What the analysed rows depend on: a resume under another spec analyses again.
-        what = {k: spec[k] for k in ("analysis", "shots", "clips", "embedding")}
-        self.analysis_hash = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
+        self.analysis_hash = self.spec.spec_hash("analysis", "shots", "clips", "embedding")
 
     def _seen(self, uri: str, sha: Optional[str]) -> Optional[list[dict]]:
         """Skip marker if this (content, path) is committed; a duplicate-source row if only the content is."""
@@ -320,6 +319,12 @@ def _dup_row(uri: str, original: str, sha: str) -> dict:
                                            key="dup-" + _uri_key(uri))}
 
 
+class RunInfo(NamedTuple):
+    """One curate run: when it started (its GC spares newer files) and its lease id (tags its temp files)."""
+    started: float
+    id: str
+
+
 def curate(source_args: list[str], root: str, spec: DatasetSpec, captions: Optional[str] = None,
            progress: Optional[Callable[[int, int, str], None]] = None, ray_address: Optional[str] = None,
            rehash: bool = False) -> CurateResult:
@@ -333,13 +338,12 @@ def curate(source_args: list[str], root: str, spec: DatasetSpec, captions: Optio
     Path(root).mkdir(parents=True, exist_ok=True)
     lease = store.acquire_lease(root)
     try:
-        return _curate(source_args, root, spec, captions, progress, ray_address, (started, lease.stem), rehash)
+        return _curate(source_args, root, spec, captions, progress, ray_address, RunInfo(started, lease.stem), rehash)
     finally:
         store.release_lease(lease)
 
 
-def _curate(source_args, root, spec, captions, progress, ray_address, run, rehash=False) -> CurateResult:
-    """`run`: (start time, id) of this run, for its temp files and the garbage collection after it."""
+def _curate(source_args, root, spec, captions, progress, ray_address, run: RunInfo, rehash=False) -> CurateResult:
     import ray
 
     sources: list[Source] = expand_sources(source_args)
@@ -369,7 +373,7 @@ def _curate(source_args, root, spec, captions, progress, ray_address, run, rehas
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     ds = ds.flat_map(AnalyzeSource, fn_constructor_kwargs=dict(
         root=root, spec=spec.model_dump(mode="json"), sources=[(s.uri, s.reject) for s in run_sources],
-        done=done, run=run[1]),
+        done=done, run=run.id),
         # no more analysis actors than sources: an idle one would hold CPU the embed stage could use
         compute=ray.data.ActorPoolStrategy(size=min(res.analyze.concurrency, len(run_sources))),
         num_cpus=res.analyze.num_cpus)
@@ -405,7 +409,7 @@ def _curate(source_args, root, spec, captions, progress, ray_address, run, rehas
     return _finish(root, staged, committed, sources, skipped, captions, spec, source_args, run)
 
 
-def _finish(root, staged, committed, sources, skipped, captions, spec, source_args, run) -> CurateResult:
+def _finish(root, staged, committed, sources, skipped, captions, spec, source_args, run: RunInfo) -> CurateResult:
     """Decide (filters, dedup) over everything staged and commit it as one version; then clear
     the staging area and collect garbage."""
     if not staged:
@@ -424,7 +428,7 @@ def _finish(root, staged, committed, sources, skipped, captions, spec, source_ar
         # enough to rebuild this version from scratch (`spacetime datasets rebuild`)
         "spec": spec.model_dump(mode="json"), "source_args": list(source_args)})
     store.clear_staging(root)
-    store.collect_garbage(root, older_than=store.oldest_live_start(root, run[0]), run=run[1])
+    store.collect_garbage(root, older_than=store.oldest_live_start(root, run.started), run=run.id)
     rej = pc.filter(new, pc.equal(new["status"], "rejected")).select(["source_uri", "reason"]).to_pylist()
     return CurateResult(version, counts, len(sources), skipped, new.num_rows,
                         [(r["source_uri"], r["reason"]) for r in rej])

@@ -103,8 +103,10 @@ class DatasetSpec(_Strict):
     embedding: EmbeddingSpec = EmbeddingSpec()
     resources: ResourceSpec = ResourceSpec()
 
-    def spec_hash(self) -> str:
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+    def spec_hash(self, *sections: str) -> str:
+        """Hash of the validated spec, or of only the named sections (what some result depends on)."""
+        d = self.model_dump(mode="json")
+        blob = json.dumps({k: d[k] for k in sections} if sections else d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 

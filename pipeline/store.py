@@ -339,13 +339,23 @@ def oldest_live_start(root: str | Path, default: float) -> float:
     return start
 
 
+_PARTIAL = ".partial."  # marks a temp file in media/: <clip_id>.partial.<run>.<random>.mp4
+
+
+def partial_name(out: Path, run: str = "") -> Path:
+    """A temp file beside `out`, unique per writer (a killed worker's ffmpeg may still be writing while
+    Ray retries the task) and tagged with the curate run that wrote it, so that run's garbage
+    collection can remove the leftovers of its killed workers (`collect_garbage`)."""
+    return out.with_name(f"{out.stem}{_PARTIAL}{run or 'x'}.{uuid.uuid4().hex[:8]}.mp4")
+
+
 def collect_garbage(root: str | Path, older_than: float, run: str | None = None) -> list[Path]:
     """Remove media files that no committed version and no staged row refers to, and temp files.
 
     Called after each curate commits, with `older_than` = the run's start time: a clip written by a
     killed earlier run was reused by this one (so it is referenced) or is an orphan; files newer than
     our start may belong to a concurrent writer and are left alone. Temp files tagged with `run`
-    (pipeline.clips.partial_name) go whatever their age: this run's work is done, so they are the
+    (`partial_name`) go whatever their age: this run's work is done, so they are the
     leftovers of its killed workers, whose retried tasks wrote their own.
     """
     media = Path(root) / "media"
@@ -367,8 +377,8 @@ def collect_garbage(root: str | Path, older_than: float, run: str | None = None)
     # name the old location, and its files here must not count as unreferenced
     removed = []
     for p in media.rglob("*"):
-        if p.is_file() and ((run and f".partial.{run}." in p.name) or p.stat().st_mtime < older_than and (
-                ".partial" in p.name or media_key(p) not in referenced)):
+        if p.is_file() and ((run and f"{_PARTIAL}{run}." in p.name) or p.stat().st_mtime < older_than and (
+                _PARTIAL in p.name or media_key(p) not in referenced)):
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed

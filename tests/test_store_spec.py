@@ -157,11 +157,9 @@ def test_gc_removes_this_runs_partials_of_any_age(tmp_path):
     it is newer than the run's start; another live run's fresh temp files are left alone."""
     import time
 
-    from pipeline.clips import partial_name
-
     out = tmp_path / "media" / "ab" / "abc.mp4"
     out.parent.mkdir(parents=True)
-    mine, theirs = partial_name(out, "run1"), partial_name(out, "run2")
+    mine, theirs = store.partial_name(out, "run1"), store.partial_name(out, "run2")
     mine.write_bytes(b"torn")
     theirs.write_bytes(b"being written")
     started = time.time() - 60  # both files are newer than this run's start
