@@ -7,6 +7,8 @@
    on CPU); on CUDA in bf16 this is the MFU against the measured bf16 matmul peak.
 3. VAE peak memory, chunked encode + decode, at 4x frames / 1x frames (target <= 1.25): peak RSS
    growth on CPU (VmHWM reset through /proc/self/clear_refs), max_memory_allocated on CUDA.
+4. (CUDA) packed-attention backends, forward + backward on one mixed batch, each / the auto choice:
+   varlen, compiled flex with a block mask, the per-sample SDPA loop, a padded batch with a key mask.
 
 Needs only torch + einops + safetensors:  python benchmarks/generator.py [--quick]
 """
@@ -122,6 +124,42 @@ def bench_mfu(device, dtype, width, depth, tokens, repeats):
         print(f"[flops] train tokens/s: {N / min(t_step):,.0f}")
 
 
+def bench_attention(device, heads=16, head_dim=72, repeats=5):
+    """Packed attention backends, forward + backward on one mixed batch (CUDA, bf16): varlen, flex
+    (compiled, block mask), the per-sample SDPA loop, and a padded batch with a key mask (what a
+    bucket-padded trainer runs). Ratios are time / the auto choice's time."""
+    from generator.dit import Seqs, choose_backend, flex_attention, packed_attention, varlen_attn
+    import torch.nn.functional as F
+
+    lens = [4096, 1024, 2048, 256, 8192, 512, 3072, 1, 1024, 4096, 768, 256]
+    n, dtype = sum(lens), torch.bfloat16
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), device=device, dtype=torch.int32)
+    q, k, v = (torch.randn(n, heads, head_dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+
+    def packed(backend):
+        seqs = Seqs(cu, cu, backend)
+        return lambda: packed_attention(q, k, v, seqs).sum().backward()
+
+    L = max(lens)
+    pad = lambda x: torch.stack([F.pad(x[a:b], (0, 0, 0, 0, 0, L - (b - a))) for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())])
+    mask = (torch.arange(L, device=device)[None] < torch.tensor(lens, device=device)[:, None])[:, None, None, :]
+
+    qp, kp, vp = (pad(x.detach()).transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))  # (B, H, L, Dh)
+
+    def padded():
+        F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask).sum().backward()
+
+    runs = {"loop": packed("loop"), "padded+mask": padded}
+    if flex_attention is not None:
+        runs["flex"] = packed("flex")
+    if varlen_attn is not None:
+        runs["varlen"] = packed("varlen")
+    times = {name: best_time(fn, device, repeats) for name, fn in runs.items()}
+    auto = choose_backend(device, dtype)
+    print(f"[attention] {len(lens)} samples, {n} tokens (longest {L}), {heads} heads x {head_dim}; fwd+bwd time / "
+          f"auto ({auto}): " + ", ".join(f"{k} {t / times[auto]:.2f}" for k, t in times.items()))
+
+
 def _status_kb(field):
     for line in open("/proc/self/status"):
         if line.startswith(field):
@@ -185,6 +223,7 @@ def main():
         bench_packing(device, dtype, 1152, 4, 5)
         bench_mfu(device, dtype, 1152, 4, 32768, 5)
         bench_vae_memory(device, 17, 256, 8)
+        bench_attention(device)
     else:
         r = 2 if args.quick else 4
         bench_packing(device, dtype, 256, 2, r)

@@ -37,7 +37,8 @@ from generator.flow import RectifiedFlow  # noqa: E402
 from generator.patches import pack, pack_sequences, unpack  # noqa: E402
 from generator.shapes import (COLOURS, DIRECTIONS, HELD_OUT, SHAPES, caption_of, embed_caption, judge,  # noqa: E402
                               make_dataset)
-from generator.train import TrainConfig, train, train_vae  # noqa: E402
+from generator.train import TrainConfig, train  # noqa: E402
+from generator.vae_train import VAETrainConfig, train_vae  # noqa: E402
 from generator.vae import VAE, VAEConfig, psnr  # noqa: E402
 
 TARGET = 0.8
@@ -114,8 +115,8 @@ def run(cfg: BenchConfig, log=print):
     vae = VAE(cfg.vae)
     hist = []
     for i, steps in enumerate(cfg.vae_steps):
-        hist += train_vae(vae, videos, steps=steps, lr=cfg.vae_lr / 4 ** i, batch_size=cfg.vae_batch, seed=100 * cfg.seed + i,
-                          log_every=100, l1_weight=0.0)
+        hist += train_vae(vae, videos, VAETrainConfig(steps=steps, lr=cfg.vae_lr / 4 ** i, batch_size=cfg.vae_batch,
+                                                      seed=100 * cfg.seed + i, log_every=100, l1_weight=0.0, device="cpu"))
     held_vids = make_dataset(32, cfg.frames, cfg.size, seed=7, held_out=True)
     x = to_vae([v for v, _, _ in held_vids])
     with torch.no_grad():

@@ -52,8 +52,9 @@ from generator.conditioning import parse_ratios  # noqa: E402
 from generator.dit import DiTConfig, load_dit, save_dit  # noqa: E402
 from generator.sample import decode_latent, encode_video  # noqa: E402
 from generator.shapes import COLOURS, caption_of, embed_caption, judge, make_dataset, make_video  # noqa: E402
-from generator.train import TrainConfig, train, train_vae  # noqa: E402
+from generator.train import TrainConfig, train  # noqa: E402
 from generator.vae import VAE, VAEConfig, load_vae, psnr, save_vae  # noqa: E402
+from generator.vae_train import VAETrainConfig, train_vae  # noqa: E402
 
 SIZE, TEXT_DIM = 32, 32
 
@@ -108,8 +109,9 @@ def train_models(args):
         hist = []
         first = round(args.vae_steps * 0.75)
         for i, (n, share) in enumerate(((first, 0.75), (args.vae_steps - first, 0.25))):
-            hist += train_vae(vae, nine, steps=n, lr=3e-3 / 4 ** i, batch_size=8, seed=100 * args.seed + i,
-                              log_every=0, max_seconds=args.vae_minutes * 60 * share, l1_weight=0.0)
+            hist += train_vae(vae, nine, VAETrainConfig(steps=n, lr=3e-3 / 4 ** i, batch_size=8, seed=100 * args.seed + i,
+                                                        log_every=0, max_seconds=args.vae_minutes * 60 * share,
+                                                        l1_weight=0.0, device="cpu"))
         capped = " (stopped by --vae-minutes)" if len(hist) < args.vae_steps else ""
         print(f"[vae] {len(hist)} steps{capped}, PSNR -> {statistics.mean(h['psnr'] for h in hist[-20:]):.1f} dB")
     with torch.no_grad():

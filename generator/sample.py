@@ -27,7 +27,7 @@ from generator.conditioning import token_mask
 from generator.dit import DiT, DiTConfig
 from generator.flow import RectifiedFlow, shift_t
 from generator.patches import pack, pack_sequences, unpack
-from generator.train import sha256_file
+from generator.train import checkpoint_file, sha256_file
 from generator.vae import VAE, load_state_strict, load_vae
 
 MAX_SIDE = 2048        # pixels: the largest height or width sample() makes
@@ -44,16 +44,7 @@ def resolve_checkpoint(path) -> Path:
     names (its sha256 checked). ValueError when missing or not matching."""
     p = Path(path)
     if p.is_dir():
-        latest = p / "latest.json"
-        if not latest.is_file():
-            raise ValueError(f"checkpoint dir {p} has no latest.json")
-        info = json.loads(latest.read_text())
-        p = p / info["file"]
-        if not p.is_file():
-            raise ValueError(f"checkpoint {p} named by {latest} is missing")
-        digest = sha256_file(p)
-        if digest != info["sha256"]:
-            raise ValueError(f"checkpoint {p} is truncated or tampered: sha256 {digest} != recorded {info['sha256']}")
+        p = Path(checkpoint_file(str(p)))  # CheckpointError is a ValueError
     if not p.is_file():
         raise ValueError(f"checkpoint {p} not found")
     return p

@@ -1,4 +1,4 @@
-"""Training loops: the DiT with rectified flow (nanoGPT-style, written out), and a small VAE loop.
+"""The DiT training loop with rectified flow (nanoGPT-style, written out); the VAE's is generator/vae_train.py.
 
 One step, in order: batch -> forward under autocast (bf16 on CUDA only) -> NaN/inf guard (skip,
 count, log) -> backward -> grad clip -> optimizer step -> EMA -> LR warmup -> log -> checkpoint.
@@ -34,7 +34,7 @@ from generator.conditioning import check_ratios, sample_clean_tokens
 from generator.dit import DiT, DiTConfig
 from generator.flow import RectifiedFlow
 from generator.patches import Packed, pack, pack_sequences
-from generator.vae import VAE, load_state_strict, psnr, vae_loss
+from generator.vae import load_state_strict
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +154,8 @@ class TrainResult:
     stop_reason: str       # steps | max_seconds | max_flops
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, truncated or tampered with (its sha256 is not the recorded one)."""
 
 
 def sha256_file(path) -> str:
@@ -255,18 +255,23 @@ def save_checkpoint(ckpt_dir: str, model, ema, opt, gen, data, step: int, skippe
 
 
 def _write_checkpoint(ckpt_dir, msd, esd, osd, rngs, positions, step, skipped, flops, cfg, keep) -> str:
-    os.makedirs(ckpt_dir, exist_ok=True)
-    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in msd.items()}
-    tensors.update({f"ema.{k}": v.detach().contiguous().cpu() for k, v in esd.items()})
-    for idx, st in osd["state"].items():
-        for name, v in st.items():
-            tensors[f"optim.{idx}.{name}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().contiguous().cpu()
+    tensors = {f"model.{k}": v for k, v in msd.items()}
+    tensors.update({f"ema.{k}": v for k, v in esd.items()})
+    tensors.update(optimizer_tensors(osd, "optim."))
     for r, (g, t, c) in enumerate(rngs):
         tensors[f"rng.generator.{r}"], tensors[f"rng.torch.{r}"] = g, t
         if c is not None:
             tensors[f"rng.cuda.{r}"] = c
     meta = {"step": step, "skipped": skipped, "flops": flops, "data": positions[0], "data_ranks": positions,
             "world_size": len(positions), "param_groups": osd["param_groups"], "config": asdict(cfg)}
+    return write_checkpoint_file(ckpt_dir, step, tensors, meta, keep)
+
+
+def write_checkpoint_file(ckpt_dir: str, step: int, tensors: dict, meta: dict, keep: int = 2) -> str:
+    """step_<step>.safetensors (tensors + `meta` as JSON under metadata "train"), written to a temp
+    file and os.replace'd; then latest.json names it with its sha256. Keeps the last `keep` files."""
+    os.makedirs(ckpt_dir, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     name = f"step_{step:08d}.safetensors"
     path = os.path.join(ckpt_dir, name)
     save_file(tensors, path + ".tmp", metadata={"train": json.dumps(meta)})
@@ -279,29 +284,56 @@ def _write_checkpoint(ckpt_dir, msd, esd, osd, rngs, positions, step, skipped, f
     return path
 
 
+def checkpoint_file(ckpt_dir: str) -> str:
+    """The step file latest.json names, its sha256 checked: CheckpointError when missing or not matching."""
+    latest = os.path.join(ckpt_dir, "latest.json")
+    if not os.path.isfile(latest):
+        raise CheckpointError(f"checkpoint dir {ckpt_dir} has no latest.json")
+    with open(latest) as f:
+        info = json.load(f)
+    path = os.path.join(ckpt_dir, info["file"])
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path} named by latest.json is missing")
+    digest = sha256_file(path)
+    if digest != info["sha256"]:
+        raise CheckpointError(f"checkpoint {path} is truncated or tampered: sha256 {digest} != recorded {info['sha256']}")
+    return path
+
+
+def read_checkpoint_file(ckpt_dir: str) -> tuple[dict, dict]:
+    """(tensors, meta) of the checkpoint latest.json names (sha256-checked)."""
+    from safetensors import safe_open
+    path = checkpoint_file(ckpt_dir)
+    with safe_open(path, "pt") as f:
+        meta = json.loads(f.metadata()["train"])
+    return load_file(path), meta
+
+
+def optimizer_tensors(osd: dict, prefix: str) -> dict:
+    """A torch optimizer state dict's per-parameter state as flat tensors `<prefix><index>.<name>`
+    (param_groups go in the checkpoint's JSON metadata)."""
+    return {f"{prefix}{idx}.{name}": v if torch.is_tensor(v) else torch.tensor(v)
+            for idx, st in osd["state"].items() for name, v in st.items()}
+
+
+def optimizer_state(tensors: dict, prefix: str, param_groups: list, device) -> dict:
+    """Inverse of optimizer_tensors: a state dict for opt.load_state_dict (Adam's `step` stays on CPU)."""
+    state = {}
+    for k, v in tensors.items():
+        if k.startswith(prefix):
+            idx, name = k[len(prefix):].split(".", 1)
+            state.setdefault(int(idx), {})[name] = v.to(device) if name != "step" else v
+    return {"state": state, "param_groups": param_groups}
+
+
 def load_checkpoint(ckpt_dir: str, model, ema, opt, gen, data, device, rank: int = 0, world_size: int = 1) -> dict:
     """Restore everything save_checkpoint wrote; returns its metadata (step, skipped, flops, ...).
     Raises CheckpointError on a sha256 mismatch, ValueError (naming keys) on a model mismatch.
     Each rank takes its own RNG and data position when the checkpoint has the same world size."""
-    with open(os.path.join(ckpt_dir, "latest.json")) as f:
-        latest = json.load(f)
-    path = os.path.join(ckpt_dir, latest["file"])
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint {path} named by latest.json is missing")
-    digest = sha256_file(path)
-    if digest != latest["sha256"]:
-        raise CheckpointError(f"checkpoint {path} is truncated or tampered: sha256 {digest} != recorded {latest['sha256']}")
-    from safetensors import safe_open
-    with safe_open(path, "pt") as f:
-        meta = json.loads(f.metadata()["train"])
-    tensors = load_file(path)
+    tensors, meta = read_checkpoint_file(ckpt_dir)
     group = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    state = {}
-    for k, v in group("optim.").items():
-        idx, name = k.split(".", 1)
-        state.setdefault(int(idx), {})[name] = v.to(device) if name != "step" else v
     _load_full_state(model, ema, opt, group("model."), group("ema."),
-                     {"state": state, "param_groups": meta["param_groups"]})
+                     optimizer_state(tensors, "optim.", meta["param_groups"], device))
     same = meta.get("world_size", 1) == world_size
     if not same:
         log.warning("checkpoint was written by %d rank(s), resuming on %d: weights and optimizer are exact, "
@@ -318,12 +350,7 @@ def load_checkpoint(ckpt_dir: str, model, ema, opt, gen, data, device, rank: int
 
 def init_weights(ckpt_dir: str, model, ema) -> None:
     """Load a finished run's EMA weights into model and EMA (sha256-checked, keys strict)."""
-    with open(os.path.join(ckpt_dir, "latest.json")) as f:
-        latest = json.load(f)
-    path = os.path.join(ckpt_dir, latest["file"])
-    if not os.path.exists(path) or sha256_file(path) != latest["sha256"]:
-        raise CheckpointError(f"checkpoint {path} is missing, truncated or tampered")
-    tensors = load_file(path)
+    tensors, _ = read_checkpoint_file(ckpt_dir)
     weights = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
     _load_weights(model, weights, "model (init_from)")
     _load_weights(ema, weights, "EMA (init_from)")
@@ -456,46 +483,26 @@ def train(cfg: TrainConfig, data, rank: int = 0, world_size: int = 1, report=Non
     return TrainResult(history, model, ema, step, skipped, stop)
 
 
+def ray_worker(device: str) -> tuple[int, int, str]:
+    """(rank, world size, device) of this Ray Train worker; on a GPU worker, its GPU made current."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    if torch.cuda.is_available():
+        import ray.train.torch
+        dev = ray.train.torch.get_device()
+        torch.cuda.set_device(dev)
+        device = str(dev)
+    return ctx.get_world_rank(), ctx.get_world_size(), device
+
+
 def train_loop_per_worker(config: dict):
     """Ray Train entry point (TorchTrainer). config: {"train": TrainConfig as a dict, "data": a list of
     (latent, text) pairs or a zero-argument callable returning the pairs / a batch iterator}.
     The process group is set up by TorchTrainer; this only runs `train` with this worker's rank."""
     import ray.train
 
-    ctx = ray.train.get_context()
     cfg = TrainConfig.from_dict(config["train"])
+    rank, world_size, cfg.device = ray_worker(cfg.device)
     data = config["data"]() if callable(config["data"]) else config["data"]
-    if torch.cuda.is_available():
-        import ray.train.torch
-        dev = ray.train.torch.get_device()
-        torch.cuda.set_device(dev)
-        cfg.device = str(dev)
-    rank = ctx.get_world_rank()
-    train(cfg, data, rank=rank, world_size=ctx.get_world_size(), report=ray.train.report)
-
-
-def train_vae(vae: VAE, videos, steps: int, lr: float = 1e-3, batch_size: int = 4, kl_weight: float = 1e-4,
-              seed: int = 0, log_every: int = 50, max_seconds: float | None = None, l1_weight: float = 1.0,
-              l2_weight: float = 1.0):
-    """Plain VAE loop on in-memory videos (B_total, 3, T, H, W) in [-1, 1]: sample batch -> L1+MSE+KL ->
-    backward -> clip -> step. Returns history of {step, loss, psnr}."""
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, betas=(0.9, 0.99))
-    vae.train()
-    history, t0 = [], time.time()
-    for step in range(1, steps + 1):
-        idx = torch.randint(len(videos), (batch_size,), generator=g)
-        x = videos[idx]
-        rec, post = vae(x, generator=g)
-        loss = vae_loss(x, rec, post, kl_weight, l1_weight, l2_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        history.append({"step": step, "loss": loss.item(), "psnr": psnr(rec.detach(), x)})
-        if log_every and step % log_every == 0:
-            log.info("vae step %d loss %.4f psnr %.2f dB", step, loss.item(), history[-1]["psnr"])
-        if max_seconds is not None and time.time() - t0 > max_seconds:
-            break
-    vae.eval()
-    return history
+    train(cfg, data, rank=rank, world_size=world_size, report=ray.train.report)

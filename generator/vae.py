@@ -47,6 +47,10 @@ class VAEConfig:
         if self.patch_size < 1:
             raise ValueError(f"patch_size must be >= 1, got {self.patch_size}")
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "VAEConfig":
+        return cls(**{**d, "channels": tuple(d["channels"])})
+
     @property
     def space_factor(self) -> int:
         return self.patch_size * 2 ** (len(self.channels) - 1)
@@ -442,5 +446,5 @@ def save_vae(vae: VAE, path: str):
 
 def load_vae(path: str, cfg: VAEConfig | None = None, device="cpu") -> VAE:
     """Build a VAE from the config stored in `path` (or the given cfg) and load its weights strictly."""
-    return load_with_config(path, VAE, cfg or (lambda d: VAEConfig(**{**d, "channels": tuple(d["channels"])})),
+    return load_with_config(path, VAE, cfg or VAEConfig.from_dict,
                             device, "VAE")

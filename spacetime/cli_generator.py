@@ -1,14 +1,15 @@
 """Generator commands of the `spacetime` CLI: train-vae, precompute, train.
 
     spacetime train-vae  --dataset ROOT [--version N] --out runs/vae [--steps 500 --frames 9 --size 64]
+                         [--perceptual vgg16.safetensors] [--adversarial-weight 0.1 --disc-start 2000] [--workers K]
     spacetime precompute --dataset ROOT --version N --vae runs/vae [--text-encoder open_clip:ViT-B-32]
     spacetime train      --dataset ROOT --latents-version M --out runs/dit [--preset DiT_XS] [--workers K]
 
 `register(app)` adds them to the main typer app (spacetime/cli.py). Errors are one line on stderr
 with exit status 2 (bad input) or 1 (failure); precompute exits 3 when some kept clips have no latent
 because they could not be read (this run or, per its error log, before).
-The VAE trains in a local loop (generator.train.train_vae) in this process; the DiT trains in this
-process, or over K Ray Train TorchTrainer workers (DDP) with --workers K.
+The VAE (generator.vae_train) and the DiT (generator.train) train in this process, or over K Ray
+Train TorchTrainer workers (DDP; FSDP as an option for the DiT) with --workers K.
 """
 import json
 import os
@@ -71,76 +72,136 @@ def _preset_config(name: str, **kw):
         return DiT_models[key](**kw).cfg
 
 
+def _fit_on_workers(loop, config: dict, workers: int, use_gpu: bool, out: Path, name: str) -> dict:
+    """Run `loop(config)` on `workers` Ray Train TorchTrainer workers (DDP process group set up by
+    Ray); returns the last reported metrics. A worker's failure is one error line, exit 1."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(loop, train_loop_config=config,
+                           scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+                           run_config=RunConfig(name=name, storage_path=str((out / "ray").resolve())))
+    try:
+        result = trainer.fit()
+    except Exception as e:  # noqa: BLE001 - a worker's failure, in one line
+        _fail(f"distributed training failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", 1)
+    return result.metrics or {}  # Ray Train may keep no metrics of a run that reported no checkpoint
+
+
 def train_vae_cmd(
         dataset: Path = typer.Option(..., "--dataset", help="dataset root holding the clips table"),
         version: Optional[int] = typer.Option(None, "--version", help="clips table version (default: latest)"),
-        out: Path = typer.Option(..., "--out", help="directory for vae.safetensors and vae.json"),
-        steps: int = typer.Option(500, "--steps", min=1, help="optimizer steps"),
+        out: Path = typer.Option(..., "--out", help="directory for vae.safetensors, vae.json and ckpt/ (resumable state)"),
+        steps: int = typer.Option(500, "--steps", min=1, help="optimizer steps (in all, a resumed run included)"),
         frames: int = typer.Option(9, "--frames", min=1, help="frames per training clip (1 + 4k)"),
         size: int = typer.Option(64, "--size", min=8, help="training crop size in pixels (square, a multiple of the space factor)"),
         channels: str = typer.Option("64,128,256,256", "--channels", help="VAE stage widths; len-1 2x spatial downsamplings"),
         latent_channels: int = typer.Option(4, "--latent-channels", min=1),
-        batch_size: int = typer.Option(4, "--batch-size", min=1),
+        batch_size: int = typer.Option(4, "--batch-size", min=1, help="clips per step (per worker)"),
         lr: float = typer.Option(1e-3, "--lr"),
+        kl_weight: float = typer.Option(1e-4, "--kl-weight", min=0.0),
+        perceptual: Optional[Path] = typer.Option(
+            None, "--perceptual", help="local VGG16 weights (torchvision state dict, .safetensors or .pth): adds an "
+                                       "LPIPS-style perceptual loss"),
+        perceptual_lin: Optional[Path] = typer.Option(
+            None, "--perceptual-lin", help="LPIPS linear-layer weights (the lpips package's vgg.pth); default: "
+                                           "every channel weighs the same"),
+        perceptual_weight: float = typer.Option(0.1, "--perceptual-weight", min=0.0),
+        adversarial_weight: float = typer.Option(
+            0.0, "--adversarial-weight", min=0.0, help="> 0: train a 3D PatchGAN discriminator too (VQGAN's hinge "
+                                                       "loss, adaptive weight)"),
+        disc_start: int = typer.Option(0, "--disc-start", min=0, help="reconstruction-only steps before the discriminator starts"),
         max_clips: int = typer.Option(256, "--max-clips", min=1, help="decode at most this many kept clips"),
         max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help="stop training after this long"),
+        ckpt_every: int = typer.Option(0, "--ckpt-every", min=0, help="checkpoint every N steps (0: at the end)"),
+        resume: bool = typer.Option(False, "--resume", help="continue the checkpoint in --out/ckpt exactly"),
+        workers: int = typer.Option(1, "--workers", min=1, help="Ray Train TorchTrainer workers (DDP) when > 1"),
         seed: int = typer.Option(0, "--seed")):
-    """Train the causal video VAE on kept clips' frames (centre crops), then set its latent scaling factor."""
-    import numpy as np
+    """Train the causal video VAE on kept clips' frames (centre crops), then set its latent shift and scale."""
     import torch
 
-    from generator.precompute import decode_clip, kept_clips, sha256_file
-    from generator.train import train_vae
-    from generator.vae import VAE, VAEConfig, save_vae
+    from generator.precompute import sha256_file
+    from generator.train import CheckpointError, read_checkpoint_file
+    from generator.vae import VAE, VAEConfig, load_state_strict, psnr, save_vae
+    from generator.vae_train import VAETrainConfig, load_training_videos, train_vae
 
     root = dataset.resolve()
     version = _latest_clips_version(root) if version is None else version
     ch = _ints(channels, "--channels")
+    for p in (perceptual, perceptual_lin):
+        if p is not None and not p.is_file():
+            _fail(f"perceptual weights not found: {p}")
+    ckpt = out / "ckpt"
+    if (ckpt / "latest.json").is_file() and not resume:
+        _fail(f"{out} already holds a VAE checkpoint: pass --resume to continue it, or choose another --out")
+    torch.manual_seed(seed)  # the initial weights (Ray workers build theirs under the same seed)
     try:
         cfg = VAEConfig(channels=ch, latent_channels=latent_channels, time_downsample=min(2, len(ch) - 1))
         vae = VAE(cfg)
         vae.latent_shape(frames, size, size)  # validates frames = 1 + 4k and size % space factor
+        x, short, bad = load_training_videos(root, version, frames, size, cfg.space_factor, max_clips,
+                                             warn=lambda m: typer.secho(m, err=True))
     except ValueError as e:
         _fail(str(e))
-    try:
-        rows = kept_clips(root, version)
-    except ValueError as e:
-        _fail(str(e))
-    videos, short, bad = [], 0, 0
-    for r in rows[:max_clips]:
-        if r["n_frames"] and r["n_frames"] < frames:
-            short += 1
-            continue
-        try:  # square centre crop: the one-tensor batch of train_vae needs one size
-            v, _ = decode_clip(r["clip_uri"], r["n_frames"] or None, (frames,), (size,), cfg.space_factor, max_aspect=1.0)
-        except Exception as e:  # noqa: BLE001 - an unreadable clip is reported and skipped
-            bad += 1
-            typer.secho(f"skipping clip {r['clip_id']}: {e}", err=True)
-            continue
-        videos.append(torch.from_numpy(np.ascontiguousarray(v)).permute(3, 0, 1, 2).float() / 127.5 - 1.0)
-    if not videos:
+    if x is None:
         _fail(f"no kept clip of version {version} has {frames} readable frames ({short} too short, {bad} unreadable)")
-    x = torch.stack(videos)  # (N, 3, T, H, W)
-    typer.echo(f"train-vae: {len(videos)} clips of {frames}x{size}x{size} from {root} version {version} "
-               f"({short} too short, {bad} unreadable); {steps} steps on CPU (local loop)")
-    torch.manual_seed(seed)
-    t0 = time.time()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     every = max(1, steps // 10)
-    hist = train_vae(vae, x, steps, lr=lr, batch_size=min(batch_size, len(videos)), seed=seed, log_every=0,
-                     max_seconds=max_seconds)
-    for h in hist[every - 1::every]:
-        typer.echo(f"  step {h['step']:>6} loss {h['loss']:.4f} psnr {h['psnr']:.2f} dB")
+    tcfg = VAETrainConfig(steps=steps, lr=lr, batch_size=min(batch_size, len(x)), kl_weight=kl_weight,
+                          perceptual=str(perceptual) if perceptual else None,
+                          perceptual_lin=str(perceptual_lin) if perceptual_lin else None,
+                          perceptual_weight=perceptual_weight, adversarial_weight=adversarial_weight,
+                          disc_start=disc_start, seed=seed, log_every=every, max_seconds=max_seconds,
+                          ckpt_dir=str(ckpt), ckpt_every=ckpt_every, resume=resume)
+    losses = " + ".join(["L1 + MSE + KL"] + (["perceptual"] if perceptual else [])
+                        + ([f"adversarial (from step {disc_start})"] if adversarial_weight > 0 else []))
+    typer.echo(f"train-vae: {len(x)} clips of {frames}x{size}x{size} from {root} version {version} "
+               f"({short} too short, {bad} unreadable); {steps} steps of {losses}, {workers} worker(s) on {device}")
+
+    def report(h):
+        typer.echo(f"  step {h['step']:>6} loss {h['loss']:.4f} psnr {h['psnr']:.2f} dB"
+                   + (f" d_loss {h['d_loss']:.3f}" if "d_loss" in h else ""))
+    t0 = time.time()
+    try:
+        if workers > 1:
+            import ray
+
+            from generator.vae_train import vae_loop_per_worker
+
+            if perceptual:  # fail here, in one line, rather than in every worker
+                from generator.perceptual import Perceptual
+                Perceptual(str(perceptual), str(perceptual_lin) if perceptual_lin else None)
+            started = not ray.is_initialized()
+            ray.init(ignore_reinit_error=True)  # for ray.put: the clips go to the workers through the object store
+            try:
+                final = _fit_on_workers(vae_loop_per_worker,
+                                        {"vae": asdict(cfg), "train": asdict(tcfg), "data": ray.put(x)},
+                                        workers, device == "cuda", out, "vae")
+            finally:
+                if started:
+                    ray.shutdown()
+            tensors, _ = read_checkpoint_file(str(ckpt))  # rank 0's weights (DDP keeps the ranks equal)
+            load_state_strict(vae, {k[4:]: v for k, v in tensors.items() if k.startswith("vae.")}, "VAE")
+        else:
+            hist = train_vae(vae, x, tcfg, report=report)
+            final = hist[-1] if hist else {}
+    except (ValueError, CheckpointError) as e:  # perceptual weights or a checkpoint that do not match
+        _fail(str(e))
+    vae.cpu().eval()
     with torch.no_grad():  # the DiT wants zero-mean, unit-variance latents: shift and scale by the data's
         means = torch.cat([vae.encode(x[i:i + 8]).mean for i in range(0, len(x), 8)])
+        eval_psnr = psnr(vae.decode(means[:8]), x[:8])  # posterior means of the first clips, decoded
     vae.fit_latent_stats(means)
     out.mkdir(parents=True, exist_ok=True)
     save_vae(vae, str(out / "vae.safetensors"))
-    info = {"dataset": str(root), "clips_version": version, "clips": len(videos), "frames": frames, "size": size,
-            "config": asdict(cfg), "steps": len(hist), "final_loss": hist[-1]["loss"], "final_psnr": hist[-1]["psnr"],
+    done = json.loads((ckpt / "latest.json").read_text())["step"]
+    info = {"dataset": str(root), "clips_version": version, "clips": len(x), "frames": frames, "size": size,
+            "config": asdict(vae.cfg), "train": asdict(tcfg), "workers": workers, "steps": done,
+            "final_loss": final.get("loss"), "final_psnr": final.get("psnr"), "eval_psnr": eval_psnr,
             "seconds": round(time.time() - t0, 1), "sha256": sha256_file(out / "vae.safetensors")}
     _write_json(out / "vae.json", info)
-    typer.echo(f"wrote {out / 'vae.safetensors'} (psnr {hist[-1]['psnr']:.2f} dB, scaling factor "
-               f"{cfg.scaling_factor:.3f}, shift {cfg.shift_factor:.3f}, sha {info['sha256'][:12]})")
+    typer.echo(f"wrote {out / 'vae.safetensors'} after {done} steps (reconstruction psnr {eval_psnr:.2f} dB, "
+               f"scaling factor {vae.cfg.scaling_factor:.3f}, shift {vae.cfg.shift_factor:.3f}, sha {info['sha256'][:12]})")
 
 
 def precompute_cmd(
@@ -275,21 +336,12 @@ def train_cmd(
     if workers > 1:
         from functools import partial
 
-        from ray.train import RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
-
         from generator.train import train_loop_per_worker
 
         make_data = partial(LatentBatches.for_ray_worker, str(root), data.version, pt, max_tokens, seed,
                             vae_sha=data.vae_sha, text_encoder_sha=data.text_encoder_sha)
-        trainer = TorchTrainer(train_loop_per_worker, train_loop_config={"train": asdict(cfg), "data": make_data},
-                               scaling_config=ScalingConfig(num_workers=workers, use_gpu=device == "cuda"),
-                               run_config=RunConfig(name="dit", storage_path=str((out / "ray").resolve())))
-        try:
-            result = trainer.fit()
-        except Exception as e:  # noqa: BLE001 - a worker's failure, in one line
-            _fail(f"distributed training failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", 1)
-        final = {"metrics": result.metrics}
+        final = {"metrics": _fit_on_workers(train_loop_per_worker, {"train": asdict(cfg), "data": make_data},
+                                            workers, device == "cuda", out, "dit")}
     else:
         def report(rec):
             typer.echo(f"  step {rec['step']:>6} loss {rec['loss']:.4f} lr {rec['lr']:.2e} "

@@ -195,6 +195,9 @@ def retrain(spec_path: Optional[str], sources: list[str], dataset: str, run_dir:
               "size": cfg.vae_size, "frames": cfg.vae_frames, "seed": cfg.seed}
 
     def do_vae():
+        import shutil
+
+        shutil.rmtree(vae_dir, ignore_errors=True)  # inputs changed: a fresh run, not a resume of stale state
         spacetime_cmd(["train-vae", "--dataset", root, "--version", str(version), "--out", str(vae_dir),
                        "--steps", str(cfg.vae_steps), "--channels", cfg.vae_channels, "--size", str(cfg.vae_size),
                        "--frames", str(cfg.vae_frames), "--seed", str(cfg.seed)], logs / "train_vae.log", log)

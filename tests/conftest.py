@@ -21,3 +21,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def vgg16_weights(tmp_path_factory):
+    """Randomly initialised VGG16 features as a local weights file, for the VAE's perceptual loss
+    (no download: tests build models from configs; random conv features still make a perceptual space)."""
+    import torch
+    from safetensors.torch import save_file
+    from torchvision.models import vgg16
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("vgg") / "vgg16.safetensors"
+    save_file({f"features.{k}": v.contiguous() for k, v in vgg16(weights=None).features.state_dict().items()}, str(path))
+    return str(path)

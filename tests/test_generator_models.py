@@ -6,7 +6,7 @@ from generator.dit import DiT_T, DiTConfig, DiT, load_dit, save_dit
 from generator.flow import RectifiedFlow, shift_t
 from generator.patches import crop_to_patch, pack, pack_sequences, patchify, unpack, unpatchify
 from generator.shapes import embed_caption, judge, make_dataset, make_video
-from generator.train import train_vae
+from generator.vae_train import VAETrainConfig, train_vae
 from generator.vae import VAE, VAEConfig, load_vae, psnr, save_vae
 
 TINY_VAE = VAEConfig(channels=(8, 16, 16, 16), latent_channels=4)
@@ -105,7 +105,7 @@ def test_vae_learns_on_shapes():
     torch.manual_seed(0)
     videos = torch.stack([v.permute(1, 0, 2, 3) for v, _, _ in make_dataset(16, frames=5, size=32, seed=0)])
     vae = VAE(TINY_VAE)
-    hist = train_vae(vae, videos, steps=40, lr=3e-3, batch_size=2, log_every=0)
+    hist = train_vae(vae, videos, VAETrainConfig(steps=40, lr=3e-3, batch_size=2, log_every=0))
     first = sum(h["loss"] for h in hist[:5]) / 5
     last = sum(h["loss"] for h in hist[-5:]) / 5
     assert last < 0.5 * first, (first, last)

@@ -136,6 +136,42 @@ def test_train_vae_cli(vae_dir):
     assert vae.cfg.shift_factor != 0.0                # zero-mean latents for the DiT
 
 
+def test_train_vae_cli_with_perceptual_and_adversarial_losses_resumes(app, dataset, vgg16_weights, tmp_path):
+    """--perceptual (local VGG16 weights) and --adversarial-weight; a second run into the same --out
+    needs --resume, and then continues the checkpoint to the new --steps."""
+    out = tmp_path / "vae"
+    args = ["train-vae", "--dataset", str(dataset), "--out", str(out), "--frames", "5", "--size", "32",
+            "--channels", VAE_CHANNELS, "--batch-size", "2", "--perceptual", vgg16_weights,
+            "--adversarial-weight", "0.1", "--disc-start", "2", "--ckpt-every", "2"]
+    r = CliRunner().invoke(app, [*args, "--steps", "4"])
+    assert r.exit_code == 0, r.output
+    assert "perceptual + adversarial (from step 2)" in r.output and "d_loss" in r.output
+    info = json.loads((out / "vae.json").read_text())
+    assert info["steps"] == 4 and info["train"]["perceptual"] == vgg16_weights and info["eval_psnr"] > 0
+    r = CliRunner().invoke(app, [*args, "--steps", "6"])
+    assert r.exit_code == 2 and "--resume" in r.output
+    r = CliRunner().invoke(app, [*args, "--steps", "6", "--resume"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "vae.json").read_text())["steps"] == 6
+    r = CliRunner().invoke(app, [*args[:-6], "--steps", "8", "--resume"])  # the checkpoint has a discriminator
+    assert r.exit_code == 2 and "discriminator" in r.output
+    r = CliRunner().invoke(app, ["train-vae", "--dataset", str(dataset), "--out", str(tmp_path / "x"),
+                                 "--perceptual", str(tmp_path / "missing.safetensors")])
+    assert r.exit_code == 2 and "perceptual weights not found" in r.output
+
+
+@pytest.mark.slow
+def test_train_vae_over_ray_train_workers(app, dataset, tmp_path):
+    """--workers 2: the clips decoded once, shared through the object store; DDP over gloo; rank 0's checkpoint."""
+    out = tmp_path / "vae"
+    r = CliRunner().invoke(app, ["train-vae", "--dataset", str(dataset), "--out", str(out), "--steps", "4",
+                                 "--frames", "5", "--size", "32", "--channels", VAE_CHANNELS, "--batch-size", "1",
+                                 "--adversarial-weight", "0.1", "--workers", "2"])
+    assert r.exit_code == 0, r.output
+    info = json.loads((out / "vae.json").read_text())
+    assert info["workers"] == 2 and info["steps"] == 4
+
+
 @pytest.fixture(scope="module")
 def latents(app, dataset, vae_dir, ray_session):
     r = CliRunner().invoke(app, ["precompute", "--dataset", str(dataset), "--version", "0", "--vae", str(vae_dir),
