@@ -365,6 +365,27 @@ def _all_finite(loss, world_size: int) -> bool:
     return bool(ok.item())
 
 
+def guarded_update(loss, opt, params, grad_clip: float, world_size: int, what: str, step: int):
+    """backward -> clip -> optimizer step -> clear gradients, unless the loss (on any rank: every rank
+    then skips together, or the collectives would hang) or the gradient norm is not finite: then
+    nothing is updated. Returns the gradient norm, or None for a skipped step (the caller counts it)."""
+    if not _all_finite(loss, world_size):
+        log.warning("%s %d: non-finite loss, step skipped", what, step)
+        opt.zero_grad(set_to_none=True)
+        return None
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor of the global norm
+        grad_norm = grad_norm.full_tensor()
+    if not torch.isfinite(grad_norm):
+        log.warning("%s %d: non-finite gradient norm, step skipped", what, step)
+        opt.zero_grad(set_to_none=True)
+        return None
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -444,22 +465,10 @@ def train(cfg: TrainConfig, data, rank: int = 0, world_size: int = 1, report=Non
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             loss = flow.loss(model_fn, packed.tokens, packed.cu_seqlens, generator=gen, clean=clean)
         step += 1
-        if not _all_finite(loss, world_size):  # every rank skips together, or collectives would hang
+        grad_norm = guarded_update(loss, opt, model.parameters(), cfg.grad_clip, world_size, "step", step)
+        if grad_norm is None:
             skipped += 1
-            log.warning("step %d: non-finite loss %s, step skipped (%d skipped so far)", step, loss.item(), skipped)
-            opt.zero_grad(set_to_none=True)
             continue
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor of the global norm
-            grad_norm = grad_norm.full_tensor()
-        if not torch.isfinite(grad_norm):
-            skipped += 1
-            log.warning("step %d: non-finite gradient norm, step skipped (%d skipped so far)", step, skipped)
-            opt.zero_grad(set_to_none=True)
-            continue
-        opt.step()
-        opt.zero_grad(set_to_none=True)
         with torch.no_grad():  # EMA, with a warmup so short runs are not dominated by the init
             decay = min(cfg.ema_decay, (1 + step) / (10 + step))
             for pe, pm in zip(ema.parameters(), model.parameters()):

@@ -25,8 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from generator.train import (_all_finite, _per_rank, optimizer_state, optimizer_tensors, pick_device,
-                             read_checkpoint_file, write_checkpoint_file)
+from generator.train import (_all_finite, _per_rank, guarded_update, optimizer_state, optimizer_tensors,
+                             pick_device, read_checkpoint_file, write_checkpoint_file)
 from generator.vae import VAE, VAEConfig, load_state_strict, psnr, vae_loss
 
 log = logging.getLogger(__name__)
@@ -197,30 +197,15 @@ def train_vae(vae: VAE, videos, cfg: VAETrainConfig, rank: int = 0, world_size: 
             w = adaptive_weight(loss, g_loss, last_layer)
             loss = loss + cfg.adversarial_weight * w * g_loss
             record.update(g_loss=g_loss.item(), gan_weight=w.item())
-        if not _all_finite(loss, world_size):  # every rank skips together, or DDP would hang
+        if guarded_update(loss, opt, vae.parameters(), cfg.grad_clip, world_size, "VAE step", step) is None:
             skipped += 1
-            log.warning("VAE step %d: non-finite loss, skipped (%d so far)", step, skipped)
-            opt.zero_grad(set_to_none=True)
             continue
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
-        if not torch.isfinite(grad_norm):
-            skipped += 1
-            log.warning("VAE step %d: non-finite gradient, skipped (%d so far)", step, skipped)
-            opt.zero_grad(set_to_none=True)
-            continue
-        opt.step()
         if gan:
             disc.requires_grad_(True)
             with autocast():  # one forward over real + fake: DDP wants one forward per backward
                 real, fake = dnet(torch.cat([x, rec.detach()])).float().chunk(2)
             d_loss = hinge_d_loss(real, fake)
-            dopt.zero_grad(set_to_none=True)
-            if _all_finite(d_loss, world_size):
-                d_loss.backward()
-                torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.grad_clip)
-                dopt.step()
+            guarded_update(d_loss, dopt, disc.parameters(), cfg.grad_clip, world_size, "discriminator step", step)
             record.update(d_loss=d_loss.item(), d_real=real.mean().item(), d_fake=fake.mean().item())
         record.update(loss=loss.item(), psnr=psnr(rec.detach(), x), skipped=skipped)
         history.append(record)

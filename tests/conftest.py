@@ -35,3 +35,23 @@ def vgg16_weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("vgg") / "vgg16.safetensors"
     save_file({f"features.{k}": v.contiguous() for k, v in vgg16(weights=None).features.state_dict().items()}, str(path))
     return str(path)
+
+
+@pytest.fixture
+def run_ranks():
+    """run_ranks(fn, args, nprocs, timeout): torch.multiprocessing.spawn of fn(rank, *args) on nprocs
+    processes; a collective mismatch hangs every rank, so past `timeout` seconds they are killed and
+    the test fails instead of hanging CI."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    def run(fn, args, nprocs=2, timeout=300):
+        procs = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+        deadline = time.time() + timeout
+        while not procs.join(timeout=5):
+            if time.time() > deadline:
+                for p in procs.processes:
+                    p.kill()
+                pytest.fail(f"the {nprocs} ranks did not finish in {timeout} s (a hang in a collective?)")
+    return run

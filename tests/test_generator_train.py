@@ -169,20 +169,11 @@ def _ranks_worker(rank, world, init_file, pairs, out_dir):
         dist.destroy_process_group()
 
 
-def test_fsdp_equals_ddp_and_both_resume_exactly_over_two_ranks(pairs, tmp_path):
+def test_fsdp_equals_ddp_and_both_resume_exactly_over_two_ranks(pairs, tmp_path, run_ranks):
     """Two CPU ranks over gloo. FSDP (sharded model, EMA, optimizer) takes the same steps as DDP; a
     run killed and resumed from its gathered checkpoint repeats the uninterrupted losses on every
     rank (each rank's RNG and data position are saved); the checkpoint loads into one process."""
-    import time
-
-    import torch.multiprocessing as mp
-    procs = mp.spawn(_ranks_worker, args=(2, str(tmp_path / "pg"), pairs, str(tmp_path)), nprocs=2, join=False)
-    deadline = time.time() + 300  # a collective mismatch hangs both ranks: fail instead of hanging CI
-    while not procs.join(timeout=5):
-        if time.time() > deadline:
-            for p in procs.processes:
-                p.kill()
-            pytest.fail("the two ranks did not finish in 300 s (a hang in a collective?)")
+    run_ranks(_ranks_worker, (2, str(tmp_path / "pg"), pairs, str(tmp_path)), 2, 300)
     ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     for r in ranks:
         for strategy in ("ddp", "fsdp"):

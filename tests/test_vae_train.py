@@ -166,20 +166,11 @@ def _ddp_ranks(rank, world, init_file, videos, out_dir):
         dist.destroy_process_group()
 
 
-def test_two_ddp_ranks_stay_in_sync_and_resume_exactly(videos, tmp_path):
+def test_two_ddp_ranks_stay_in_sync_and_resume_exactly(videos, tmp_path, run_ranks):
     """Two CPU ranks over gloo (what Ray Train's TorchTrainer sets up): different batches per rank,
     one set of weights (DDP averages the gradients, the adaptive GAN weight's extra autograd.grad
     calls included); a killed run resumes to the same losses on each rank."""
-    import time
-
-    import torch.multiprocessing as mp
-    procs = mp.spawn(_ddp_ranks, args=(2, str(tmp_path / "pg"), videos, str(tmp_path)), nprocs=2, join=False)
-    deadline = time.time() + 240
-    while not procs.join(timeout=5):
-        if time.time() > deadline:
-            for p in procs.processes:
-                p.kill()
-            pytest.fail("the two ranks did not finish in 240 s (a hang in a collective?)")
+    run_ranks(_ddp_ranks, (2, str(tmp_path / "pg"), videos, str(tmp_path)), 2, 240)
     ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     assert ranks[0]["weights"] == ranks[1]["weights"]
     assert ranks[0]["full"] != ranks[1]["full"]  # each rank trained on its own batches
