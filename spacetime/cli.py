@@ -305,22 +305,34 @@ def eval_captioner_cmd(dataset: Path = typer.Option(..., "--dataset", help="a ve
                        val_fraction: float = typer.Option(0.1, help="held-out share of source videos (as in training)"),
                        seed: int = typer.Option(0), out: Path = typer.Option(Path("eval_captioner.json"), "--out")):
     """BLEU-4, CIDEr, ROUGE-L of our captions against held-out teacher captions (+ attributes on demo footage)."""
+    from captioner.data import training_rows
     from captioner.metrics import evaluate
     from captioner.train import split_by_source
     from pipeline import store
 
     _need_table(dataset)
+    if ground_truth is not None and not ground_truth.is_file():
+        fail(f"ground truth not found: {ground_truth}")
     t = store.read_clips(dataset, version)
-    rows = [r for r in t.to_pylist() if r["status"] == "kept" and r["caption_dense"] and r["caption_teacher_dense"]]
-    if not rows:
+    # the split is drawn over the rows training drew it over (kept, with a teacher caption), so a
+    # source whose clips all failed to caption cannot shift training sources into the held-out side
+    pool = training_rows(t).to_pylist()
+    # a row whose last captioning failed keeps an older caption (another model's, maybe): not scored
+    both = [bool(r["caption_dense"] and r["caption_teacher_dense"] and not r.get("caption_error")) for r in pool]
+    if not any(both):
         fail("no kept clips with both our captions and teacher captions: run `spacetime caption` first")
-    held = split_by_source([r["source_sha256"] for r in rows], val_fraction, seed)
-    rows = [r for r, h in zip(rows, held) if h] or rows
+    held = split_by_source([r["source_sha256"] for r in pool], val_fraction, seed)
+    rows, scope = [r for r, h, b in zip(pool, held, both) if h and b], "held-out"
+    if not rows:
+        rows, scope = [r for r, b in zip(pool, both) if b], "clips (no held-out source has both captions: " \
+                                                              "these include training clips)"
+        typer.secho(f"warning: {scope}", err=True)
     hyps = {r["clip_id"]: r["caption_dense"] for r in rows}
     refs = {r["clip_id"]: [r["caption_teacher_dense"]] for r in rows}
     truths = demo_truths(rows, json.loads(ground_truth.read_text())) if ground_truth else None
-    evaluate(hyps, refs, truths, out_json=out, name=str(t["caption_model"][0] if t.num_rows else "captioner"))
-    typer.echo(f"{len(rows)} held-out clips; wrote {out}")
+    models = sorted({r["caption_model"] for r in rows if r["caption_model"]})
+    evaluate(hyps, refs, truths, out_json=out, name=",".join(models) or "captioner")
+    typer.echo(f"{len(rows)} {scope}; wrote {out}")
 
 
 @app.command("train-upsampler")

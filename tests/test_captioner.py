@@ -485,6 +485,22 @@ def test_caption_dataset_writes_one_new_version_and_resumes(trained, dataset, ra
     again = caption_dataset(root, ckpt, batch_size=8, method="greedy", log=lambda *_: None)
     assert again["skipped"] == n_kept - 1 and again["captioned"] == 0 and again["failed"] == 1
 
+    # eval-captioner scores the held-out sources' clips (the training split) that have both captions
+    from typer.testing import CliRunner
+
+    from spacetime.cli import app
+    pool = [r for r in rows if r["status"] == "kept" and (r["caption_teacher_short"] or r["caption_teacher_dense"])]
+    held_sources = {r["source_sha256"] for r, v in zip(pool, split_by_source([r["source_sha256"] for r in pool], 0.5)) if v}
+    want = [r for r in good if r["source_sha256"] in held_sources and r["caption_teacher_dense"]]
+    res = CliRunner().invoke(app, ["eval-captioner", "--dataset", str(root), "--val-fraction", "0.5",
+                                   "--out", str(tmp_path / "eval.json")])
+    assert res.exit_code == 0, res.output
+    scores = json.loads((tmp_path / "eval.json").read_text())
+    assert scores["n"] == len(want) > 0 and scores["system"] == checkpoint_hash(ckpt)
+    assert 0 < scores["CIDEr"] and 0 < scores["BLEU-4"] <= 1, scores
+    res = CliRunner().invoke(app, ["eval-captioner", "--dataset", str(src_root), "--out", str(tmp_path / "x.json")])
+    assert res.exit_code == 2 and "run `spacetime caption` first" in res.output
+
 
 def test_caption_never_drops_rows_a_concurrent_writer_committed(trained, dataset, ray_session, tmp_path, monkeypatch):
     import captioner.caption as cap
