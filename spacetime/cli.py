@@ -387,21 +387,32 @@ def retrain(sources: List[str] = typer.Option(..., "--sources", help="new raw fo
             previous_run: Optional[Path] = typer.Option(None, "--previous-run", help="run dir to compare samples with"),
             scaling_png: Optional[Path] = typer.Option(None, "--scaling-png", help="scale-study plot to embed in the report"),
             vae: Optional[Path] = typer.Option(None, "--vae", help="current VAE (default: the --from-checkpoint run's, else trained)"),
+            vae_perceptual: Optional[Path] = typer.Option(
+                None, "--vae-perceptual", help="local VGG16 weights: the VAE also trains with a perceptual loss"),
+            vae_adversarial_weight: float = typer.Option(
+                0.0, "--vae-adversarial-weight", min=0.0, help="> 0: the VAE also trains against a 3D PatchGAN "
+                                                               "(from half-way through its steps)"),
             tiny: bool = typer.Option(False, "--tiny", help="tiny models (the demo's: minutes on 2 CPU cores)")):
     """Footage -> curate -> caption -> VAE -> latents -> DiT -> fixed-prompt samples -> eval -> report.
 
     Every stage is skipped when its output for the same inputs exists (content hashes in the run's
     manifest.json), so re-running after a crash continues where it stopped.
     """
+    from dataclasses import replace
+
     from spacetime.retrain import RetrainConfig, retrain as run_retrain
 
     _quiet_ray()
     if spec is not None:
         _load_spec(spec)
+    if vae_perceptual is not None and not vae_perceptual.is_file():
+        fail(f"perceptual weights not found: {vae_perceptual}")
+    sizes = replace(RetrainConfig.tiny() if tiny else RetrainConfig(), vae_adversarial_weight=vae_adversarial_weight,
+                    vae_perceptual=str(vae_perceptual.resolve()) if vae_perceptual else None)
     try:
         stages = run_retrain(str(spec) if spec else None, list(sources), str(dataset), str(run),
                              str(from_checkpoint) if from_checkpoint else None, str(captioner) if captioner else None,
-                             RetrainConfig.tiny() if tiny else RetrainConfig(), str(captions) if captions else None,
+                             sizes, str(captions) if captions else None,
                              str(previous_run) if previous_run else None,
                              str(scaling_png) if scaling_png else None, str(vae) if vae else None, log=typer.echo)
     except (ValueError, RuntimeError) as e:

@@ -100,6 +100,8 @@ class RetrainConfig:
     vae_channels: str = "64,128,256,256"
     vae_size: int = 64
     vae_frames: int = 9
+    vae_perceptual: str | None = None   # local VGG16 weights: train-vae --perceptual
+    vae_adversarial_weight: float = 0.0  # > 0: train-vae --adversarial-weight, the discriminator from half-way
     text_encoder: str = "open_clip:ViT-B-32"
     short_sides: str = "64,128,256"
     dit_steps: int = 5000
@@ -117,6 +119,22 @@ class RetrainConfig:
         return cls(captioner_steps=150, captioner_preset="tiny", vae_steps=150, vae_channels="16,32,32", vae_size=32,
                    vae_frames=5, short_sides="32", dit_steps=150, dit_preset="DiT_T", max_tokens=1024,
                    sample_frames=5, sample_size=32, sample_steps=10)
+
+
+def train_vae_stage(cfg: RetrainConfig, root: str, version: int, out: Path) -> tuple[dict, list[str]]:
+    """(the stage's inputs, for its reuse key; the `spacetime train-vae` arguments)."""
+    inputs = {"dataset_version": version, "steps": cfg.vae_steps, "channels": cfg.vae_channels,
+              "size": cfg.vae_size, "frames": cfg.vae_frames, "seed": cfg.seed}
+    args = ["train-vae", "--dataset", root, "--version", str(version), "--out", str(out), "--steps", str(cfg.vae_steps),
+            "--channels", cfg.vae_channels, "--size", str(cfg.vae_size), "--frames", str(cfg.vae_frames),
+            "--seed", str(cfg.seed)]
+    if cfg.vae_perceptual:  # keyed by the weights' content, not their path
+        inputs["perceptual"] = file_hash(cfg.vae_perceptual)
+        args += ["--perceptual", cfg.vae_perceptual]
+    if cfg.vae_adversarial_weight > 0:
+        inputs["adversarial_weight"] = cfg.vae_adversarial_weight
+        args += ["--adversarial-weight", str(cfg.vae_adversarial_weight), "--disc-start", str(cfg.vae_steps // 2)]
+    return inputs, args
 
 
 def spacetime_cmd(args: list[str], log_file: Path, log: Callable[[str], None]) -> str:
@@ -191,16 +209,13 @@ def retrain(spec_path: Optional[str], sources: list[str], dataset: str, run_dir:
 
     # -- video compression network, trained on this version's kept clips
     vae_dir = run / "vae"
-    vae_in = {"dataset_version": version, "steps": cfg.vae_steps, "channels": cfg.vae_channels,
-              "size": cfg.vae_size, "frames": cfg.vae_frames, "seed": cfg.seed}
+    vae_in, vae_args = train_vae_stage(cfg, root, version, vae_dir)
 
     def do_vae():
         import shutil
 
         shutil.rmtree(vae_dir, ignore_errors=True)  # inputs changed: a fresh run, not a resume of stale state
-        spacetime_cmd(["train-vae", "--dataset", root, "--version", str(version), "--out", str(vae_dir),
-                       "--steps", str(cfg.vae_steps), "--channels", cfg.vae_channels, "--size", str(cfg.vae_size),
-                       "--frames", str(cfg.vae_frames), "--seed", str(cfg.seed)], logs / "train_vae.log", log)
+        spacetime_cmd(vae_args, logs / "train_vae.log", log)
         return {"vae": str(vae_dir / "vae.safetensors"), "vae_sha": file_hash(vae_dir / "vae.safetensors"),
                 **json.loads((vae_dir / "vae.json").read_text())}
 

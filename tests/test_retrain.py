@@ -39,6 +39,29 @@ def test_stage_reuse_is_keyed_by_inputs_and_survives_a_crash(tmp_path):
     assert calls[-1] == "a5"
 
 
+def test_vae_stage_passes_the_loss_options_and_keys_them(tmp_path):
+    from dataclasses import replace
+
+    from typer.testing import CliRunner
+
+    from spacetime.cli import app
+    from spacetime.retrain import train_vae_stage
+
+    vgg = tmp_path / "vgg.safetensors"
+    vgg.write_bytes(b"weights")
+    plain_in, plain = train_vae_stage(RetrainConfig.tiny(), "ROOT", 3, tmp_path / "vae")
+    cfg = replace(RetrainConfig.tiny(), vae_perceptual=str(vgg), vae_adversarial_weight=0.1)
+    gan_in, gan = train_vae_stage(cfg, "ROOT", 3, tmp_path / "vae")
+    assert "--perceptual" not in plain and "--adversarial-weight" not in plain
+    assert gan[gan.index("--perceptual") + 1] == str(vgg) and gan[gan.index("--disc-start") + 1] == str(cfg.vae_steps // 2)
+    assert gan_in != plain_in and gan_in["perceptual"] != str(vgg)  # keyed by the file's content
+    vgg.write_bytes(b"other weights")
+    assert train_vae_stage(cfg, "ROOT", 3, tmp_path / "vae")[0] != gan_in
+    # the real command takes these arguments (it then stops at the missing table, not at an option)
+    r = CliRunner().invoke(app, [*gan[:2], str(tmp_path / "nowhere"), *gan[3:]])
+    assert r.exit_code == 2 and "no clips table" in r.output, r.output
+
+
 def test_scale_study_writes_plot_table_and_curves(tmp_path):
     torch.manual_seed(0)
     sizes = (("S1", 32, 1, 2), ("S2", 96, 2, 4))
