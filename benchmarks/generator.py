@@ -7,10 +7,11 @@
    on CPU); on CUDA in bf16 this is the MFU against the measured bf16 matmul peak.
 3. VAE peak memory, chunked encode + decode, at 4x frames / 1x frames (target <= 1.25): peak RSS
    growth on CPU (VmHWM reset through /proc/self/clear_refs), max_memory_allocated on CUDA.
-4. (CUDA) packed-attention backends, forward + backward on one mixed batch, each / the auto choice:
+4. VAE training step with the perceptual / adversarial / both losses, each / plain L1 + MSE + KL.
+5. (CUDA) packed-attention backends, forward + backward on one mixed batch, each / the auto choice:
    varlen, compiled flex with a block mask, the per-sample SDPA loop, a padded batch with a key mask.
 
-Needs only torch + einops + safetensors:  python benchmarks/generator.py [--quick]
+Needs only torch + einops + safetensors (+ torchvision for the VGG16 of the perceptual loss):  python benchmarks/generator.py [--quick]
 """
 import argparse
 import os
@@ -160,6 +161,39 @@ def bench_attention(device, heads=16, head_dim=72, repeats=5):
           f"auto ({auto}): " + ", ".join(f"{k} {t / times[auto]:.2f}" for k, t in times.items()))
 
 
+def bench_vae_losses(device, size, frames=9, batch=2):
+    """Cost of the VAE's optional losses: seconds per training step with the perceptual loss (VGG16,
+    randomly initialised: the cost is the same as with real weights), with the adversarial loss
+    (PatchGAN step + the adaptive weight's two extra backward passes through the decoder), with both,
+    each / plain L1 + MSE + KL. Per-step time = (time of 6 steps - time of 2) / 4: no set-up in it."""
+    import tempfile
+
+    from safetensors.torch import save_file
+    from torchvision.models import vgg16
+
+    from generator.vae_train import VAETrainConfig, train_vae
+
+    with tempfile.TemporaryDirectory() as d:
+        vgg = os.path.join(d, "vgg16.safetensors")
+        save_file({f"features.{k}": v.contiguous() for k, v in vgg16(weights=None).features.state_dict().items()}, vgg)
+        videos = torch.rand(4, 3, frames, size, size) * 2 - 1
+        variants = {"plain": {}, "perceptual": {"perceptual": vgg}, "adversarial": {"adversarial_weight": 0.1},
+                    "both": {"perceptual": vgg, "adversarial_weight": 0.1}}
+
+        def per_step(kw):
+            def run(steps):
+                torch.manual_seed(0)
+                vae = VAE(VAEConfig(channels=(32, 64, 128, 128)))
+                t = time.perf_counter()
+                train_vae(vae, videos, VAETrainConfig(steps=steps, batch_size=batch, log_every=0, device=device.type, **kw))
+                sync(device)
+                return time.perf_counter() - t
+            return (min(run(6) for _ in range(2)) - run(2)) / 4
+        times = {name: per_step(kw) for name, kw in variants.items()}
+    print(f"[vae-train] {batch} x {frames} x {size}x{size} per step, time / plain: "
+          + ", ".join(f"{k} {t / times['plain']:.2f}" for k, t in times.items() if k != "plain"))
+
+
 def _status_kb(field):
     for line in open("/proc/self/status"):
         if line.startswith(field):
@@ -224,11 +258,13 @@ def main():
         bench_mfu(device, dtype, 1152, 4, 32768, 5)
         bench_vae_memory(device, 17, 256, 8)
         bench_attention(device)
+        bench_vae_losses(device, 128)
     else:
         r = 2 if args.quick else 4
         bench_packing(device, dtype, 256, 2, r)
         bench_mfu(device, dtype, 384, 2, 2048 if args.quick else 4096, r)
         bench_vae_memory(device, 17, 64 if args.quick else 128, 8)
+        bench_vae_losses(device, 32 if args.quick else 64)
 
 
 if __name__ == "__main__":
