@@ -187,20 +187,20 @@ def train_vae_cmd(
             final = hist[-1] if hist else {}
     except (ValueError, CheckpointError) as e:  # perceptual weights or a checkpoint that do not match
         _fail(str(e))
-    vae.cpu().eval()
+    vae.to(device).eval()
     with torch.no_grad():  # the DiT wants zero-mean, unit-variance latents: shift and scale by the data's
-        means = torch.cat([vae.encode(x[i:i + 8]).mean for i in range(0, len(x), 8)])
-        eval_psnr = psnr(vae.decode(means[:8]), x[:8])  # posterior means of the first clips, decoded
+        means = torch.cat([vae.encode(x[i:i + 8].to(device)).mean for i in range(0, len(x), 8)])
+        recon_psnr = psnr(vae.decode(means[:8]), x[:8].to(device))  # the first (training) clips, from their posterior means
     vae.fit_latent_stats(means)
     out.mkdir(parents=True, exist_ok=True)
     save_vae(vae, str(out / "vae.safetensors"))
     done = json.loads((ckpt / "latest.json").read_text())["step"]
     info = {"dataset": str(root), "clips_version": version, "clips": len(x), "frames": frames, "size": size,
             "config": asdict(vae.cfg), "train": asdict(tcfg), "workers": workers, "steps": done,
-            "final_loss": final.get("loss"), "final_psnr": final.get("psnr"), "eval_psnr": eval_psnr,
+            "final_loss": final.get("loss"), "final_psnr": final.get("psnr"), "recon_psnr": recon_psnr,
             "seconds": round(time.time() - t0, 1), "sha256": sha256_file(out / "vae.safetensors")}
     _write_json(out / "vae.json", info)
-    typer.echo(f"wrote {out / 'vae.safetensors'} after {done} steps (reconstruction psnr {eval_psnr:.2f} dB, "
+    typer.echo(f"wrote {out / 'vae.safetensors'} after {done} steps (reconstruction psnr {recon_psnr:.2f} dB, "
                f"scaling factor {vae.cfg.scaling_factor:.3f}, shift {vae.cfg.shift_factor:.3f}, sha {info['sha256'][:12]})")
 
 

@@ -147,7 +147,7 @@ def test_train_vae_cli_with_perceptual_and_adversarial_losses_resumes(app, datas
     assert r.exit_code == 0, r.output
     assert "perceptual + adversarial (from step 2)" in r.output and "d_loss" in r.output
     info = json.loads((out / "vae.json").read_text())
-    assert info["steps"] == 4 and info["train"]["perceptual"] == vgg16_weights and info["eval_psnr"] > 0
+    assert info["steps"] == 4 and info["train"]["perceptual"] == vgg16_weights and info["recon_psnr"] > 0
     r = CliRunner().invoke(app, [*args, "--steps", "6"])
     assert r.exit_code == 2 and "--resume" in r.output
     r = CliRunner().invoke(app, [*args, "--steps", "6", "--resume"])
