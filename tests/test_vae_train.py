@@ -177,3 +177,36 @@ def test_two_ddp_ranks_stay_in_sync_and_resume_exactly(videos, tmp_path, run_ran
     for r in ranks:
         assert len(r["full"]) == 4
         assert r["resumed"] == pytest.approx(r["full"], rel=1e-6, abs=1e-7)
+
+
+def test_vae_reconstruction_improves_on_demo_footage(tmp_path):
+    """The quality bar's 'PSNR on demo clips improves over training', on the project's synthetic
+    footage (real photos, camera moves, cuts) as 5-frame 32x32 clips: every third window of each
+    shot is held out. After training, held-out clips beat both the untrained VAE and the per-clip
+    mean-colour baseline. (Held-out *shots* need more footage than one demo video: at 1000 steps a
+    VAE reached 25 dB on its training clips but 13-14 dB on unseen shots.)"""
+    import numpy as np
+
+    from generator.precompute import decode_clip
+    from pipeline.synthetic import generate_footage
+
+    generate_footage(tmp_path, seed=0, videos=1)
+    gt = json.loads((tmp_path / "ground_truth.json").read_text())["videos"][0]
+    cfg = VAEConfig(channels=(8, 16), latent_channels=4, time_downsample=1)  # 2x in space and time
+    train, held = [], []
+    for s in gt["shots"]:
+        for j, a in enumerate(range(s["start_frame"], s["end_frame"] - 5, 8)):
+            v, _ = decode_clip(f"{tmp_path / gt['file']}#frames={a}-{a + 5}", 5, (5,), (32,), cfg.space_factor,
+                               max_aspect=1.0)
+            (held if j % 3 == 2 else train).append(torch.from_numpy(np.ascontiguousarray(v)).permute(3, 0, 1, 2) / 127.5 - 1)
+    train, held = torch.stack(train), torch.stack(held)
+    mean_colour = 10 * np.log10(4 / (held - held.mean((2, 3, 4), keepdim=True)).pow(2).mean().item())
+    torch.manual_seed(0)
+    vae = VAE(cfg)
+    with torch.no_grad():
+        before = psnr(vae.decode(vae.encode(held).mean), held)
+    train_vae(vae, train, VAETrainConfig(steps=150, lr=3e-3, batch_size=2, log_every=0))
+    with torch.no_grad():
+        after = psnr(vae.decode(vae.encode(held).mean), held)
+    assert len(train) > 30 and len(held) > 10
+    assert after > before + 3 and after > mean_colour + 1, (before, after, mean_colour)
