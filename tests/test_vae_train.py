@@ -159,9 +159,18 @@ def _ddp_ranks(rank, world, init_file, videos, out_dir):
         _, first = run("cut", 2)
         _, rest = run("cut", 4)
         weights = torch.cat([v.flatten() for v in vae.state_dict().values()]).tolist()
+        # rank 1 alone draws NaN clips: both ranks must skip those steps together (a one-rank skip hangs DDP)
+        if rank == 1:
+            videos = videos.clone()
+            videos[::2, :, 0, 0, 0] = float("nan")
+        nan_vae = VAE(TINY)
+        nan_hist = train_vae(nan_vae, videos, VAETrainConfig(steps=8, batch_size=1, log_every=0, adversarial_weight=0.1,
+                                                             disc_channels=8), rank, world)
+        nan_weights = torch.cat([v.flatten() for v in nan_vae.state_dict().values()])
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump({"full": [h["loss"] for h in full], "resumed": [h["loss"] for h in first + rest],
-                       "weights": weights[:200]}, f)
+                       "weights": weights[:200], "nan_steps": [h["step"] for h in nan_hist],
+                       "nan_finite": bool(torch.isfinite(nan_weights).all()), "nan_weights": nan_weights[:200].tolist()}, f)
     finally:
         dist.destroy_process_group()
 
@@ -169,7 +178,8 @@ def _ddp_ranks(rank, world, init_file, videos, out_dir):
 def test_two_ddp_ranks_stay_in_sync_and_resume_exactly(videos, tmp_path, run_ranks):
     """Two CPU ranks over gloo (what Ray Train's TorchTrainer sets up): different batches per rank,
     one set of weights (DDP averages the gradients, the adaptive GAN weight's extra autograd.grad
-    calls included); a killed run resumes to the same losses on each rank."""
+    calls included); a killed run resumes to the same losses on each rank; a NaN batch on one rank
+    makes both skip that step."""
     run_ranks(_ddp_ranks, (2, str(tmp_path / "pg"), videos, str(tmp_path)), 2, 240)
     ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     assert ranks[0]["weights"] == ranks[1]["weights"]
@@ -177,6 +187,9 @@ def test_two_ddp_ranks_stay_in_sync_and_resume_exactly(videos, tmp_path, run_ran
     for r in ranks:
         assert len(r["full"]) == 4
         assert r["resumed"] == pytest.approx(r["full"], rel=1e-6, abs=1e-7)
+    # the NaN run: the same steps kept on both ranks, some skipped, weights equal and finite
+    assert ranks[0]["nan_steps"] == ranks[1]["nan_steps"] and 0 < len(ranks[0]["nan_steps"]) < 8
+    assert ranks[0]["nan_weights"] == ranks[1]["nan_weights"] and ranks[0]["nan_finite"]
 
 
 def test_vae_reconstruction_improves_on_demo_footage(tmp_path):
