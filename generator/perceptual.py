@@ -31,7 +31,10 @@ def _read_state(path: str) -> dict:
     if p.suffix == ".safetensors":
         return load_file(str(p))
     state = torch.load(str(p), map_location="cpu", weights_only=True)
-    return state.get("state_dict", state)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{p} holds no state dict of tensors")
+    return state
 
 
 class Perceptual(nn.Module):
