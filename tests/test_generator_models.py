@@ -101,6 +101,24 @@ def test_vae_chunked_equals_full_and_tiled_close():
         vae.encode(x, chunk_frames=3)
 
 
+def test_first_frame_conv_is_the_3d_conv_with_summed_taps():
+    """A video's first frame alone runs as a 2D conv (weights summed over time): the same output and
+    gradients as the 3D conv over the frame repeated into the past, and the same cache for the next chunk."""
+    from generator.vae import CausalConv3d
+    torch.manual_seed(0)
+    conv = CausalConv3d(4, 6)
+    x = torch.randn(2, 4, 1, 9, 7, requires_grad=True)
+    fast = conv(x)
+    ref = conv.conv(x.expand(-1, -1, 3, -1, -1))  # frame 0 repeated into the past, as a 3D conv
+    assert torch.allclose(fast, ref, atol=1e-5) and fast.shape == ref.shape
+    assert torch.equal(conv.cache, x.detach().expand(-1, -1, 2, -1, -1))
+    g_fast = torch.autograd.grad(fast.square().sum(), (x, conv.conv.weight))
+    g_ref = torch.autograd.grad(ref.square().sum(), (x, conv.conv.weight))
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(g_fast, g_ref))
+    nxt = torch.randn(2, 4, 2, 9, 7)  # the next chunk continues from the cache
+    assert torch.allclose(conv(nxt), conv.conv(torch.cat([x.detach().expand(-1, -1, 2, -1, -1), nxt], 2)), atol=1e-5)
+
+
 def test_vae_learns_on_shapes():
     torch.manual_seed(0)
     videos = torch.stack([v.permute(1, 0, 2, 3) for v, _, _ in make_dataset(16, frames=5, size=32, seed=0)])
