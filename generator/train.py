@@ -146,12 +146,13 @@ class PackedBatches:
 
 @dataclass
 class TrainResult:
-    history: list          # one dict per logged step: step, loss, lr, grad_norm, skipped, tokens
+    history: list          # one dict per logged step: step, loss, lr, grad_norm, skipped, tokens, flops (so far)
     model: DiT
     ema: DiT
     step: int
     skipped: int           # steps skipped for a non-finite loss or gradient
-    stop_reason: str       # steps | max_seconds | max_flops
+    stop_reason: str       # steps | max_seconds | max_flops | budget (another rank)
+    flops: float = 0.0     # training FLOPs of this rank, the resumed part included
 
 
 class CheckpointError(ValueError):
@@ -356,13 +357,24 @@ def init_weights(ckpt_dir: str, model, ema) -> None:
     _load_weights(ema, weights, "EMA (init_from)")
 
 
+
+
+def _any_rank(flag: bool, world_size: int) -> bool:
+    """Whether `flag` holds on any rank (one all-reduce when distributed). Budget stops use it: each
+    rank has its own clock and its own batches' FLOPs, and a rank that stopped alone would leave the
+    others waiting in a collective."""
+    if world_size == 1:
+        return flag
+    import torch.distributed as dist
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([float(flag)], device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def _all_finite(loss, world_size: int) -> bool:
     """Whether the loss is finite on every rank (one all-reduce when distributed)."""
-    ok = torch.isfinite(loss.detach()).float().reshape(1)
-    if world_size > 1:
-        import torch.distributed as dist
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok.item())
+    return not _any_rank(not bool(torch.isfinite(loss.detach()).all()), world_size)
 
 
 def guarded_update(loss, opt, params, grad_clip: float, world_size: int, what: str, step: int):
@@ -444,11 +456,10 @@ def train(cfg: TrainConfig, data, rank: int = 0, world_size: int = 1, report=Non
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if cuda else None)
     history, t_start, stop = [], time.time(), "steps"
     while step < cfg.steps:
-        if cfg.max_seconds is not None and time.time() - t_start >= cfg.max_seconds:
-            stop = "max_seconds"
-            break
-        if cfg.max_flops is not None and flops >= cfg.max_flops:
-            stop = "max_flops"
+        over = ("max_seconds" if cfg.max_seconds is not None and time.time() - t_start >= cfg.max_seconds else
+                "max_flops" if cfg.max_flops is not None and flops >= cfg.max_flops else None)
+        if (cfg.max_seconds is not None or cfg.max_flops is not None) and _any_rank(over is not None, world_size):
+            stop = over or "budget (another rank)"
             break
         batch = next(batches)
         packed: Packed = batch["packed"].to(device)
@@ -476,7 +487,7 @@ def train(cfg: TrainConfig, data, rank: int = 0, world_size: int = 1, report=Non
         n_tok = packed.tokens.shape[0]
         flops += 3 * model.flops_per_token(packed.seqlens.tolist(), len(text) / len(packed.grids)) * n_tok
         rec = {"step": step, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(), "skipped": skipped,
-               "tokens": n_tok}
+               "tokens": n_tok, "flops": flops}
         history.append(rec)
         if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.steps):
             log.info("step %d loss %.4f lr %.2e grad %.3f skipped %d", step, rec["loss"], lr, rec["grad_norm"], skipped)
@@ -489,7 +500,7 @@ def train(cfg: TrainConfig, data, rank: int = 0, world_size: int = 1, report=Non
     if cfg.ckpt_dir:
         save_checkpoint(cfg.ckpt_dir, model, ema, opt, gen, batches, step, skipped, flops, cfg, cfg.keep_ckpts,
                         rank, world_size)
-    return TrainResult(history, model, ema, step, skipped, stop)
+    return TrainResult(history, model, ema, step, skipped, stop, flops)
 
 
 def ray_worker(device: str) -> tuple[int, int, str]:

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from generator.train import (_all_finite, _per_rank, guarded_update, optimizer_state, optimizer_tensors,
+from generator.train import (_all_finite, _any_rank, _per_rank, guarded_update, optimizer_state, optimizer_tensors,
                              pick_device, read_checkpoint_file, write_checkpoint_file)
 from generator.vae import VAE, VAEConfig, load_state_strict, psnr, vae_loss
 
@@ -178,7 +178,7 @@ def train_vae(vae: VAE, videos, cfg: VAETrainConfig, rank: int = 0, world_size: 
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
     history, t0 = [], time.time()
     while step < cfg.steps:
-        if cfg.max_seconds is not None and time.time() - t0 >= cfg.max_seconds:
+        if cfg.max_seconds is not None and _any_rank(time.time() - t0 >= cfg.max_seconds, world_size):
             break
         idx = torch.randint(len(videos), (cfg.batch_size,), generator=g)
         x = videos[idx].to(device)

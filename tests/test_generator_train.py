@@ -163,6 +163,12 @@ def _ranks_worker(rank, world, init_file, pairs, out_dir):
             out[strategy] = {"full": [h["loss"] for h in full.history],
                              "resumed": [h["loss"] for h in first.history + rest.history],
                              "grad": [h["grad_norm"] for h in full.history]}
+        # a FLOPs budget: each rank counts its own batches' FLOPs and would cross it at its own step;
+        # the stop is agreed, so both ranks stop at the same step (alone, one would hang the other)
+        flops = [None, None]  # each rank's FLOPs after 2 steps; the budget lies between them
+        dist.all_gather_object(flops, full.history[1]["flops"])
+        budget = train(small_cfg(steps=6, max_flops=sum(flops) / 2), pairs, rank, world)
+        out["budget"] = {"step": budget.step, "stop": budget.stop_reason, "flops": flops}
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(out, f)
     finally:
@@ -183,6 +189,10 @@ def test_fsdp_equals_ddp_and_both_resume_exactly_over_two_ranks(pairs, tmp_path,
         assert r["fsdp"]["full"] == pytest.approx(r["ddp"]["full"], rel=1e-4)
         assert r["fsdp"]["grad"] == pytest.approx(r["ddp"]["grad"], rel=1e-4)
     assert ranks[0]["ddp"]["full"] != ranks[1]["ddp"]["full"]  # the ranks did read different data
+    budget = [r["budget"] for r in ranks]
+    assert budget[0]["flops"][0] != budget[0]["flops"][1]  # the ranks' FLOPs differ: each would stop elsewhere
+    assert budget[0]["step"] == budget[1]["step"] == 2
+    assert {b["stop"] for b in budget} <= {"max_flops", "budget (another rank)"} and "max_flops" in {b["stop"] for b in budget}
     # the sharded run's checkpoint is a plain full one: a single process resumes it (with a warning)
     res = train(small_cfg(steps=8, ckpt_dir=str(tmp_path / "fsdp_full")), pairs)
     assert res.step == 8 and len(res.history) == 2
