@@ -306,6 +306,15 @@ def evaluate_loss(model, data: CaptionData, device, batch_size: int = 32) -> dic
     return {"val_loss": sum(losses) / max(n, 1), "val_r1": hits}
 
 
+def _finite_on_every_rank(loss) -> bool:
+    """Whether the loss is finite on every rank: under DDP all ranks must skip a step together, or
+    the gradient all-reduce of the others would wait forever (one all-reduce when distributed)."""
+    ok = torch.isfinite(loss.detach()).all().float().reshape(1)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    return bool(ok.item())
+
+
 def fit(model, tok, train: CaptionData, val: CaptionData, cfg: TrainConfig, out_dir, device="cpu",
         rank: int = 0, report=None, stop_at: int | None = None, log=print) -> list[dict]:
     """Train `model` (possibly DDP-wrapped) from step 0, or resume from <out_dir>/checkpoint.
@@ -320,7 +329,7 @@ def fit(model, tok, train: CaptionData, val: CaptionData, cfg: TrainConfig, out_
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
     gen = torch.Generator().manual_seed(cfg.seed + rank)
-    step, history = 0, []
+    step, skipped, history = 0, 0, []
     ckpt = _latest_checkpoint(Path(out_dir))
     if ckpt is not None:
         step = load_checkpoint(ckpt, raw, opt, gen)["step"]
@@ -342,12 +351,19 @@ def fit(model, tok, train: CaptionData, val: CaptionData, cfg: TrainConfig, out_
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_bf16):
             out = model(frames, ids, contrastive_weight=cfg.contrastive_weight)
         opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
-        opt.step()
         step += 1
+        finite, grad_norm = _finite_on_every_rank(out["loss"]), torch.tensor(float("nan"))
+        if finite:
+            out["loss"].backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+        if finite and torch.isfinite(grad_norm):  # (DDP: the all-reduced gradients agree on every rank)
+            opt.step()
+        else:  # a NaN/inf loss or gradient: no update, counted and logged, never silent
+            skipped += 1
+            log(f"captioner: step {step}: non-finite loss or gradient, step skipped ({skipped} so far)")
+            opt.zero_grad(set_to_none=True)
         if step % cfg.log_every == 0 or step == cfg.steps:
-            rec = {"step": step, "lr": opt.param_groups[0]["lr"], "grad_norm": grad_norm.item(),
+            rec = {"step": step, "lr": opt.param_groups[0]["lr"], "grad_norm": grad_norm.item(), "skipped": skipped,
                    **{k: v.item() for k, v in out.items()}, "sec": round(time.time() - t0, 1)}
             if len(val) and (step % cfg.eval_every == 0 or step == cfg.steps):
                 rec.update(evaluate_loss(raw, val, device))

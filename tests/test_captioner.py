@@ -436,6 +436,32 @@ def test_exact_resume(dataset, tmp_path):
         assert torch.equal(va, vb), k
 
 
+def test_non_finite_steps_are_skipped_and_counted(dataset, tmp_path, monkeypatch):
+    """A NaN loss (here on steps 2 and 3) updates nothing: the weights stay finite, the skips are logged
+    and counted in the history, and training goes on."""
+    root, _ = dataset
+    real_forward = VideoCaptioner.forward
+    calls = {"n": 0}
+
+    def flaky(self, *a, **kw):
+        out = real_forward(self, *a, **kw)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] in (2, 3):
+                out = {**out, "loss": out["loss"] * float("nan")}
+        return out
+    monkeypatch.setattr(VideoCaptioner, "forward", flaky)
+    lines = []
+    cfg = TrainConfig(preset="tiny", steps=5, batch_size=4, lr=1e-3, warmup_steps=1, val_fraction=0.3,
+                      eval_every=100, ckpt_every=100, log_every=1, seed=3)
+    ckpt = train_captioner(root, None, tmp_path / "run", cfg, log=lines.append)
+    model, _ = load_captioner(ckpt)
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+    assert sum("step skipped" in line for line in lines) == 2
+    hist = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert [h["skipped"] for h in hist] == [0, 1, 2, 2, 2]
+
+
 # ---------------------------------------------------------------- batch captioning
 
 @pytest.fixture(scope="module")
