@@ -32,7 +32,7 @@ def test_attention_backends_agree_and_never_cross_samples():
         assert (out - ref).abs().max().item() < 3e-2, b
     # changing the second sample changes nothing else: the attention is block-diagonal
     k2 = k.clone()
-    k2[256:320] += 1.0
+    k2[256:320] = torch.randn_like(k2[256:320])  # (a constant shift of every key would leave softmax unchanged)
     for b in backends:
         a, c = (packed_attention(q, kk, v, Seqs(cu, cu, b)) for kk in (k, k2))
         assert torch.allclose(a[:256], c[:256], atol=1e-6) and torch.allclose(a[320:], c[320:], atol=1e-6), b
@@ -100,7 +100,7 @@ def test_sampling_on_cuda_is_seeded():
                                           noise, p.cu_seqlens, steps=4, method="heun", cfg_scale=2.0,
                                           uncond=lambda z, t: model(z, t, p.positions, p.cu_seqlens, y, ycu, drop))
     a, b, c = draw(1), draw(1), draw(2)
-    assert torch.isfinite(a).all() and torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.isfinite(a).all() and torch.allclose(a, b, atol=1e-5) and not torch.allclose(a, c, atol=1e-2)
 
 
 def test_generation_on_cuda_matches_cpu():
