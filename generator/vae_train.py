@@ -173,7 +173,8 @@ def train_vae(vae: VAE, videos, cfg: VAETrainConfig, rank: int = 0, world_size: 
         meta = load_vae_checkpoint(cfg.ckpt_dir, vae, opt, disc, dopt, gens, device, rank, world_size)
         step, skipped = meta["step"], meta["skipped"]
         log.info("resumed VAE training from %s at step %d", cfg.ckpt_dir, step)
-    net, dnet = _wrap(vae, world_size, cuda), disc and _wrap(disc, world_size, cuda)
+    net = _wrap(vae, world_size, cuda)
+    dnet = _wrap(disc, world_size, cuda) if disc is not None else None
     last_layer = vae.decoder.conv_out.conv.weight
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
     history, t0 = [], time.time()
