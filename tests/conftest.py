@@ -37,6 +37,20 @@ def vgg16_weights(tmp_path_factory):
     return str(path)
 
 
+def _exit_when_done(rank, fn, args):
+    """One rank: fn(rank, *args), then leave without interpreter teardown. Its results are written by
+    then; gloo's threads can abort the process while the interpreter finalises (SIGABRT, 'terminate
+    called without an active exception', seen once in CI), which would fail a rank that did its work.
+    An exception in fn still fails the rank (spawn records it before this line)."""
+    import os
+    import sys
+
+    fn(rank, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 @pytest.fixture
 def run_ranks():
     """run_ranks(fn, args, nprocs, timeout): torch.multiprocessing.spawn of fn(rank, *args) on nprocs
@@ -47,7 +61,7 @@ def run_ranks():
     import torch.multiprocessing as mp
 
     def run(fn, args, nprocs=2, timeout=300):
-        procs = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+        procs = mp.spawn(_exit_when_done, args=(fn, args), nprocs=nprocs, join=False)
         deadline = time.time() + timeout
         while not procs.join(timeout=5):
             if time.time() > deadline:
