@@ -27,7 +27,7 @@ from generator.conditioning import token_mask
 from generator.dit import DiT, DiTConfig
 from generator.flow import RectifiedFlow, shift_t
 from generator.patches import pack, pack_sequences, unpack
-from generator.train import checkpoint_file, sha256_file
+from generator.train import checkpoint_file, prefixed, sha256_file
 from generator.vae import VAE, load_state_strict, load_vae
 
 MAX_SIDE = 2048        # pixels: the largest height or width sample() makes
@@ -74,7 +74,7 @@ def load_model(path, device="cpu"):
         d["patch"] = tuple(d["patch"])
         model = DiT(DiTConfig(**d))
         tensors = load_file(str(p), device=str(device))
-        load_state_strict(model, {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}, "DiT (EMA)")
+        load_state_strict(model, prefixed(tensors, "ema."), "DiT (EMA)")
         base_tokens = int(train_cfg["base_tokens"])
     elif "config" in meta:
         from generator.dit import load_dit

@@ -301,6 +301,11 @@ def checkpoint_file(ckpt_dir: str) -> str:
     return path
 
 
+def prefixed(tensors: dict, prefix: str) -> dict:
+    """The state dict stored under `prefix` in a checkpoint's flat tensors ("ema." -> the EMA weights)."""
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
 def read_checkpoint_file(ckpt_dir: str) -> tuple[dict, dict]:
     """(tensors, meta) of the checkpoint latest.json names (sha256-checked)."""
     from safetensors import safe_open
@@ -332,8 +337,7 @@ def load_checkpoint(ckpt_dir: str, model, ema, opt, gen, data, device, rank: int
     Raises CheckpointError on a sha256 mismatch, ValueError (naming keys) on a model mismatch.
     Each rank takes its own RNG and data position when the checkpoint has the same world size."""
     tensors, meta = read_checkpoint_file(ckpt_dir)
-    group = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    _load_full_state(model, ema, opt, group("model."), group("ema."),
+    _load_full_state(model, ema, opt, prefixed(tensors, "model."), prefixed(tensors, "ema."),
                      optimizer_state(tensors, "optim.", meta["param_groups"], device))
     same = meta.get("world_size", 1) == world_size
     if not same:
@@ -352,7 +356,7 @@ def load_checkpoint(ckpt_dir: str, model, ema, opt, gen, data, device, rank: int
 def init_weights(ckpt_dir: str, model, ema) -> None:
     """Load a finished run's EMA weights into model and EMA (sha256-checked, keys strict)."""
     tensors, _ = read_checkpoint_file(ckpt_dir)
-    weights = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
+    weights = prefixed(tensors, "ema.")
     _load_weights(model, weights, "model (init_from)")
     _load_weights(ema, weights, "EMA (init_from)")
 

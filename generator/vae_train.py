@@ -25,8 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from generator.train import (_all_finite, _any_rank, _per_rank, guarded_update, optimizer_state, optimizer_tensors,
-                             pick_device, read_checkpoint_file, write_checkpoint_file)
+from generator.train import (_any_rank, _per_rank, guarded_update, optimizer_state, optimizer_tensors,
+                             pick_device, prefixed, read_checkpoint_file, write_checkpoint_file)
 from generator.vae import VAE, VAEConfig, load_state_strict, psnr, vae_loss
 
 log = logging.getLogger(__name__)
@@ -127,15 +127,14 @@ def load_vae_checkpoint(ckpt_dir: str, vae, opt, disc, dopt, gens, device, rank:
     mismatch, CheckpointError on a bad sha256. A checkpoint without a discriminator may resume
     with one (it starts fresh): adding the GAN loss late is VQGAN's recipe anyway."""
     tensors, meta = read_checkpoint_file(ckpt_dir)
-    group = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    load_state_strict(vae, group("vae."), "VAE")
+    load_state_strict(vae, prefixed(tensors, "vae."), "VAE")
     opt.load_state_dict(optimizer_state(tensors, "optim.", meta["param_groups"], device))
     has_disc = "disc_param_groups" in meta
     if has_disc and disc is None:
         raise ValueError(f"checkpoint {ckpt_dir} was trained with a discriminator: pass the same "
                          f"adversarial weight to resume it")
     if has_disc:
-        load_state_strict(disc, group("disc."), "discriminator")
+        load_state_strict(disc, prefixed(tensors, "disc."), "discriminator")
         dopt.load_state_dict(optimizer_state(tensors, "doptim.", meta["disc_param_groups"], device))
     elif disc is not None:
         log.info("checkpoint has no discriminator: it starts fresh at step %d", meta["step"])
@@ -191,7 +190,7 @@ def train_vae(vae: VAE, videos, cfg: VAETrainConfig, rank: int = 0, world_size: 
                         perceptual, cfg.perceptual_weight)
         record = {"step": step}
         gan = disc is not None and step > cfg.disc_start
-        if gan and _all_finite(loss, world_size):
+        if gan:  # (a non-finite loss makes the total non-finite too: guarded_update skips it)
             disc.requires_grad_(False)  # the generator's term trains the VAE only
             with autocast():
                 g_loss = -disc(rec).float().mean()

@@ -121,7 +121,7 @@ def train_vae_cmd(
     import torch
 
     from generator.precompute import sha256_file
-    from generator.train import CheckpointError, read_checkpoint_file
+    from generator.train import CheckpointError, prefixed, read_checkpoint_file
     from generator.vae import VAE, VAEConfig, load_state_strict, psnr, save_vae
     from generator.vae_train import VAETrainConfig, load_training_videos, train_vae
 
@@ -181,7 +181,7 @@ def train_vae_cmd(
                 if started:
                     ray.shutdown()
             tensors, _ = read_checkpoint_file(str(ckpt))  # rank 0's weights (DDP keeps the ranks equal)
-            load_state_strict(vae, {k[4:]: v for k, v in tensors.items() if k.startswith("vae.")}, "VAE")
+            load_state_strict(vae, prefixed(tensors, "vae."), "VAE")
         else:
             hist = train_vae(vae, x, tcfg, report=report)
             final = hist[-1] if hist else {}

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from generator.perceptual import Perceptual
 from generator.shapes import make_dataset
-from generator.train import read_checkpoint_file
+from generator.train import prefixed, read_checkpoint_file
 from generator.vae import VAE, VAEConfig, psnr
 from generator.vae_train import PatchDiscriminator3D, VAETrainConfig, train_vae
 
@@ -92,7 +92,7 @@ def test_adversarial_training_learns_to_tell_reconstructions(videos, held, tmp_p
     tensors, meta = read_checkpoint_file(cfg.ckpt_dir)
     assert meta["step"] == 40 and "disc_param_groups" in meta
     disc = PatchDiscriminator3D(3, 16)
-    disc.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("disc.")})
+    disc.load_state_dict(prefixed(tensors, "disc."))
     with torch.no_grad():
         rec = vae.decode(vae.encode(held).mean)
         real, fake = disc(held).mean((1, 2, 3, 4)), disc(rec).mean((1, 2, 3, 4))
