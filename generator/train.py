@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from generator.conditioning import check_ratios, sample_clean_tokens
-from generator.dit import DiT, DiTConfig
+from generator.dit import DiT, DiTConfig, compile_blocks
 from generator.flow import RectifiedFlow
 from generator.patches import Packed, pack, pack_sequences
 from generator.vae import load_state_strict
@@ -74,6 +74,7 @@ class TrainConfig:
     init_from: str | None = None   # fine-tune: start from this checkpoint dir's EMA weights (fresh optimizer)
     max_seconds: float | None = None  # compute budget: wall-clock seconds of this run
     max_flops: float | None = None    # compute budget: total training FLOPs (3x forward matmul FLOPs)
+    compile: bool = False          # torch.compile the DiT blocks (dit.compile_blocks); the EMA stays eager
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -455,6 +456,8 @@ def train(cfg: TrainConfig, data, rank: int = 0, world_size: int = 1, report=Non
     elif cfg.init_from:
         init_weights(cfg.init_from, model, ema)
         log.info("initialised from %s (fine-tuning)", cfg.init_from)
+    if cfg.compile:  # after sharding (FSDP2 wraps the blocks first), before DDP's wrapper
+        compile_blocks(model)
     net = model
     if world_size > 1 and not fsdp:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if cuda else None)

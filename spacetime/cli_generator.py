@@ -281,6 +281,9 @@ def train_cmd(
                                      help="frame conditioning mix: 'tasks' (t2v plus the masks animate/extend/loop/"
                                           "transition need; see generator/conditioning.py), 't2v' (text only), "
                                           "or weights like none=0.5,first=0.3,last=0.2"),
+        compile: bool = typer.Option(False, "--compile",
+                                     help="torch.compile the DiT blocks (fuses the pointwise work around the "
+                                          "matmuls; the first steps pay for the compile). Same results to float rounding"),
         seed: int = typer.Option(0, "--seed")):
     """Train the DiT with rectified flow on a pinned latents table version; safetensors checkpoints in --out."""
     import torch
@@ -320,7 +323,8 @@ def train_cmd(
     cfg = TrainConfig(dit=dit, steps=steps, lr=lr, warmup_steps=warmup_steps, max_tokens=max_tokens,
                       base_tokens=base_tokens, seed=seed, log_every=log_every, ckpt_dir=str(out),
                       ckpt_every=ckpt_every, resume=resume, max_seconds=budget_seconds, max_flops=budget_flops,
-                      init_from=str(init_from) if init_from else None, strategy=strategy, cond_ratios=cond_ratios)
+                      init_from=str(init_from) if init_from else None, strategy=strategy, cond_ratios=cond_ratios,
+                      compile=compile)
     if init_from is not None and not (init_from / "latest.json").is_file():
         _fail(f"--init-from {init_from}: no finished run there (latest.json missing)")
     clips_versions = sorted(set(data.table["clips_version"].to_pylist()))

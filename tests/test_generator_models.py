@@ -224,6 +224,27 @@ def test_dit_packing_leaks_nothing_between_samples():
         assert torch.allclose(dropped[:18], out[:18], atol=1e-5) and not torch.allclose(dropped[18:34], out[18:34])
 
 
+def test_dit_per_token_times_share_condition_rows_per_sample():
+    # per-token times are deduplicated to one adaLN row per (sample, t): samples sharing a t value
+    # must still keep their own pooled text, and a clean (t = 0) frame its own row
+    m = _randomised_dit(pooled_text=True)
+    lats, texts = [torch.randn(4, 2, 4, 4), torch.randn(4, 2, 4, 4)], [torch.randn(3, 16), torch.randn(5, 16)]
+    p, (y, ycu) = pack(lats), pack_sequences(texts)
+    t = torch.tensor([0.5, 0.5])
+    with torch.no_grad():
+        out = m(p.tokens, t, p.positions, p.cu_seqlens, y, ycu)
+        per_tok = m(p.tokens, t[p.sample_index()], p.positions, p.cu_seqlens, y, ycu)
+        torch.testing.assert_close(per_tok, out, atol=1e-5, rtol=1e-5)
+        t_tok = t[p.sample_index()].clone()
+        t_tok[p.positions[:, 0] == 0] = 0  # each sample's first latent frame held clean
+        mixed = m(p.tokens, t_tok, p.positions, p.cu_seqlens, y, ycu)
+        for i in range(2):  # = each sample alone with the same per-token times
+            a, b = p.cu_seqlens[i].item(), p.cu_seqlens[i + 1].item()
+            pi, (yi, yci) = pack([lats[i]]), pack_sequences([texts[i]])
+            alone = m(pi.tokens, t_tok[a:b], pi.positions, pi.cu_seqlens, yi, yci)
+            torch.testing.assert_close(alone, mixed[a:b], atol=1e-5, rtol=1e-5)
+
+
 def test_dit_text_paths_and_absolute_positions():
     lat, text = torch.randn(4, 2, 4, 4), [torch.randn(3, 16)]
     p, (y, ycu) = pack([lat]), pack_sequences(text)
