@@ -29,7 +29,9 @@ def clips_path(dataset_root) -> str:
 def read_clips(dataset_root, version: int | None = None) -> tuple[pa.Table, int]:
     """The clips table at `version` (default latest) -> (arrow table, the version read)."""
     dt = DeltaTable(clips_path(dataset_root), version=version)
-    return dt.to_pyarrow_table(), dt.version()
+    # on the calling thread: a threaded scan through deltalake's filesystem handler can abort the
+    # process at exit (see pipeline.store.arrow_table)
+    return dt.to_pyarrow_dataset().to_table(use_threads=False), dt.version()
 
 
 def training_rows(table: pa.Table) -> pa.Table:

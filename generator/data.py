@@ -21,7 +21,7 @@ import torch
 
 from generator.patches import crop_to_patch
 from generator.train import PackedBatches
-from generator.precompute import latents_path, open_version, tensor_from_bytes
+from generator.precompute import arrow_table, latents_path, open_version, tensor_from_bytes
 
 
 def read_latents(root, version: int | None = None, vae_sha: str | None = None,
@@ -30,9 +30,10 @@ def read_latents(root, version: int | None = None, vae_sha: str | None = None,
 
     vae_sha / text_encoder_sha pick the encoder pair (prefix match); when the table holds several
     pairs one must be named (ValueError lists them). Rows are sorted by clip_id."""
-    dt = open_version(latents_path(root), version, f"no latents table under {root} (run `spacetime precompute` first)")
+    path = latents_path(root)
+    dt = open_version(path, version, f"no latents table under {root} (run `spacetime precompute` first)")
     keys = ["clip_id", "vae_sha", "text_encoder_sha"]
-    table = dt.to_pyarrow_table(columns=None if columns is None else sorted(set(columns) | set(keys)))
+    table = arrow_table(dt, None if columns is None else sorted(set(columns) | set(keys)))
     if vae_sha:
         table = table.filter(pc.starts_with(table["vae_sha"], vae_sha))
     if text_encoder_sha:

@@ -341,8 +341,16 @@ def choose_caption(row: dict) -> str:
 KEY = ("clip_id", "vae_sha", "text_encoder_sha")  # one latents row per clip and encoder pair
 
 
+def arrow_table(dt, columns: list[str] | None = None) -> pa.Table:
+    """The Delta snapshot `dt` as one Arrow table, scanned on the calling thread: pyarrow's threaded
+    scan through deltalake's Python filesystem handler makes a process that never imported ray abort
+    at exit most of the time ("terminate called without an active exception"; delta-rs#2184,
+    apache/arrow#34314). Measured no slower (1.3 GB table: 0.8 s either way)."""
+    return dt.to_pyarrow_dataset().to_table(columns=columns, use_threads=False)
+
+
 def _keys(dt) -> set:
-    t = dt.to_pyarrow_table(columns=list(KEY))
+    t = arrow_table(dt, list(KEY))
     return set(zip(*(t[c].to_pylist() for c in KEY)))
 
 
@@ -426,7 +434,7 @@ def kept_clips(root, version: int) -> list[dict]:
             "caption_teacher_dense", "caption_short", "caption_teacher_short"]
     dt = open_version(str(Path(root) / "clips"), version, f"no clips table under {root}")
     have = {f.name for f in dt.schema().fields}  # older versions may lack the caption columns
-    t = dt.to_pyarrow_table(columns=[c for c in cols if c in have])
+    t = arrow_table(dt, [c for c in cols if c in have])
     rows = []
     for r in t.to_pylist():
         if r.get("status") != "kept" or not r.get("clip_id") or not r.get("clip_uri"):

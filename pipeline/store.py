@@ -61,6 +61,14 @@ def latest_version(root: str | Path) -> Optional[int]:
     return DeltaTable(clips_path(root)).version() if table_exists(root) else None
 
 
+def arrow_table(dt, columns: Optional[list[str]] = None) -> pa.Table:
+    """The Delta snapshot `dt` as one Arrow table, scanned on the calling thread: pyarrow's threaded
+    scan through deltalake's Python filesystem handler makes a process that never imported ray abort
+    at exit most of the time ("terminate called without an active exception"; delta-rs#2184,
+    apache/arrow#34314). Measured no slower (1.3 GB table: 0.8 s either way)."""
+    return dt.to_pyarrow_dataset().to_table(columns=columns, use_threads=False)
+
+
 def read_clips(root: str | Path, version: Optional[int] = None, columns: Optional[list[str]] = None) -> pa.Table:
     """The clips table at `version` (Delta time travel; None = latest). Empty table if none exists."""
     if not table_exists(root):
@@ -71,7 +79,7 @@ def read_clips(root: str | Path, version: Optional[int] = None, columns: Optiona
         dt = DeltaTable(clips_path(root), version=version)
     except Exception as e:  # deltalake raises a generic error for a missing version
         raise ValueError(f"{root}: version {version} not found ({e})") from None
-    return dt.to_pyarrow_table(columns=columns)
+    return arrow_table(dt, columns)
 
 
 def conform(table: pa.Table) -> pa.Table:
@@ -129,7 +137,7 @@ def commit(root: str | Path, table: pa.Table, mode: str, lineage: dict, retries:
         snapshot = DeltaTable(path, version=parent) if parent is not None else None
         new, counts = table, status_counts(table)
         if parent is not None and mode == "append":
-            have = snapshot.to_pyarrow_table(columns=["clip_id", "source_uri", "source_sha256", "status"])
+            have = arrow_table(snapshot, ["clip_id", "source_uri", "source_sha256", "status"])
             new = _not_committed(table, have)
             if new.num_rows == 0:
                 return parent

@@ -255,6 +255,8 @@ def test_latent_batches_pack_mixed_buckets_and_resume(latents, dataset):
     assert len(load_pairs(dataset, 0)) == 4
     table, version = read_latents(dataset, vae_sha=a.vae_sha[:8])
     assert table.num_rows == 4 and version == 0
+    with pytest.raises(ValueError, match="no latents rows .* for vae ffff"):  # a sha no row has
+        read_latents(dataset, vae_sha="ffff")
 
 
 def test_train_dit_from_the_table_loss_falls(app, latents, dataset, tmp_path):

@@ -119,6 +119,21 @@ def test_store_versions_lineage_time_travel_diff_and_tags(tmp_path):
         store.read_clips(root, 99)
 
 
+def test_a_script_reading_a_table_exits_cleanly(tmp_path):
+    # deltalake's threaded pyarrow scan made a plain script (no ray imported) abort at exit with
+    # SIGABRT "terminate called without an active exception" in 7 of 10 runs here; read on one thread
+    import subprocess
+    import sys
+
+    root = tmp_path / "ds"
+    store.commit(root, _rows(40), "append", {"operation": "curate"})
+    script = f"from pipeline.store import read_clips\nassert read_clips({str(root)!r}).num_rows == 40\n"
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    for _ in range(6):
+        r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 0, (r.returncode, r.stderr[-500:])
+
+
 def test_staging_is_atomic_and_reloadable(tmp_path):
     store.stage(tmp_path, "abc", _rows(2))
     (tmp_path / "_staging" / ".abc.dead.tmp").write_bytes(b"partial")  # a killed writer's leftover
