@@ -3,14 +3,16 @@
     batches = LatentBatches("data/demo", version=4, patch=(1, 2, 2), max_tokens=4096, seed=0)
     train(cfg, batches)
 
-Rows are sorted by clip_id, then each epoch is a seeded permutation (seed, epoch); a batch takes
-samples in that order while they fit in `max_tokens` (Patch n' Pack: mixed durations and aspect
-ratios in one sequence), never straddling an epoch. Rank r of W reads every W-th sample of each
+Rows are sorted by clip_id, then each epoch is a seeded permutation (seed, epoch; windowed over row
+groups for tables of more than `window_rows` rows); a batch takes samples in that order while they
+fit in `max_tokens` (Patch n' Pack: mixed durations and aspect ratios in one sequence), never
+straddling an epoch. Rank r of W reads every W-th sample of each
 epoch's permutation. state_dict() = (epoch, position, table version, row count): resume is exact,
 and refuses a table that is not the one the run started on.
 
-The latent and text bytes stay in Arrow memory and are decoded per batch, so the Python heap holds
-only the current batch's tensors. Only deltalake, pyarrow, safetensors and torch are imported.
+Only the light columns are read up front; latent and text bytes are read a Parquet row group at a
+time as batches need them (see LatentBatches), so memory does not grow with the table. Only
+deltalake, pyarrow, safetensors and torch are imported.
 """
 import math
 from pathlib import Path
@@ -38,15 +40,19 @@ def read_latents(root, version: int | None = None, vae_sha: str | None = None,
         table = table.filter(pc.starts_with(table["vae_sha"], vae_sha))
     if text_encoder_sha:
         table = table.filter(pc.starts_with(table["text_encoder_sha"], text_encoder_sha))
+    _check_one_pair(table, path, dt.version(), vae_sha, text_encoder_sha)
+    table = table.sort_by("clip_id")
+    return table, dt.version()
+
+
+def _check_one_pair(table: pa.Table, path: str, version: int, vae_sha, text_encoder_sha) -> None:
     pairs = sorted(set(zip(table["vae_sha"].to_pylist(), table["text_encoder_sha"].to_pylist())))
     if len(pairs) > 1:
         listed = ", ".join(f"vae {v[:12]} / text {t[:12]}" for v, t in pairs)
         raise ValueError(f"latents table holds {len(pairs)} encoder pairs ({listed}); pick one with vae_sha / "
                          f"text_encoder_sha")
     if table.num_rows == 0:
-        raise ValueError(f"no latents rows in {path} version {dt.version()} for vae {vae_sha} / text {text_encoder_sha}")
-    table = table.sort_by("clip_id")
-    return table, dt.version()
+        raise ValueError(f"no latents rows in {path} version {version} for vae {vae_sha} / text {text_encoder_sha}")
 
 
 def row_tensors(table: pa.Table, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,15 +68,53 @@ def load_pairs(root, version: int | None = None, **pick) -> list[tuple[torch.Ten
     return [row_tensors(table, i) for i in range(table.num_rows)]
 
 
+LIGHT = ["clip_id", "bucket", "vae_sha", "text_encoder_sha", "clips_version"]  # planning columns
+
+
 class LatentBatches(PackedBatches):
     """Endless deterministic packed batches {"packed", "text", "text_cu"} from a latents table version:
-    PackedBatches' order and packing, with samples read from the table as they are needed."""
+    PackedBatches' packing, with samples read from the table as they are needed.
+
+    Memory stays flat as the table grows: only the light columns (clip id, bucket, encoder shas) are
+    read up front; latent and text bytes are read one Parquet row group (a "unit") at a time and
+    dropped once `2 * window_rows` newer rows are cached. So that batches do not touch a random unit
+    per sample, an epoch shuffles the units, groups them into windows of >= `window_rows` rows and
+    shuffles rows within each window (WebDataset-style). A version of <= window_rows rows is one
+    window: a full permutation of the rows sorted by clip_id, as PackedBatches draws it. Rank r of W
+    takes every W-th row of the epoch's order (each rank reads every unit: I/O x W, memory x 1)."""
 
     def __init__(self, root, version: int | None, patch=(1, 2, 2), max_tokens: int = 4096, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, vae_sha: str | None = None, text_encoder_sha: str | None = None):
+                 rank: int = 0, world_size: int = 1, vae_sha: str | None = None, text_encoder_sha: str | None = None,
+                 window_rows: int = 2048):
         self.root, self.patch, self.max_tokens, self.seed = str(Path(root)), tuple(patch), max_tokens, seed
-        self.rank, self.world_size = rank, world_size
-        self.table, self.version = read_latents(root, version, vae_sha, text_encoder_sha)
+        self.rank, self.world_size, self.window_rows = rank, world_size, window_rows
+        path = latents_path(root)
+        dt = open_version(path, version, f"no latents table under {root} (run `spacetime precompute` first)")
+        self.version = dt.version()
+        ds = dt.to_pyarrow_dataset()
+        self._schema = ds.schema
+        self._units = [rg for f in sorted(ds.get_fragments(), key=lambda f: f.path) for rg in f.split_by_row_group()]
+        parts = []
+        for u, frag in enumerate(self._units):  # the light columns only; use_threads=False: see arrow_table
+            t = frag.to_table(schema=self._schema, columns=[c for c in LIGHT if c in self._schema.names],
+                              use_threads=False)
+            parts.append(t.append_column("_unit", pa.array([u] * t.num_rows, pa.int32()))
+                          .append_column("_row", pa.array(range(t.num_rows), pa.int32())))
+        if not parts:
+            raise ValueError(f"no latents rows in {path} version {self.version}")
+        table = pa.concat_tables(parts)
+        if vae_sha:
+            table = table.filter(pc.starts_with(table["vae_sha"], vae_sha))
+        if text_encoder_sha:
+            table = table.filter(pc.starts_with(table["text_encoder_sha"], text_encoder_sha))
+        _check_one_pair(table, path, self.version, vae_sha, text_encoder_sha)
+        self.table = table.sort_by("clip_id")
+        self._unit_of = self.table["_unit"].to_numpy()
+        self._row_in_unit = self.table["_row"].to_numpy()
+        self._unit_rows = {}  # unit -> its sample indices (into the clip_id-sorted table), in order
+        for i, u in enumerate(self._unit_of.tolist()):
+            self._unit_rows.setdefault(u, []).append(i)
+        self._cache: dict = {}  # unit -> (latent bytes, text bytes) columns, least recently used first
         b = self.table["bucket"]
         grid = zip(pc.struct_field(b, "frames").to_pylist(), pc.struct_field(b, "height").to_pylist(),
                    pc.struct_field(b, "width").to_pylist())
@@ -80,7 +124,7 @@ class LatentBatches(PackedBatches):
             raise ValueError(f"a latent is smaller than one patch {self.patch}")
         if max(self.tokens) > max_tokens:
             raise ValueError(f"a sample has {max(self.tokens)} tokens > max_tokens {max_tokens}")
-        z, y = row_tensors(self.table, 0)
+        z, y = self._sample(0)
         self.channels, self.text_dim = z.shape[0], y.shape[1]
         self.vae_sha = self.table["vae_sha"][0].as_py()
         self.text_encoder_sha = self.table["text_encoder_sha"][0].as_py()
@@ -89,6 +133,37 @@ class LatentBatches(PackedBatches):
 
     def __len__(self):
         return self.table.num_rows
+
+    def _epoch_order(self):
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        if len(self) <= self.window_rows:  # one window: every row in one permutation
+            return torch.randperm(len(self), generator=g)[self.rank::self.world_size].tolist()
+        units = sorted(self._unit_rows)
+        order, window = [], []
+        for k in torch.randperm(len(units), generator=g).tolist():
+            window += self._unit_rows[units[k]]
+            if len(window) >= self.window_rows:
+                order += [window[j] for j in torch.randperm(len(window), generator=g).tolist()]
+                window = []
+        order += [window[j] for j in torch.randperm(len(window), generator=g).tolist()]
+        return order[self.rank::self.world_size]
+
+    def _columns(self, u: int):
+        """Latent and text bytes of unit u, read on first use; the least recently used units are dropped
+        while more than 2 * window_rows rows are cached."""
+        if u in self._cache:
+            self._cache[u] = self._cache.pop(u)  # most recently used last
+        else:
+            t = self._units[u].to_table(schema=self._schema, columns=["latent", "text_embedding"], use_threads=False)
+            self._cache[u] = (t["latent"], t["text_embedding"])
+            while sum(len(c[0]) for c in self._cache.values()) > 2 * self.window_rows and len(self._cache) > 1:
+                self._cache.pop(next(iter(self._cache)))
+        return self._cache[u]
+
+    def _sample(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        latent, text = self._columns(int(self._unit_of[i]))
+        r = int(self._row_in_unit[i])
+        return tensor_from_bytes(latent[r].as_py(), "latent"), tensor_from_bytes(text[r].as_py(), "text")
 
     @classmethod
     def for_ray_worker(cls, *args, **kw) -> "LatentBatches":
@@ -109,4 +184,4 @@ class LatentBatches(PackedBatches):
         self._order = self._epoch_order()
 
     def _pairs(self, chosen: list[int]) -> list:
-        return [(crop_to_patch(z, self.patch), y) for z, y in (row_tensors(self.table, i) for i in chosen)]
+        return [(crop_to_patch(z, self.patch), y) for z, y in (self._sample(i) for i in chosen)]
