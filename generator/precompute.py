@@ -361,6 +361,9 @@ def existing_keys(path: str) -> set:
     return _keys(DeltaTable(path)) if DeltaTable.is_deltatable(path) else set()
 
 
+ROW_GROUP_ROWS = 256  # latents rows per Parquet row group (a row is ~0.1-1 MB of latent + text bytes)
+
+
 def append_new(path: str, table: pa.Table, lineage: dict, retries: int = 8) -> tuple[int | None, int]:
     """Append the rows of `table` whose (clip_id, vae_sha, text_encoder_sha) the latents table does not
     hold yet, as ONE commit -> (new version or None if nothing was new, rows written).
@@ -369,10 +372,12 @@ def append_new(path: str, table: pa.Table, lineage: dict, retries: int = 8) -> t
     runs over one dataset race, the loser re-reads the winner's rows and writes only what is still
     missing, so no clip is ever encoded into the table twice.
     """
-    from deltalake import CommitProperties, DeltaTable, write_deltalake
+    from deltalake import CommitProperties, DeltaTable, WriterProperties, write_deltalake
     from deltalake.exceptions import CommitFailedError, DeltaError
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
+    # small row groups: LatentBatches reads and caches the table a row group at a time
+    writer = WriterProperties(max_row_group_size=ROW_GROUP_ROWS)
     keys = list(zip(*(table[c].to_pylist() for c in KEY)))
     for attempt in range(retries + 1):
         snapshot = DeltaTable(path) if DeltaTable.is_deltatable(path) else None
@@ -386,9 +391,9 @@ def append_new(path: str, table: pa.Table, lineage: dict, retries: int = 8) -> t
         props = CommitProperties(custom_metadata={LINEAGE_KEY: json.dumps(info)}, max_commit_retries=0)
         try:
             if snapshot is None:  # creating it: a writer that created it meanwhile makes this fail
-                write_deltalake(path, new, mode="error", commit_properties=props)
+                write_deltalake(path, new, mode="error", commit_properties=props, writer_properties=writer)
                 return 0, new.num_rows
-            write_deltalake(snapshot, new, mode="append", commit_properties=props)
+            write_deltalake(snapshot, new, mode="append", commit_properties=props, writer_properties=writer)
             return snapshot.version() + 1, new.num_rows
         except (CommitFailedError, DeltaError) as e:
             lost_race = isinstance(e, CommitFailedError) or (snapshot is None and DeltaTable.is_deltatable(path))
