@@ -214,3 +214,28 @@ def test_fsdp_equals_ddp_and_both_resume_exactly_over_two_ranks(pairs, tmp_path,
     # the sharded run's checkpoint is a plain full one: a single process resumes it (with a warning)
     res = train(small_cfg(steps=8, ckpt_dir=str(tmp_path / "fsdp_full")), pairs)
     assert res.step == 8 and len(res.history) == 2
+
+
+def _compiled_ranks_worker(rank, world, init_file, pairs, out_dir):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        out = {f"{s}_{c}": [h["loss"] for h in train(small_cfg(steps=4, strategy=s, compile=c), pairs, rank, world).history]
+               for s in ("ddp", "fsdp") for c in (False, True)}
+        with open(os.path.join(out_dir, f"compiled{rank}.json"), "w") as f:
+            json.dump(out, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_compiled_blocks_under_ddp_and_fsdp_over_two_ranks(pairs, tmp_path, run_ranks):
+    """train --compile --workers 2: compile_blocks inside DDP's and FSDP2's wrappers (FSDP's hooks
+    stay outside the graphs) takes the eager run's steps, to float rounding."""
+    run_ranks(_compiled_ranks_worker, (2, str(tmp_path / "pg"), pairs, str(tmp_path)), 2, 600)
+    for r in range(2):
+        out = json.load(open(tmp_path / f"compiled{r}.json"))
+        for s in ("ddp", "fsdp"):
+            assert len(out[f"{s}_True"]) == 4
+            assert out[f"{s}_True"] == pytest.approx(out[f"{s}_False"], rel=1e-4, abs=1e-6), s
