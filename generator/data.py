@@ -6,9 +6,9 @@
 Rows are sorted by clip_id, then each epoch is a seeded permutation (seed, epoch; windowed over row
 groups for tables of more than `window_rows` rows); a batch takes samples in that order while they
 fit in `max_tokens` (Patch n' Pack: mixed durations and aspect ratios in one sequence), never
-straddling an epoch. Rank r of W reads every W-th sample of each
-epoch's permutation. state_dict() = (epoch, position, table version, row count): resume is exact,
-and refuses a table that is not the one the run started on.
+straddling an epoch. Rank r of W reads every W-th sample of each epoch's permutation.
+state_dict() = (epoch, position, table version, row count): resume is exact, and refuses a table
+that is not the one the run started on.
 
 Only the light columns are read up front; latent and text bytes are read a Parquet row group at a
 time as batches need them (see LatentBatches), so memory does not grow with the table. Only
@@ -80,8 +80,9 @@ class LatentBatches(PackedBatches):
     dropped once `2 * window_rows` newer rows are cached. So that batches do not touch a random unit
     per sample, an epoch shuffles the units, groups them into windows of >= `window_rows` rows and
     shuffles rows within each window (WebDataset-style). A version of <= window_rows rows is one
-    window: a full permutation of the rows sorted by clip_id, as PackedBatches draws it. Rank r of W
-    takes every W-th row of the epoch's order (each rank reads every unit: I/O x W, memory x 1)."""
+    window: a full permutation of the rows sorted by clip_id, as PackedBatches draws it. With W ranks
+    and >= 4 W units, rank r takes every W-th unit of the epoch's unit order and reads only those
+    (epochs then differ by up to a unit's rows between ranks); otherwise every W-th row."""
 
     def __init__(self, root, version: int | None, patch=(1, 2, 2), max_tokens: int = 4096, seed: int = 0,
                  rank: int = 0, world_size: int = 1, vae_sha: str | None = None, text_encoder_sha: str | None = None,
@@ -139,14 +140,20 @@ class LatentBatches(PackedBatches):
         if len(self) <= self.window_rows:  # one window: every row in one permutation
             return torch.randperm(len(self), generator=g)[self.rank::self.world_size].tolist()
         units = sorted(self._unit_rows)
+        perm = torch.randperm(len(units), generator=g).tolist()
+        # with enough units each rank takes every W-th unit and reads only those (I/O x 1); with few,
+        # every W-th row of the whole order, so no rank is left without data
+        shard = len(units) >= 4 * self.world_size
+        if shard:
+            perm = perm[self.rank::self.world_size]
         order, window = [], []
-        for k in torch.randperm(len(units), generator=g).tolist():
+        for k in perm:
             window += self._unit_rows[units[k]]
             if len(window) >= self.window_rows:
                 order += [window[j] for j in torch.randperm(len(window), generator=g).tolist()]
                 window = []
         order += [window[j] for j in torch.randperm(len(window), generator=g).tolist()]
-        return order[self.rank::self.world_size]
+        return order if shard else order[self.rank::self.world_size]
 
     def _columns(self, u: int):
         """Latent and text bytes of unit u, read on first use; the least recently used units are dropped

@@ -260,39 +260,40 @@ def test_latent_batches_pack_mixed_buckets_and_resume(latents, dataset):
 
 
 def test_latent_batches_window_row_groups_and_bound_memory(latents, dataset, tmp_path):
-    # a table of 6 commits (6 files, one row group each) of 2 rows, read with window_rows=4: every
-    # epoch visits each row once, a window is whole units, the byte cache stays bounded, ranks split
-    # the rows, resume is exact, and each sample is the one load_pairs gives for that clip
+    # a table of 8 commits (8 files, one row group each) of 2 rows, read with window_rows=4: every
+    # epoch visits each row once, a window is whole units, the byte cache stays bounded, two ranks
+    # split the units, resume is exact, and each sample is the one load_pairs gives for that clip
     import pyarrow.compute as pc
 
     src = DeltaTable(str(dataset / "latents")).to_pyarrow_table().sort_by("clip_id")
     root = tmp_path / "big"
-    for k in range(6):
+    for k in range(8):
         part = src.slice(k % 2 * 2, 2)
         ids = pc.binary_join_element_wise(part["clip_id"], pa.scalar(f"-{k}"), "")
         write_deltalake(str(root / "latents"), part.set_column(part.schema.get_field_index("clip_id"), "clip_id", ids),
                         mode="append")
     a = LatentBatches(root, None, (1, 2, 2), max_tokens=10_000, seed=1, window_rows=4)
-    assert len(a) == 12 and len(a._units) == 6
+    assert len(a) == 16 and len(a._units) == 8
     reference = load_pairs(root)
     for epoch in range(2):
         a.epoch = epoch
         order = a._epoch_order()
-        assert sorted(order) == list(range(12))
-        for w in range(3):  # 3 windows of 2 whole units each
-            units = {int(a._unit_of[i]) for i in order[4 * w: 4 * w + 4]}
-            assert len(units) == 2
+        assert sorted(order) == list(range(16))
+        for w in range(4):  # 4 windows of 2 whole units each
+            assert len({int(a._unit_of[i]) for i in order[4 * w: 4 * w + 4]}) == 2
     a.epoch, a._order = 0, a._epoch_order()
     seen = []
-    for _ in range(12):
+    for _ in range(16):
         chosen = a._take()
         for i, (z, y) in zip(chosen, a._pairs(chosen)):
             assert torch.equal(z, reference[i][0][:, :, : z.shape[2], : z.shape[3]]) and torch.equal(y, reference[i][1])
         seen += chosen
         assert sum(len(c[0]) for c in a._cache.values()) <= 2 * a.window_rows
-    assert sorted(seen[:12]) == list(range(12))
+    assert sorted(seen[:16]) == list(range(16))
     ranks = [LatentBatches(root, None, (1, 2, 2), 10_000, 1, rank=r, world_size=2, window_rows=4) for r in (0, 1)]
-    assert sorted(ranks[0]._order + ranks[1]._order) == list(range(12))
+    assert sorted(ranks[0]._order + ranks[1]._order) == list(range(16))
+    units = [{int(b._unit_of[i]) for i in b._order} for b in ranks]
+    assert len(units[0]) == len(units[1]) == 4 and not units[0] & units[1]  # each rank reads only its units
     b = LatentBatches(root, None, (1, 2, 2), max_tokens=110, seed=1, window_rows=4)
     [next(b) for _ in range(5)]
     state, after = b.state_dict(), [next(b)["packed"].tokens for _ in range(4)]
