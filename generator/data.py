@@ -181,12 +181,17 @@ class LatentBatches(PackedBatches):
         return cls(*args, rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), **kw)
 
     def state_dict(self):
-        return {"epoch": self.epoch, "pos": self.pos, "latents_version": self.version, "rows": len(self)}
+        return {"epoch": self.epoch, "pos": self.pos, "latents_version": self.version, "rows": len(self),
+                "window_rows": self.window_rows}
 
     def load_state_dict(self, s):
         if s.get("latents_version", self.version) != self.version or s.get("rows", len(self)) != len(self):
             raise ValueError(f"checkpoint was trained on latents version {s.get('latents_version')} ({s.get('rows')} "
                              f"rows), this run reads version {self.version} ({len(self)} rows): resume would not be exact")
+        was = s.get("window_rows", self.window_rows)
+        if was != self.window_rows and len(self) > min(was, self.window_rows):  # the orders differ
+            raise ValueError(f"checkpoint was trained with window_rows {was}, this run has {self.window_rows}: "
+                             f"resume would not be exact")
         self.epoch, self.pos = s["epoch"], s["pos"]
         self._order = self._epoch_order()
 

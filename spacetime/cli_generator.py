@@ -281,6 +281,10 @@ def train_cmd(
                                      help="frame conditioning mix: 'tasks' (t2v plus the masks animate/extend/loop/"
                                           "transition need; see generator/conditioning.py), 't2v' (text only), "
                                           "or weights like none=0.5,first=0.3,last=0.2"),
+        window_rows: int = typer.Option(2048, "--window-rows", min=1,
+                                        help="latents rows per shuffle window: tables larger than this are read a "
+                                             "row group at a time and shuffled within windows (memory ~2x this many "
+                                             "rows); resume needs the same value"),
         compile: bool = typer.Option(False, "--compile",
                                      help="torch.compile the DiT blocks (fuses the pointwise work around the "
                                           "matmuls; the first steps pay for the compile). Same results to float rounding"),
@@ -303,7 +307,8 @@ def train_cmd(
     if len(pt) != 3:
         _fail(f"--patch needs three integers t,h,w, got {patch!r}")
     try:
-        data = LatentBatches(root, latents_version, pt, max_tokens, seed, vae_sha=vae_sha, text_encoder_sha=text_encoder_sha)
+        data = LatentBatches(root, latents_version, pt, max_tokens, seed, vae_sha=vae_sha, text_encoder_sha=text_encoder_sha,
+                             window_rows=window_rows)
     except ValueError as e:
         _fail(str(e))
     has_ckpt = (out / "latest.json").is_file()
@@ -343,7 +348,7 @@ def train_cmd(
         from generator.train import train_loop_per_worker
 
         make_data = partial(LatentBatches.for_ray_worker, str(root), data.version, pt, max_tokens, seed,
-                            vae_sha=data.vae_sha, text_encoder_sha=data.text_encoder_sha)
+                            vae_sha=data.vae_sha, text_encoder_sha=data.text_encoder_sha, window_rows=window_rows)
         final = {"metrics": _fit_on_workers(train_loop_per_worker, {"train": asdict(cfg), "data": make_data},
                                             workers, device == "cuda", out, "dit")}
     else:

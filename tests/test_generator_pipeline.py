@@ -300,6 +300,8 @@ def test_latent_batches_window_row_groups_and_bound_memory(latents, dataset, tmp
     c = LatentBatches(root, None, (1, 2, 2), max_tokens=110, seed=1, window_rows=4)
     c.load_state_dict(state)
     assert all(torch.equal(x, next(c)["packed"].tokens) for x in after)
+    with pytest.raises(ValueError, match="window_rows 4, this run has 8"):  # another window: another order
+        LatentBatches(root, None, (1, 2, 2), max_tokens=110, seed=1, window_rows=8).load_state_dict(state)
 
 
 def test_train_dit_from_the_table_loss_falls(app, latents, dataset, tmp_path):
