@@ -2,6 +2,9 @@
 
 One step, in order: batch -> forward under autocast (bf16 on CUDA only) -> NaN/inf guard (skip,
 count, log) -> backward -> grad clip -> optimizer step -> EMA -> LR warmup -> log -> checkpoint.
+With grad_accum K, the first K-1 of a step's K batches go forward and backward at once, with the
+gradient sync across ranks held back (DDP no_sync / FSDP set_requires_gradient_sync), and the last
+goes through the guard with every batch's loss.
 
 Checkpoints are safetensors holding model, EMA, optimizer state, RNG states, data position and
 step, so resume is exact. Each is written to a temp file and os.replace'd into place; then
@@ -18,6 +21,7 @@ single process writes, so a run can resume on a different world size or strategy
 reads it as usual. Saving is then a collective: every rank calls save_checkpoint, rank 0 writes.
 Each rank's RNG and data position are saved, so a resumed multi-rank run is exact too.
 """
+import contextlib
 import copy
 import hashlib
 import json
@@ -58,6 +62,7 @@ class TrainConfig:
     # conditioning.TASK_MIX trains one model for animate/extend/loop/transition. Default: plain t2v.
     cond_ratios: dict = field(default_factory=lambda: {"none": 1.0})
     max_tokens: int = 4096         # tokens per packed batch (per worker)
+    grad_accum: int = 1            # packed batches per optimizer step (the loss is their mean)
     # with world size > 1: "ddp" (a full replica per rank) or "fsdp" (parameters, gradients,
     # optimizer state and EMA sharded across ranks: models that do not fit one device)
     strategy: str = "ddp"
@@ -382,11 +387,12 @@ def _all_finite(loss, world_size: int) -> bool:
     return not _any_rank(not bool(torch.isfinite(loss.detach()).all()), world_size)
 
 
-def guarded_update(loss, opt, params, grad_clip: float, world_size: int, what: str, step: int):
+def guarded_update(loss, opt, params, grad_clip: float, world_size: int, what: str, step: int, check=None):
     """backward -> clip -> optimizer step -> clear gradients, unless the loss (on any rank: every rank
     then skips together, or the collectives would hang) or the gradient norm is not finite: then
-    nothing is updated. Returns the gradient norm, or None for a skipped step (the caller counts it)."""
-    if not _all_finite(loss, world_size):
+    nothing is updated. `check`: the losses to test instead of `loss` (every accumulated batch's).
+    Returns the gradient norm, or None for a skipped step (the caller counts it)."""
+    if not _all_finite(loss if check is None else check, world_size):
         log.warning("%s %d: non-finite loss, step skipped", what, step)
         opt.zero_grad(set_to_none=True)
         return None
@@ -401,6 +407,25 @@ def guarded_update(loss, opt, params, grad_clip: float, world_size: int, what: s
     opt.step()
     opt.zero_grad(set_to_none=True)
     return grad_norm
+
+
+def grad_sync(net, sync: bool):
+    """Context for one accumulated batch's backward: with `sync` False the gradient all-reduce (DDP)
+    or reduce-scatter (FSDP) is held back, so a step's batches cost one sync, not one each."""
+    if sync:
+        return contextlib.nullcontext()
+    if isinstance(net, torch.nn.parallel.DistributedDataParallel):
+        return net.no_sync()
+    if _fsdp(net):
+        @contextlib.contextmanager
+        def unsynced():
+            net.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                net.set_requires_gradient_sync(True)
+        return unsynced()
+    return contextlib.nullcontext()
 
 
 def pick_device(name: str) -> torch.device:
@@ -431,6 +456,8 @@ def train(cfg: TrainConfig, data, rank: int = 0, world_size: int = 1, report=Non
     device = pick_device(cfg.device)
     cuda = device.type == "cuda"
     check_ratios(cfg.cond_ratios)  # fail before building anything
+    if cfg.grad_accum < 1:
+        raise ValueError(f"grad_accum must be >= 1, got {cfg.grad_accum}")
     if cfg.strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {cfg.strategy!r}")
     fsdp = world_size > 1 and cfg.strategy == "fsdp"
@@ -468,22 +495,32 @@ def train(cfg: TrainConfig, data, rank: int = 0, world_size: int = 1, report=Non
         if (cfg.max_seconds is not None or cfg.max_flops is not None) and _any_rank(over is not None, world_size):
             stop = over or "budget (another rank)"
             break
-        batch = next(batches)
-        packed: Packed = batch["packed"].to(device)
-        text, text_cu = batch["text"].to(device), batch["text_cu"].to(device)
         lr = lr_at(cfg, step)
         for g in opt.param_groups:
             g["lr"] = lr
-        drop = torch.rand(len(packed.grids), generator=gen, device=device) < cfg.cfg_dropout
-        clean = sample_clean_tokens(packed, cfg.cond_ratios, gen)  # (N,) bool held at t = 0, or None
+        losses, n_tok = [], 0
+        for k in range(cfg.grad_accum):
+            batch = next(batches)
+            packed: Packed = batch["packed"].to(device)
+            text, text_cu = batch["text"].to(device), batch["text_cu"].to(device)
+            drop = torch.rand(len(packed.grids), generator=gen, device=device) < cfg.cfg_dropout
+            clean = sample_clean_tokens(packed, cfg.cond_ratios, gen)  # (N,) bool held at t = 0, or None
 
-        def model_fn(z, t):
-            return net(z, t, packed.positions, packed.cu_seqlens, text, text_cu, drop)
+            def model_fn(z, t):
+                return net(z, t, packed.positions, packed.cu_seqlens, text, text_cu, drop)
 
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            loss = flow.loss(model_fn, packed.tokens, packed.cu_seqlens, generator=gen, clean=clean)
+            last = k == cfg.grad_accum - 1
+            with grad_sync(net, last):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                    loss = flow.loss(model_fn, packed.tokens, packed.cu_seqlens, generator=gen, clean=clean)
+                losses.append(loss.detach())
+                if not last:
+                    (loss / cfg.grad_accum).backward()
+            n_tok += packed.tokens.shape[0]
+            flops += 3 * model.flops_per_token(packed.seqlens.tolist(), len(text) / len(packed.grids)) * packed.tokens.shape[0]
         step += 1
-        grad_norm = guarded_update(loss, opt, model.parameters(), cfg.grad_clip, world_size, "step", step)
+        grad_norm = guarded_update(loss / cfg.grad_accum, opt, model.parameters(), cfg.grad_clip, world_size, "step",
+                                   step, check=torch.stack(losses))
         if grad_norm is None:
             skipped += 1
             continue
@@ -491,10 +528,8 @@ def train(cfg: TrainConfig, data, rank: int = 0, world_size: int = 1, report=Non
             decay = min(cfg.ema_decay, (1 + step) / (10 + step))
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(pm, 1 - decay)
-        n_tok = packed.tokens.shape[0]
-        flops += 3 * model.flops_per_token(packed.seqlens.tolist(), len(text) / len(packed.grids)) * n_tok
-        rec = {"step": step, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(), "skipped": skipped,
-               "tokens": n_tok, "flops": flops}
+        rec = {"step": step, "loss": torch.stack(losses).mean().item(), "lr": lr, "grad_norm": grad_norm.item(),
+               "skipped": skipped, "tokens": n_tok, "flops": flops}
         history.append(rec)
         if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.steps):
             log.info("step %d loss %.4f lr %.2e grad %.3f skipped %d", step, rec["loss"], lr, rec["grad_norm"], skipped)

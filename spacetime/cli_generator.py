@@ -281,6 +281,9 @@ def train_cmd(
                                      help="frame conditioning mix: 'tasks' (t2v plus the masks animate/extend/loop/"
                                           "transition need; see generator/conditioning.py), 't2v' (text only), "
                                           "or weights like none=0.5,first=0.3,last=0.2"),
+        grad_accum: int = typer.Option(1, "--grad-accum", min=1,
+                                       help="packed batches per optimizer step (an effective batch of K x "
+                                            "--max-tokens per worker; one gradient sync per step)"),
         window_rows: int = typer.Option(2048, "--window-rows", min=1,
                                         help="latents rows per shuffle window: tables larger than this are read a "
                                              "row group at a time and shuffled within windows (memory ~2x this many "
@@ -320,6 +323,8 @@ def train_cmd(
         if prev.get("latents_version") != data.version or prev.get("vae_sha") != data.vae_sha:
             _fail(f"{out} was trained on latents version {prev.get('latents_version')}, not {data.version}: "
                   f"resume would not be exact")
+        if prev.get("train", {}).get("grad_accum", 1) != grad_accum:
+            _fail(f"{out} was trained with --grad-accum {prev['train'].get('grad_accum', 1)}: pass the same to resume exactly")
         was = prev.get("train", {}).get("cond_ratios")
         if was is not None and check_ratios(was) != cond_ratios:
             _fail(f"{out} was trained with --cond-mix {','.join(f'{k}={w:g}' for k, w in check_ratios(was).items() if w)}: "
@@ -329,7 +334,7 @@ def train_cmd(
                       base_tokens=base_tokens, seed=seed, log_every=log_every, ckpt_dir=str(out),
                       ckpt_every=ckpt_every, resume=resume, max_seconds=budget_seconds, max_flops=budget_flops,
                       init_from=str(init_from) if init_from else None, strategy=strategy, cond_ratios=cond_ratios,
-                      compile=compile)
+                      compile=compile, grad_accum=grad_accum)
     if init_from is not None and not (init_from / "latest.json").is_file():
         _fail(f"--init-from {init_from}: no finished run there (latest.json missing)")
     clips_versions = sorted(set(data.table["clips_version"].to_pylist()))

@@ -94,6 +94,56 @@ def test_compiled_blocks_train_like_eager_without_recompiling_per_batch(pairs):
     assert compiled.model.state_dict().keys() == eager.model.state_dict().keys()  # checkpoints unchanged
 
 
+def test_grad_accum_steps_on_the_mean_gradient_of_its_batches(pairs, monkeypatch):
+    # grad_accum 2: the gradient an optimizer step sees is the mean of its two batches' gradients,
+    # each batch drawn with the noise, times, CFG drops and clean frames it would have had alone
+    from generator.conditioning import TASK_MIX, sample_clean_tokens
+    from generator.dit import DiT
+    from generator.train import PackedBatches
+
+    seen, clip = [], torch.nn.utils.clip_grad_norm_
+
+    def spy(params, c):  # the gradients as the optimizer step is about to clip them
+        params = list(params)
+        seen.append([p.grad.clone() for p in params])
+        return clip(params, c)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    cfg = small_cfg(steps=1, grad_accum=2, max_tokens=64, cond_ratios=TASK_MIX)
+    res = train(cfg, pairs)
+    assert res.step == 1 and len(seen) == 1
+    torch.manual_seed(cfg.seed)
+    model = DiT(cfg.dit)
+    batches = PackedBatches(pairs, cfg.dit.patch, cfg.max_tokens, cfg.seed)
+    gen, flow = torch.Generator().manual_seed(cfg.seed * 1000), RectifiedFlow(cfg.base_tokens)
+    for _ in range(2):
+        b = next(batches)
+        p, text, text_cu = b["packed"], b["text"], b["text_cu"]
+        drop = torch.rand(len(p.grids), generator=gen) < cfg.cfg_dropout
+        clean = sample_clean_tokens(p, cfg.cond_ratios, gen)
+        loss = flow.loss(lambda z, t: model(z, t, p.positions, p.cu_seqlens, text, text_cu, drop), p.tokens,
+                         p.cu_seqlens, generator=gen, clean=clean)
+        (loss / 2).backward()
+    for got, p in zip(seen[0], model.parameters(), strict=True):
+        torch.testing.assert_close(got, p.grad, rtol=1e-4, atol=1e-6)
+    assert res.history[0]["tokens"] == sum(batches.tokens[i] for i in batches._order[: batches.pos])
+
+
+def test_grad_accum_learns_resumes_exactly_and_skips_a_nan_batch(pairs, tmp_path):
+    full = train(small_cfg(steps=6, grad_accum=2, ckpt_dir=str(tmp_path / "a")), pairs)
+    part = str(tmp_path / "b")
+    first = train(small_cfg(steps=3, grad_accum=2, ckpt_dir=part), pairs)
+    rest = train(small_cfg(steps=6, grad_accum=2, ckpt_dir=part), pairs)
+    assert [h["loss"] for h in first.history + rest.history] == [h["loss"] for h in full.history]
+    bad = [(z.clone(), t) for z, t in pairs[:12]]
+    bad[0][0][0, 0, 0, 0] = float("nan")  # one sample per batch: the first step's first batch
+    res = train(small_cfg(steps=3, max_tokens=64, grad_accum=2), bad)
+    assert res.skipped == 1 and len(res.history) == 2
+    assert all(torch.isfinite(p).all() for p in res.model.parameters())
+    learn = train(small_cfg(steps=60, grad_accum=2, max_tokens=128), pairs)
+    losses = [h["loss"] for h in learn.history]
+    assert sum(losses[-10:]) < 0.8 * sum(losses[:10]), (losses[:10], losses[-10:])
+
+
 def test_nan_batch_is_skipped_and_counted(pairs):
     bad = [(z.clone(), t) for z, t in pairs[:12]]
     bad[0][0][0, 0, 0, 0] = float("nan")
@@ -239,3 +289,32 @@ def test_compiled_blocks_under_ddp_and_fsdp_over_two_ranks(pairs, tmp_path, run_
         for s in ("ddp", "fsdp"):
             assert len(out[f"{s}_True"]) == 4
             assert out[f"{s}_True"] == pytest.approx(out[f"{s}_False"], rel=1e-4, abs=1e-6), s
+
+
+def _accum_ranks_worker(rank, world, init_file, pairs, out_dir):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        out = {}
+        for s in ("ddp", "fsdp"):
+            res = train(small_cfg(steps=4, strategy=s, grad_accum=2, max_tokens=128), pairs, rank, world)
+            out[s] = {"loss": [h["loss"] for h in res.history], "grad": [h["grad_norm"] for h in res.history]}
+        with open(os.path.join(out_dir, f"accum{rank}.json"), "w") as f:
+            json.dump(out, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_grad_accum_under_ddp_and_fsdp_over_two_ranks(pairs, tmp_path, run_ranks):
+    """train --grad-accum 2 --workers 2: the held-back syncs (DDP no_sync, FSDP
+    set_requires_gradient_sync) still give one global gradient per step: DDP and FSDP agree."""
+    run_ranks(_accum_ranks_worker, (2, str(tmp_path / "pg"), pairs, str(tmp_path)), 2, 300)
+    ranks = [json.load(open(tmp_path / f"accum{r}.json")) for r in range(2)]
+    for r in ranks:
+        assert len(r["ddp"]["loss"]) == 4
+        assert r["fsdp"]["loss"] == pytest.approx(r["ddp"]["loss"], rel=1e-4)
+        assert r["fsdp"]["grad"] == pytest.approx(r["ddp"]["grad"], rel=1e-4)
+    assert ranks[0]["ddp"]["grad"] == pytest.approx(ranks[1]["ddp"]["grad"], rel=1e-6)  # one global norm
+    assert ranks[0]["ddp"]["loss"] != ranks[1]["ddp"]["loss"]  # each rank read its own batches
