@@ -9,7 +9,9 @@
 3. VAE peak memory, chunked encode + decode, at 4x frames / 1x frames (target <= 1.25): peak RSS
    growth on CPU (VmHWM reset through /proc/self/clear_refs), max_memory_allocated on CUDA.
 4. VAE training step with the perceptual / adversarial / both losses, each / plain L1 + MSE + KL.
-5. (CUDA) packed-attention backends, forward + backward on one mixed batch, each / the auto choice:
+5. (CPU) training batches from the latents table: peak memory streamed / the whole table read first,
+   and streamed at 2x the rows / 1x.
+6. (CUDA) packed-attention backends, forward + backward on one mixed batch, each / the auto choice:
    varlen, compiled flex with a block mask, the per-sample SDPA loop, a padded batch with a key mask.
 
 Needs only torch + einops + safetensors (+ torchvision for the VGG16 of the perceptual loss):  python benchmarks/generator.py [--quick]
@@ -221,6 +223,66 @@ def bench_vae_losses(device, size, frames=9, batch=2):
           + ", ".join(f"{k} {t / times['plain']:.2f}" for k, t in times.items() if k != "plain"))
 
 
+def write_latents_table(root, rows: int, latent=(16, 5, 24, 24), text=(77, 64)):
+    """A latents table of `rows` random rows (~240 KB each at the defaults), written as precompute does."""
+    from generator.precompute import LATENTS_SCHEMA, append_new, latents_path, tensor_to_bytes
+
+    grid = dict(zip(("frames", "height", "width"), latent[1:]))
+    for start in range(0, rows, 500):  # a few commits, as several precompute runs would leave
+        batch = [{"clip_id": f"{i:08d}", "bucket": grid, "pixels": grid, "frame_offset": 0, "fps": 24.0,
+                  "latent": tensor_to_bytes(torch.randn(latent), "latent"), "text_embedding": tensor_to_bytes(
+                      torch.randn(text), "text"), "caption": "", "vae_sha": "v", "text_encoder_sha": "t",
+                  "clips_version": 0} for i in range(start, min(rows, start + 500))]
+        append_new(latents_path(root), pa_table(batch, LATENTS_SCHEMA), {})
+
+
+def pa_table(rows, schema):
+    import pyarrow as pa
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def latent_read_growth(root, mode: str) -> int:
+    """Peak RSS growth (bytes) of one epoch of training batches from the table at `root`: `whole`
+    reads the table into memory first (what LatentBatches did), `stream` is LatentBatches now."""
+    from generator.data import LatentBatches, read_latents, row_tensors
+    from generator.patches import crop_to_patch
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_kb("VmRSS") * 1024
+    if mode == "whole":
+        table, _ = read_latents(root)
+        for i in range(table.num_rows):
+            crop_to_patch(row_tensors(table, i)[0], (1, 2, 2))
+    else:
+        b = LatentBatches(root, None, (1, 2, 2), max_tokens=4096, window_rows=256)
+        for _ in range(len(b)):
+            next(b)
+            if b.epoch:
+                break
+    return _status_kb("VmHWM") * 1024 - base
+
+
+def bench_latent_stream(rows: int):
+    """Training batches from the latents table: peak memory streamed (row groups in shuffled windows
+    of 256 rows) / the whole table read first, and streamed at 2x the rows / 1x (target ~1: flat)."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        growth = {}
+        for n in (rows, 2 * rows):
+            root = os.path.join(d, str(n))
+            write_latents_table(root, n)
+            for mode in ("whole", "stream"):
+                out = subprocess.run([sys.executable, __file__, "--latents-child", f"{root},{mode}"],
+                                     capture_output=True, text=True, check=True)
+                growth[n, mode] = int(out.stdout.strip().splitlines()[-1])
+    mib = {k: v / 2**20 for k, v in growth.items()}
+    print(f"[latents] one epoch of batches, {rows} / {2 * rows} rows of ~240 KB: peak growth whole table "
+          f"{mib[rows, 'whole']:.0f} / {mib[2 * rows, 'whole']:.0f} MiB, streamed {mib[rows, 'stream']:.0f} / "
+          f"{mib[2 * rows, 'stream']:.0f} MiB")
+    print(f"[latents] streamed / whole table = {growth[2 * rows, 'stream'] / growth[2 * rows, 'whole']:.2f}; "
+          f"streamed at 2x rows / 1x = {growth[2 * rows, 'stream'] / growth[rows, 'stream']:.2f} (target ~1)")
+
+
 def _status_kb(field):
     for line in open("/proc/self/status"):
         if line.startswith(field):
@@ -273,9 +335,14 @@ def main():
     ap.add_argument("--compile", action="store_true",
                     help="on CPU also time the step with compile_blocks (always on CUDA; the compile takes a while)")
     ap.add_argument("--vae-child", help=argparse.SUPPRESS)
+    ap.add_argument("--latents-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.latents_child:
+        root, mode = args.latents_child.split(",")
+        print(latent_read_growth(root, mode))
+        return
     if args.vae_child:
         T, size, chunk = map(int, args.vae_child.split(","))
         print(vae_peak_growth(device, T, size, chunk))
@@ -294,6 +361,7 @@ def main():
         bench_mfu(device, dtype, 384, 2, 2048 if args.quick else 4096, r, compiled=args.compile)
         bench_vae_memory(device, 17, 64 if args.quick else 128, 8)
         bench_vae_losses(device, 32 if args.quick else 64)
+        bench_latent_stream(1000 if args.quick else 1500)  # deltalake + pyarrow: the project's venv, not the GPU image
 
 
 if __name__ == "__main__":
