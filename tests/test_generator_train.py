@@ -215,12 +215,24 @@ def test_lr_schedules():
         lr_at(TrainConfig(lr_schedule="linear"), 0)
 
 
-def _ranks_worker(rank, world, init_file, pairs, out_dir):
-    """One rank: for DDP and FSDP, an uninterrupted run, then a run killed half-way and resumed."""
+def _on_gloo(rank, world, init_file, out_file, work):
+    """One CPU rank of a two-rank test: join the gloo group, run work() -> dict, write it as JSON."""
     import torch.distributed as dist
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
+        out = work()
+        with open(out_file, "w") as f:
+            json.dump(out, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _ranks_worker(rank, world, init_file, pairs, out_dir):
+    """One rank: for DDP and FSDP, an uninterrupted run, then a run killed half-way and resumed."""
+    import torch.distributed as dist
+
+    def work():
         out = {}
         for strategy in ("ddp", "fsdp"):
             ck = lambda name: os.path.join(out_dir, f"{strategy}_{name}")
@@ -237,10 +249,8 @@ def _ranks_worker(rank, world, init_file, pairs, out_dir):
         dist.all_gather_object(flops, full.history[1]["flops"])
         budget = train(small_cfg(steps=6, max_flops=sum(flops) / 2), pairs, rank, world)
         out["budget"] = {"step": budget.step, "stop": budget.stop_reason, "flops": flops}
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(out, f)
-    finally:
-        dist.destroy_process_group()
+        return out
+    _on_gloo(rank, world, init_file, os.path.join(out_dir, f"rank{rank}.json"), work)
 
 
 def test_fsdp_equals_ddp_and_both_resume_exactly_over_two_ranks(pairs, tmp_path, run_ranks):
@@ -267,16 +277,9 @@ def test_fsdp_equals_ddp_and_both_resume_exactly_over_two_ranks(pairs, tmp_path,
 
 
 def _compiled_ranks_worker(rank, world, init_file, pairs, out_dir):
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        out = {f"{s}_{c}": [h["loss"] for h in train(small_cfg(steps=4, strategy=s, compile=c), pairs, rank, world).history]
-               for s in ("ddp", "fsdp") for c in (False, True)}
-        with open(os.path.join(out_dir, f"compiled{rank}.json"), "w") as f:
-            json.dump(out, f)
-    finally:
-        dist.destroy_process_group()
+    _on_gloo(rank, world, init_file, os.path.join(out_dir, f"compiled{rank}.json"), lambda: {
+        f"{s}_{c}": [h["loss"] for h in train(small_cfg(steps=4, strategy=s, compile=c), pairs, rank, world).history]
+        for s in ("ddp", "fsdp") for c in (False, True)})
 
 
 @pytest.mark.slow
@@ -292,18 +295,10 @@ def test_compiled_blocks_under_ddp_and_fsdp_over_two_ranks(pairs, tmp_path, run_
 
 
 def _accum_ranks_worker(rank, world, init_file, pairs, out_dir):
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        out = {}
-        for s in ("ddp", "fsdp"):
-            res = train(small_cfg(steps=4, strategy=s, grad_accum=2, max_tokens=128), pairs, rank, world)
-            out[s] = {"loss": [h["loss"] for h in res.history], "grad": [h["grad_norm"] for h in res.history]}
-        with open(os.path.join(out_dir, f"accum{rank}.json"), "w") as f:
-            json.dump(out, f)
-    finally:
-        dist.destroy_process_group()
+    def run(s):
+        res = train(small_cfg(steps=4, strategy=s, grad_accum=2, max_tokens=128), pairs, rank, world)
+        return {"loss": [h["loss"] for h in res.history], "grad": [h["grad_norm"] for h in res.history]}
+    _on_gloo(rank, world, init_file, os.path.join(out_dir, f"accum{rank}.json"), lambda: {s: run(s) for s in ("ddp", "fsdp")})
 
 
 @pytest.mark.slow
