@@ -282,8 +282,8 @@ def train_cmd(
                                           "transition need; see generator/conditioning.py), 't2v' (text only), "
                                           "or weights like none=0.5,first=0.3,last=0.2"),
         grad_accum: int = typer.Option(1, "--grad-accum", min=1,
-                                       help="packed batches per optimizer step (an effective batch of K x "
-                                            "--max-tokens per worker; one gradient sync per step)"),
+                                       help="packed batches per optimizer step: the effective batch is this many times "
+                                            "--max-tokens per worker, with one gradient sync per step"),
         window_rows: int = typer.Option(2048, "--window-rows", min=1,
                                         help="latents rows per shuffle window: tables larger than this are read a "
                                              "row group at a time and shuffled within windows (memory ~2x this many "
