@@ -392,6 +392,9 @@ def retrain(sources: List[str] = typer.Option(..., "--sources", help="new raw fo
             vae_adversarial_weight: float = typer.Option(
                 0.0, "--vae-adversarial-weight", min=0.0, help="> 0: the VAE also trains against a 3D PatchGAN "
                                                                "(from half-way through its steps)"),
+            dit_grad_accum: int = typer.Option(1, "--dit-grad-accum", min=1,
+                                               help="the DiT stage's `train --grad-accum` (batches per optimizer step)"),
+            dit_compile: bool = typer.Option(False, "--dit-compile", help="the DiT stage's `train --compile`"),
             tiny: bool = typer.Option(False, "--tiny", help="tiny models (the demo's: minutes on 2 CPU cores)")):
     """Footage -> curate -> caption -> VAE -> latents -> DiT -> fixed-prompt samples -> eval -> report.
 
@@ -408,7 +411,8 @@ def retrain(sources: List[str] = typer.Option(..., "--sources", help="new raw fo
     if vae_perceptual is not None and not vae_perceptual.is_file():
         fail(f"perceptual weights not found: {vae_perceptual}")
     sizes = replace(RetrainConfig.tiny() if tiny else RetrainConfig(), vae_adversarial_weight=vae_adversarial_weight,
-                    vae_perceptual=str(vae_perceptual.resolve()) if vae_perceptual else None)
+                    vae_perceptual=str(vae_perceptual.resolve()) if vae_perceptual else None,
+                    dit_grad_accum=dit_grad_accum, dit_compile=dit_compile)
     try:
         stages = run_retrain(str(spec) if spec else None, list(sources), str(dataset), str(run),
                              str(from_checkpoint) if from_checkpoint else None, str(captioner) if captioner else None,

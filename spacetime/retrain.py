@@ -107,6 +107,8 @@ class RetrainConfig:
     dit_steps: int = 5000
     dit_preset: str = "DiT_S"
     max_tokens: int = 4096
+    dit_grad_accum: int = 1   # `spacetime train --grad-accum`
+    dit_compile: bool = False  # `spacetime train --compile` (same results to rounding: not in the stage key)
     cond_mix: str = "tasks"  # `spacetime train --cond-mix`: the DiT also learns animate/extend/loop/transition
     sample_frames: int = 9
     sample_size: int = 64
@@ -134,6 +136,25 @@ def train_vae_stage(cfg: RetrainConfig, root: str, version: int, out: Path) -> t
     if cfg.vae_adversarial_weight > 0:
         inputs["adversarial_weight"] = cfg.vae_adversarial_weight
         args += ["--adversarial-weight", str(cfg.vae_adversarial_weight), "--disc-start", str(cfg.vae_steps // 2)]
+    return inputs, args
+
+
+def train_dit_stage(cfg: RetrainConfig, root: str, latents_version: int, out: Path, vae_sha: str,
+                    from_checkpoint: str | None) -> tuple[dict, list[str]]:
+    """(the stage's inputs, for its reuse key; the `spacetime train` arguments)."""
+    inputs = {"latents_version": latents_version, "preset": cfg.dit_preset, "steps": cfg.dit_steps, "seed": cfg.seed,
+              "cond_mix": cfg.cond_mix}
+    args = ["train", "--dataset", root, "--latents-version", str(latents_version), "--out", str(out),
+            "--preset", cfg.dit_preset, "--steps", str(cfg.dit_steps), "--max-tokens", str(cfg.max_tokens),
+            "--lr", "1e-3" if cfg.dit_preset == "DiT_T" else "2e-4", "--warmup-steps", "20",
+            "--seed", str(cfg.seed), "--vae-sha", vae_sha, "--cond-mix", cfg.cond_mix]
+    if from_checkpoint:
+        args += ["--init-from", str(from_checkpoint)]
+    if cfg.dit_grad_accum > 1:  # keyed only when used, so earlier runs' keys still match
+        inputs["grad_accum"] = cfg.dit_grad_accum
+        args += ["--grad-accum", str(cfg.dit_grad_accum)]
+    if cfg.dit_compile:  # same results to rounding: not part of the key
+        args += ["--compile"]
     return inputs, args
 
 
@@ -252,19 +273,13 @@ def retrain(spec_path: Optional[str], sources: list[str], dataset: str, run_dir:
         import shutil
 
         shutil.rmtree(dit_dir, ignore_errors=True)  # inputs changed: a fresh run, not a resume of stale state
-        args = ["train", "--dataset", root, "--latents-version", str(lat["latents_version"]), "--out", str(dit_dir),
-                "--preset", cfg.dit_preset, "--steps", str(cfg.dit_steps), "--max-tokens", str(cfg.max_tokens),
-                "--lr", "1e-3" if cfg.dit_preset == "DiT_T" else "2e-4", "--warmup-steps", "20",
-                "--seed", str(cfg.seed), "--vae-sha", vae["sha256"], "--cond-mix", cfg.cond_mix]
-        if from_checkpoint:
-            args += ["--init-from", str(from_checkpoint)]
-        spacetime_cmd(args, logs / "train.log", log)
+        spacetime_cmd(dit_args, logs / "train.log", log)
         hist = [json.loads(line) for line in (dit_dir / "history.jsonl").read_text().splitlines() if line.strip()]
         return {"checkpoint": str(dit_dir), "checkpoint_sha": file_hash(dit_dir / "latest.json"),
                 "losses": [h["loss"] for h in hist], "from_checkpoint": from_checkpoint, "from_checkpoint_sha": prev}
 
-    dit = m.run("train", {"latents_version": lat["latents_version"], "preset": cfg.dit_preset, "steps": cfg.dit_steps,
-                          "from": prev, "seed": cfg.seed, "cond_mix": cfg.cond_mix}, do_train,
+    dit_inputs, dit_args = train_dit_stage(cfg, root, lat["latents_version"], dit_dir, vae["sha256"], from_checkpoint)
+    dit = m.run("train", {**dit_inputs, "from": prev}, do_train,
                 lambda o: (Path(o["checkpoint"]) / "latest.json").is_file(), log)
 
     # -- a fixed prompt set, sampled with a fixed seed: comparable before/after a retrain
