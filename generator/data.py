@@ -110,6 +110,7 @@ class LatentBatches(PackedBatches):
             table = table.filter(pc.starts_with(table["text_encoder_sha"], text_encoder_sha))
         _check_one_pair(table, path, self.version, vae_sha, text_encoder_sha)
         self.table = table.sort_by("clip_id")
+        self._check_size()
         self._unit_of = self.table["_unit"].to_numpy()
         self._row_in_unit = self.table["_row"].to_numpy()
         self._unit_rows = {}  # unit -> its sample indices (into the clip_id-sorted table), in order

@@ -100,6 +100,7 @@ class PackedBatches:
     def __init__(self, pairs, patch, max_tokens: int, seed: int = 0, rank: int = 0, world_size: int = 1):
         self.pairs, self.patch, self.max_tokens, self.seed = pairs, tuple(patch), max_tokens, seed
         self.rank, self.world_size = rank, world_size
+        self._check_size()
         self.tokens = [math.prod(s // p for s, p in zip(z.shape[1:], self.patch)) for z, _ in pairs]
         if max(self.tokens) > max_tokens:
             raise ValueError(f"a sample has {max(self.tokens)} tokens > max_tokens {max_tokens}")
@@ -108,6 +109,10 @@ class PackedBatches:
 
     def __len__(self):
         return len(self.pairs)
+
+    def _check_size(self):
+        if len(self) < self.world_size:  # a rank without samples would wait for a batch forever
+            raise ValueError(f"{len(self)} sample(s) for {self.world_size} rank(s): every rank needs at least one")
 
     def _epoch_order(self):
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)

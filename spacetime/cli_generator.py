@@ -314,6 +314,8 @@ def train_cmd(
                              window_rows=window_rows)
     except ValueError as e:
         _fail(str(e))
+    if workers > len(data):
+        _fail(f"{len(data)} latents for {workers} workers: every worker needs at least one")
     has_ckpt = (out / "latest.json").is_file()
     manifest_path = out / "run.json"
     if has_ckpt and not resume:

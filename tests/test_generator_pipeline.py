@@ -325,6 +325,8 @@ def test_train_dit_from_the_table_loss_falls(app, latents, dataset, tmp_path):
     assert r.exit_code == 2 and "--cond-mix none=0.4,first=0.2,last=0.2" in r.output, r.output
     r = CliRunner().invoke(app, [*args, "--steps", "85", "--resume", "--cond-mix", "none=1,sideways=2"])
     assert r.exit_code == 2 and "sideways" in r.output, r.output
+    r = CliRunner().invoke(app, [*args, "--steps", "85", "--resume", "--workers", "9"])  # 4 latents
+    assert r.exit_code == 2 and "every worker needs at least one" in r.output, r.output
     r = CliRunner().invoke(app, [*args, "--steps", "85", "--resume", "--grad-accum", "2"])
     assert r.exit_code == 2 and "--grad-accum 1" in r.output, r.output
     r = CliRunner().invoke(app, [*args, "--steps", "85", "--resume"])

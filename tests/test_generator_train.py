@@ -128,6 +128,14 @@ def test_grad_accum_steps_on_the_mean_gradient_of_its_batches(pairs, monkeypatch
     assert res.history[0]["tokens"] == sum(batches.tokens[i] for i in batches._order[: batches.pos])
 
 
+def test_more_ranks_than_samples_is_an_error_not_a_hang(pairs):
+    from generator.train import PackedBatches
+    with pytest.raises(ValueError, match=r"2 sample\(s\) for 3 rank"):
+        PackedBatches(pairs[:2], (1, 2, 2), 256, rank=2, world_size=3)
+    with pytest.raises(ValueError, match=r"0 sample\(s\) for 1 rank"):
+        PackedBatches([], (1, 2, 2), 256)
+
+
 def test_grad_accum_learns_resumes_exactly_and_skips_a_nan_batch(pairs, tmp_path):
     full = train(small_cfg(steps=6, grad_accum=2, ckpt_dir=str(tmp_path / "a")), pairs)
     part = str(tmp_path / "b")
