@@ -225,6 +225,8 @@ def bench_vae_losses(device, size, frames=9, batch=2):
 
 def write_latents_table(root, rows: int, latent=(16, 5, 24, 24), text=(77, 64)):
     """A latents table of `rows` random rows (~240 KB each at the defaults), written as precompute does."""
+    import pyarrow as pa
+
     from generator.precompute import LATENTS_SCHEMA, append_new, latents_path, tensor_to_bytes
 
     grid = dict(zip(("frames", "height", "width"), latent[1:]))
@@ -233,12 +235,7 @@ def write_latents_table(root, rows: int, latent=(16, 5, 24, 24), text=(77, 64)):
                   "latent": tensor_to_bytes(torch.randn(latent), "latent"), "text_embedding": tensor_to_bytes(
                       torch.randn(text), "text"), "caption": "", "vae_sha": "v", "text_encoder_sha": "t",
                   "clips_version": 0} for i in range(start, min(rows, start + 500))]
-        append_new(latents_path(root), pa_table(batch, LATENTS_SCHEMA), {})
-
-
-def pa_table(rows, schema):
-    import pyarrow as pa
-    return pa.Table.from_pylist(rows, schema=schema)
+        append_new(latents_path(root), pa.Table.from_pylist(batch, schema=LATENTS_SCHEMA), {})
 
 
 def latent_read_growth(root, mode: str) -> int:
@@ -246,9 +243,7 @@ def latent_read_growth(root, mode: str) -> int:
     reads the table into memory first (what LatentBatches did), `stream` is LatentBatches now."""
     from generator.data import LatentBatches, read_latents, row_tensors
     from generator.patches import crop_to_patch
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _status_kb("VmRSS") * 1024
+    base = reset_peak_rss()
     if mode == "whole":
         table, _ = read_latents(root)
         for i in range(table.num_rows):
@@ -272,15 +267,28 @@ def bench_latent_stream(rows: int):
             root = os.path.join(d, str(n))
             write_latents_table(root, n)
             for mode in ("whole", "stream"):
-                out = subprocess.run([sys.executable, __file__, "--latents-child", f"{root},{mode}"],
-                                     capture_output=True, text=True, check=True)
-                growth[n, mode] = int(out.stdout.strip().splitlines()[-1])
+                growth[n, mode] = in_child("--latents-child", f"{root},{mode}")
     mib = {k: v / 2**20 for k, v in growth.items()}
     print(f"[latents] one epoch of batches, {rows} / {2 * rows} rows of ~240 KB: peak growth whole table "
           f"{mib[rows, 'whole']:.0f} / {mib[2 * rows, 'whole']:.0f} MiB, streamed {mib[rows, 'stream']:.0f} / "
           f"{mib[2 * rows, 'stream']:.0f} MiB")
     print(f"[latents] streamed / whole table = {growth[2 * rows, 'stream'] / growth[2 * rows, 'whole']:.2f}; "
           f"streamed at 2x rows / 1x = {growth[2 * rows, 'stream'] / growth[rows, 'stream']:.2f} (target ~1)")
+
+
+def in_child(flag: str, arg: str) -> int:
+    """A memory measurement in a fresh process (freed heap pages stay resident, so a second one in
+    this process would read low): this script with `flag arg`, its last stdout line as an int."""
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), flag, arg], capture_output=True, text=True,
+                         check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def reset_peak_rss() -> int:
+    """Reset VmHWM (peak RSS) to the current RSS, and return that RSS in bytes."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kb("VmRSS") * 1024
 
 
 def _status_kb(field):
@@ -303,9 +311,7 @@ def vae_peak_growth(device, frames, size, chunk):
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         else:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset VmHWM (peak RSS) to the current RSS
-            base = _status_kb("VmRSS") * 1024
+            base = reset_peak_rss()
         vae.decode(vae.encode(x, chunk_frames=chunk).mean, chunk_frames=chunk)
         peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _status_kb("VmHWM") * 1024
     return peak - base
@@ -316,11 +322,7 @@ def bench_vae_memory(device, frames, size, chunk):
     if device.type == "cuda":
         peaks = [vae_peak_growth(device, T, size, chunk) for T in sizes]
     else:
-        peaks = []
-        for T in sizes:
-            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--vae-child", f"{T},{size},{chunk}"],
-                                 capture_output=True, text=True, check=True)
-            peaks.append(int(out.stdout.strip().splitlines()[-1]))
+        peaks = [in_child("--vae-child", f"{T},{size},{chunk}") for T in sizes]
     print(f"[vae] chunked ({chunk} frames) encode+decode at {size}x{size}: peak growth {sizes[0]} frames "
           f"{peaks[0] / 2**20:.0f} MiB, {sizes[1]} frames {peaks[1] / 2**20:.0f} MiB "
           f"(input + output video grow 4x: {2 * 3 * 4 * size * size * (sizes[1] - sizes[0]) / 2**20:.0f} MiB more)")

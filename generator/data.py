@@ -6,7 +6,7 @@
 Rows are sorted by clip_id, then each epoch is a seeded permutation (seed, epoch; windowed over row
 groups for tables of more than `window_rows` rows); a batch takes samples in that order while they
 fit in `max_tokens` (Patch n' Pack: mixed durations and aspect ratios in one sequence), never
-straddling an epoch. Rank r of W reads every W-th sample of each epoch's permutation.
+straddling an epoch. Rank r of W reads every W-th sample (of a large table, every W-th row group).
 state_dict() = (epoch, position, table version, row count): resume is exact, and refuses a table
 that is not the one the run started on.
 
@@ -32,20 +32,23 @@ def read_latents(root, version: int | None = None, vae_sha: str | None = None,
 
     vae_sha / text_encoder_sha pick the encoder pair (prefix match); when the table holds several
     pairs one must be named (ValueError lists them). Rows are sorted by clip_id."""
-    path = latents_path(root)
-    dt = open_version(path, version, f"no latents table under {root} (run `spacetime precompute` first)")
+    path, dt = _open_latents(root, version)
     keys = ["clip_id", "vae_sha", "text_encoder_sha"]
     table = arrow_table(dt, None if columns is None else sorted(set(columns) | set(keys)))
+    return _one_pair(table, path, dt.version(), vae_sha, text_encoder_sha), dt.version()
+
+
+def _open_latents(root, version):
+    path = latents_path(root)
+    return path, open_version(path, version, f"no latents table under {root} (run `spacetime precompute` first)")
+
+
+def _one_pair(table: pa.Table, path: str, version: int, vae_sha, text_encoder_sha) -> pa.Table:
+    """The rows of the encoder pair the sha prefixes pick (ValueError when none or several), by clip_id."""
     if vae_sha:
         table = table.filter(pc.starts_with(table["vae_sha"], vae_sha))
     if text_encoder_sha:
         table = table.filter(pc.starts_with(table["text_encoder_sha"], text_encoder_sha))
-    _check_one_pair(table, path, dt.version(), vae_sha, text_encoder_sha)
-    table = table.sort_by("clip_id")
-    return table, dt.version()
-
-
-def _check_one_pair(table: pa.Table, path: str, version: int, vae_sha, text_encoder_sha) -> None:
     pairs = sorted(set(zip(table["vae_sha"].to_pylist(), table["text_encoder_sha"].to_pylist())))
     if len(pairs) > 1:
         listed = ", ".join(f"vae {v[:12]} / text {t[:12]}" for v, t in pairs)
@@ -53,6 +56,7 @@ def _check_one_pair(table: pa.Table, path: str, version: int, vae_sha, text_enco
                          f"text_encoder_sha")
     if table.num_rows == 0:
         raise ValueError(f"no latents rows in {path} version {version} for vae {vae_sha} / text {text_encoder_sha}")
+    return table.sort_by("clip_id")
 
 
 def row_tensors(table: pa.Table, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,8 +93,7 @@ class LatentBatches(PackedBatches):
                  window_rows: int = 2048):
         self.root, self.patch, self.max_tokens, self.seed = str(Path(root)), tuple(patch), max_tokens, seed
         self.rank, self.world_size, self.window_rows = rank, world_size, window_rows
-        path = latents_path(root)
-        dt = open_version(path, version, f"no latents table under {root} (run `spacetime precompute` first)")
+        path, dt = _open_latents(root, version)
         self.version = dt.version()
         ds = dt.to_pyarrow_dataset()
         self._schema = ds.schema
@@ -103,13 +106,7 @@ class LatentBatches(PackedBatches):
                           .append_column("_row", pa.array(range(t.num_rows), pa.int32())))
         if not parts:
             raise ValueError(f"no latents rows in {path} version {self.version}")
-        table = pa.concat_tables(parts)
-        if vae_sha:
-            table = table.filter(pc.starts_with(table["vae_sha"], vae_sha))
-        if text_encoder_sha:
-            table = table.filter(pc.starts_with(table["text_encoder_sha"], text_encoder_sha))
-        _check_one_pair(table, path, self.version, vae_sha, text_encoder_sha)
-        self.table = table.sort_by("clip_id")
+        self.table = _one_pair(pa.concat_tables(parts), path, self.version, vae_sha, text_encoder_sha)
         self._check_size()
         self._unit_of = self.table["_unit"].to_numpy()
         self._row_in_unit = self.table["_row"].to_numpy()
@@ -147,13 +144,13 @@ class LatentBatches(PackedBatches):
         shard = len(units) >= 4 * self.world_size
         if shard:
             perm = perm[self.rank::self.world_size]
+        shuffled = lambda rows: [rows[j] for j in torch.randperm(len(rows), generator=g).tolist()]
         order, window = [], []
         for k in perm:
             window += self._unit_rows[units[k]]
             if len(window) >= self.window_rows:
-                order += [window[j] for j in torch.randperm(len(window), generator=g).tolist()]
-                window = []
-        order += [window[j] for j in torch.randperm(len(window), generator=g).tolist()]
+                order, window = order + shuffled(window), []
+        order += shuffled(window)
         return order if shard else order[self.rank::self.world_size]
 
     def _columns(self, u: int):

@@ -521,8 +521,9 @@ def train(cfg: TrainConfig, data, rank: int = 0, world_size: int = 1, report=Non
                 losses.append(loss.detach())
                 if not last:
                     (loss / cfg.grad_accum).backward()
-            n_tok += packed.tokens.shape[0]
-            flops += 3 * model.flops_per_token(packed.seqlens.tolist(), len(text) / len(packed.grids)) * packed.tokens.shape[0]
+            n = packed.tokens.shape[0]
+            n_tok += n
+            flops += 3 * model.flops_per_token(packed.seqlens.tolist(), len(text) / len(packed.grids)) * n
         step += 1
         grad_norm = guarded_update(loss / cfg.grad_accum, opt, model.parameters(), cfg.grad_clip, world_size, "step",
                                    step, check=torch.stack(losses))
