@@ -2,15 +2,17 @@
 
     video = sample(model, vae, text, frames=17, height=256, width=448, steps=50, cfg_scale=4.0, seed=0)
     write_video(video, "out.mp4")
+    videos = sample_batch(model, vae, [text_a, text_b], frames=17, seeds=[0, 0])  # one packed batch
 
 The path from prompt to pixels: text embedding (L, D_text) -> seeded noise in latent tokens over the
 patch grid of the requested size -> rectified-flow sampler (Euler or Heun) with classifier-free
 guidance against the model's null text -> vae.from_dit (unscale, unshift) -> VAE decode (chunked in time,
 tiled in space for big frames) -> video (3, T, H, W) in [-1, 1].
 
-`generate_latent` is the shared core: the tasks (generator/tasks.py) call it with frames held clean
-(conditioning) and with a partial schedule that starts from a noised input (SDEdit). Sizes are in
-pixels and frames; a latent is (C, t, h, w). The same seed gives the same video.
+`generate_latents` is the shared core: any number of samples of any sizes packed into one batch (Patch
+n' Pack at inference), each the same as it would be alone. The tasks (generator/tasks.py) call it with
+frames held clean (conditioning) and with a partial schedule that starts from a noised input (SDEdit).
+Sizes are in pixels and frames; a latent is (C, t, h, w). The same seed gives the same video.
 """
 import json
 import math
@@ -166,84 +168,121 @@ class PartialSchedule(RectifiedFlow):
         return shift_t(u[None], self.shift(lens)[:, None])
 
 
+def embed_texts(texts, text_encoder, text_dim: int) -> list[torch.Tensor]:
+    """(L, text_dim) embeddings of `texts`: tensors pass through; the strings go through
+    text_encoder(list[str]) -> list[(L, D)] in one call. ValueError on a missing encoder or wrong width."""
+    strings = [t for t in texts if isinstance(t, str)]
+    if strings and text_encoder is None:
+        raise ValueError("text is a string but no text_encoder was given")
+    encoded = iter(text_encoder(strings) if strings else [])
+    out = [next(encoded) if isinstance(t, str) else t for t in texts]
+    for e in out:
+        if e.ndim != 2 or e.shape[1] != text_dim or e.shape[0] < 1:
+            raise ValueError(f"text embedding must be (L >= 1, {text_dim}), got {tuple(e.shape)}")
+    return out
+
+
 def embed_text(text, text_encoder, text_dim: int) -> torch.Tensor:
-    """(L, text_dim) embedding of `text`: a tensor passes through; a string goes through
-    text_encoder(list[str]) -> list[(L, D)]. ValueError on a missing encoder or wrong width."""
-    if isinstance(text, str):
-        if text_encoder is None:
-            raise ValueError("text is a string but no text_encoder was given")
-        text = text_encoder([text])[0]
-    if text.ndim != 2 or text.shape[1] != text_dim or text.shape[0] < 1:
-        raise ValueError(f"text embedding must be (L >= 1, {text_dim}), got {tuple(text.shape)}")
-    return text
+    """embed_texts for one text."""
+    return embed_texts([text], text_encoder, text_dim)[0]
 
 
 @torch.no_grad()
-def generate_latent(model: DiT, text, latent_shape, *, steps: int = 50, cfg_scale: float = 4.0, seed: int = 0,
-                    method: str = "euler", base_tokens: int = 256, cond=None, cond_frames=None, init=None,
-                    strength: float = 1.0) -> torch.Tensor:
-    """Sample one scaled latent (C, t, h, w).
+def generate_latents(model: DiT, texts, shapes, seeds, *, steps: int = 50, cfg_scale: float = 4.0,
+                     method: str = "euler", base_tokens: int = 256, conds=None, inits=None,
+                     strength: float = 1.0) -> list[torch.Tensor]:
+    """Sample scaled latents (C, t, h, w), one per (texts[i], shapes[i], seeds[i]), packed into ONE batch:
+    each step is one forward over every sample and, for CFG, its null-text twin (DiT's sample.py).
 
-    text: (L, text_dim) embedding. cond / cond_frames: a latent (C, t, h, w) and a (t,) bool mask of
-    its latent frames that are given and held clean (t = 0) throughout. init / strength: SDEdit —
-    start from `init` (C, t, h, w) noised to unshifted time `strength` in (0, 1] and integrate
-    round(steps * strength) steps to 0; strength 1 ignores init. Noise comes from `seed` alone."""
+    Sample i equals what it would be alone: attention is block-diagonal, and its noise (from seeds[i]
+    alone) and time grid (its own resolution shift) are its own. conds: per sample None or (cond latent
+    (C, t, h, w), (t,) bool mask of latent frames given and held clean at t = 0). inits / strength:
+    SDEdit — start each sample from inits[i] noised to unshifted time `strength` in (0, 1] and integrate
+    round(steps * strength) steps to 0; strength 1 ignores inits."""
+    B = len(texts)
+    if not B or len(shapes) != B or len(seeds) != B:
+        raise ValueError(f"need one shape and one seed per text: {B} texts, {len(shapes)} shapes, {len(seeds)} seeds")
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     device = next(model.parameters()).device
-    C, t, h, w = latent_shape
-    p = pack([torch.zeros(C, t, h, w, device=device)], model.cfg.patch)
-    text = text.to(device, torch.float32)
+    zeros = [torch.zeros(*s, device=device) for s in shapes]
+    p = pack(zeros, model.cfg.patch)
+    texts = [t.to(device, torch.float32) for t in texts]
     if cfg_scale == 1.0:
-        y, ycu = pack_sequences([text])
+        y, ycu = pack_sequences(texts)
         velocity = lambda z, tt: model(z, tt, p.positions, p.cu_seqlens, y, ycu)
-    else:  # the conditional and unconditional velocities in ONE packed forward (DiT's sample.py)
-        p2 = pack([torch.zeros(C, t, h, w, device=device)] * 2, model.cfg.patch)
-        y2, ycu2 = pack_sequences([text, text])
-        drop = torch.tensor([False, True], device=device)
+    else:  # the conditional and unconditional velocities in ONE packed forward
+        p2 = pack(zeros * 2, model.cfg.patch)
+        y2, ycu2 = pack_sequences(texts * 2)
+        drop = torch.arange(2 * B, device=device) >= B
 
         def velocity(z, tt):
             v, vu = model(torch.cat([z, z]), torch.cat([tt, tt]), p2.positions, p2.cu_seqlens, y2, ycu2,
                           drop_text=drop).chunk(2)
             return vu + cfg_scale * (v - vu)
 
-    g = torch.Generator().manual_seed(seed)  # CPU generator: the same noise on any device
-    noise = torch.randn(p.tokens.shape, generator=g).to(device)
+    lens = (p.cu_seqlens[1:] - p.cu_seqlens[:-1]).tolist()
+    D = p.tokens.shape[1]  # a CPU generator per sample: the same noise on any device, in any batch
+    noise = torch.cat([torch.randn(n, D, generator=torch.Generator().manual_seed(s)) for n, s in zip(lens, seeds)])
+    noise = noise.to(device)
     flow = PartialSchedule(strength, base_tokens=base_tokens)
     n_steps = steps
-    if strength < 1.0 and init is not None:
-        x0 = pack([init.to(device, torch.float32)], model.cfg.patch).tokens
-        t0 = flow.timesteps(1, p.cu_seqlens)[0, 0]
+    if strength < 1.0:
+        if inits is None or any(x is None for x in inits):
+            raise ValueError("strength < 1 needs an init latent to start from")
+        x0 = pack([x.to(device, torch.float32) for x in inits], model.cfg.patch).tokens
+        t0 = flow.timesteps(1, p.cu_seqlens)[:, 0].repeat_interleave(torch.tensor(lens, device=device))[:, None]
         noise = (1 - t0) * x0 + t0 * noise  # z at t0 on the straight path from the input to the noise
         n_steps = max(1, round(steps * strength))
-    elif strength < 1.0:
-        raise ValueError("strength < 1 needs an init latent to start from")
 
     clean = x_clean = None
-    if cond is not None:
-        if cond.shape != (C, t, h, w) or cond_frames is None or len(cond_frames) != t:
-            raise ValueError(f"cond must be a latent {(C, t, h, w)} with a ({t},) frame mask")
-        clean = token_mask([cond_frames.cpu()], p.grids, p.patch).to(device)
-        x_clean = pack([cond.to(device, torch.float32)], model.cfg.patch).tokens
+    if conds is not None and any(c is not None for c in conds):
+        masks, held = [], []
+        for (C, t, h, w), c in zip(shapes, conds):
+            cond, frames = c if c is not None else (torch.zeros(C, t, h, w), torch.zeros(t, dtype=torch.bool))
+            if cond.shape != (C, t, h, w) or frames is None or len(frames) != t:
+                raise ValueError(f"cond must be a latent {(C, t, h, w)} with a ({t},) frame mask")
+            masks.append(torch.as_tensor(frames).cpu())
+            held.append(cond.to(device, torch.float32))
+        clean = token_mask(masks, p.grids, p.patch).to(device)
+        x_clean = pack(held, model.cfg.patch).tokens
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         x = flow.sample(velocity, noise, p.cu_seqlens, steps=n_steps, method=method, clean=clean, x_clean=x_clean)
-    return unpack(x.float(), p)[0]
+    return unpack(x.float(), p)
+
+
+def generate_latent(model: DiT, text, latent_shape, *, seed: int = 0, cond=None, cond_frames=None, init=None,
+                    **kw) -> torch.Tensor:
+    """generate_latents for one sample: text (L, text_dim), cond / cond_frames as one of its conds,
+    init as its init; the other keywords are generate_latents'."""
+    return generate_latents(model, [text], [latent_shape], [seed], conds=None if cond is None else [(cond, cond_frames)],
+                            inits=None if init is None else [init], **kw)[0]
+
+
+def sample_batch(model: DiT, vae: VAE, texts, frames: int = 1, height: int = 256, width: int = 256, steps: int = 50,
+                 cfg_scale: float = 4.0, seeds=None, method: str = "euler", base_tokens: int = 256,
+                 text_encoder=None) -> list[torch.Tensor]:
+    """Text-to-video (frames > 1) or text-to-image (frames = 1) for several texts at one size, in one
+    packed batch -> videos (3, T, H, W) in [-1, 1]; video i equals sample(texts[i], seed=seeds[i]).
+
+    texts: prompt strings (need text_encoder(list[str]) -> list[(L, D)]) or their (L, D) embeddings.
+    seeds: one per text (default 0 for each). frames / height / width: pixels; rounded to the patch
+    grid with a warning (see fit_size). base_tokens: the training config's resolution-shift reference
+    (load_model returns it)."""
+    frames, height, width = fit_size(vae, model.cfg.patch, frames, height, width)
+    embs = embed_texts(texts, text_encoder, model.cfg.text_dim)
+    shape = vae.latent_shape(frames, height, width)
+    latents = generate_latents(model, embs, [shape] * len(embs), list(seeds or [0] * len(embs)), steps=steps,
+                               cfg_scale=cfg_scale, method=method, base_tokens=base_tokens)
+    return [decode_latent(vae, z) for z in latents]
 
 
 def sample(model: DiT, vae: VAE, text, frames: int = 1, height: int = 256, width: int = 256, steps: int = 50,
            cfg_scale: float = 4.0, seed: int = 0, method: str = "euler", base_tokens: int = 256,
            text_encoder=None) -> torch.Tensor:
-    """Text-to-video (frames > 1) or text-to-image (frames = 1) -> video (3, T, H, W) in [-1, 1].
-
-    text: a prompt string (needs text_encoder(list[str]) -> list[(L, D)]) or its (L, D) embedding.
-    frames / height / width: pixels; rounded to the patch grid with a warning (see fit_size).
-    base_tokens: the training config's resolution-shift reference (load_model returns it)."""
-    frames, height, width = fit_size(vae, model.cfg.patch, frames, height, width)
-    emb = embed_text(text, text_encoder, model.cfg.text_dim)
-    shape = vae.latent_shape(frames, height, width)
-    latent = generate_latent(model, emb, shape, steps=steps, cfg_scale=cfg_scale, seed=seed, method=method,
-                             base_tokens=base_tokens)
-    return decode_latent(vae, latent)
+    """sample_batch for one text -> video (3, T, H, W) in [-1, 1]."""
+    return sample_batch(model, vae, [text], frames, height, width, steps, cfg_scale, [seed], method, base_tokens,
+                        text_encoder)[0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""`spacetime sample` (text-to-video / text-to-image) and `spacetime generate` (the image and video
-prompting tasks, prompt upsampled first). `register(app)` adds both to the spacetime Typer app.
+"""`spacetime sample` (text-to-video / text-to-image: one prompt, or a file of prompts in packed batches)
+and `spacetime generate` (the image and video prompting tasks). Prompts are upsampled first. `register(app)` adds both to the spacetime Typer app.
 
 Each writes the video (.mp4) or image (.png) atomically and a JSON sidecar `<out>.json` with what
 made it: prompt, upsampled prompt, seed, task, sizes, sampler settings and the checkpoints' sha256.
@@ -50,39 +50,92 @@ def _sidecar(out: Path, record: dict) -> Path:
     return write_json(record, out.with_name(out.name + ".json"))
 
 
-def sample_cmd(prompt: str = typer.Option(..., "--prompt", help="what to generate"),
+def _upsample(prompts: list[str], upsampler: Optional[Path], seed: int) -> list[str]:
+    """Each prompt expanded by the upsampler (loaded once); as written, with a warning, without one."""
+    from captioner.upsample import load_upsampler, upsample
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        backend = load_upsampler(upsampler)
+        texts = [upsample(p, backend, seed=seed) for p in prompts]
+    for w in caught:
+        typer.echo(f"warning: {w.message}", err=True)
+    for p, t in zip(prompts, texts):
+        typer.echo(f"upsampled prompt: {t}" if len(prompts) == 1 else f"upsampled prompt: {p!r} -> {t}", err=True)
+    return texts
+
+
+def read_prompts(path: Path) -> list[str]:
+    """One prompt per line; blank lines and lines starting with '#' are skipped."""
+    if not path.is_file():
+        raise ValueError(f"prompts file {path} not found")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise ValueError(f"prompts file {path} holds no prompts")
+    return prompts
+
+
+def sample_cmd(prompt: Optional[str] = typer.Option(None, "--prompt", help="what to generate"),
+               prompts: Optional[Path] = typer.Option(
+                   None, "--prompts", help="a file of prompts, one per line ('#' lines skipped), sampled in packed "
+                                           "batches into --out-dir as prompt_<i>.mp4 / .png; each as --prompt with "
+                                           "the same --seed would give it"),
                frames: int = typer.Option(17, "--frames", min=1, help="frames (1 = an image; rounded to 1 + 4k)"),
                height: int = typer.Option(256, "--height", min=1, help="pixels (rounded to the patch grid)"),
                width: int = typer.Option(256, "--width", min=1, help="pixels (rounded to the patch grid)"),
                checkpoint: Path = typer.Option(..., "--checkpoint", help="DiT: training checkpoint dir/file or save_dit file"),
                vae: Path = typer.Option(..., "--vae", help="VAE safetensors (save_vae)"),
-               out: Path = typer.Option(..., "--out", help="output .mp4 (or .png for one frame)"),
+               out: Optional[Path] = typer.Option(None, "--out", help="output .mp4 (or .png for one frame), with --prompt"),
+               out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="output directory, with --prompts"),
+               batch_size: int = typer.Option(8, "--batch-size", min=1,
+                                              help="--prompts: samples packed into one forward (memory grows with it)"),
+               no_upsample: bool = typer.Option(False, "--no-upsample", help="use the prompts as written"),
+               upsampler: Optional[Path] = typer.Option(None, "--upsampler", help="prompt upsampler dir (T5 or local LLM)"),
                seed: int = typer.Option(0, "--seed"),
                steps: int = typer.Option(50, "--steps", min=1),
                cfg: float = typer.Option(4.0, "--cfg", help="classifier-free guidance scale"),
                method: str = typer.Option("euler", "--method", help="euler | heun"),
                fps: float = typer.Option(24.0, "--fps"),
                text_encoder: str = typer.Option("words", "--text-encoder")):
-    """Text-to-video or text-to-image with a trained DiT + VAE (the prompt is used as written)."""
-    from generator.sample import sample, write_video
+    """Text-to-video or text-to-image with a trained DiT + VAE: one --prompt into --out, or a --prompts
+    file into --out-dir. Prompts are upsampled first (--no-upsample to skip)."""
+    from generator.sample import sample_batch, write_video
     try:
-        if out.suffix.lower() not in (".mp4", ".png"):
-            raise ValueError(f"--out must end in .mp4 or .png, got {out.name!r}")
+        if (prompt is None) == (prompts is None):
+            raise ValueError("give one of --prompt (with --out) or --prompts (with --out-dir)")
+        if prompt is not None:
+            if out is None or out_dir is not None:
+                raise ValueError("--prompt writes one file: give --out (not --out-dir)")
+            if out.suffix.lower() not in (".mp4", ".png"):
+                raise ValueError(f"--out must end in .mp4 or .png, got {out.name!r}")
+            asked = [prompt]
+        else:
+            if out_dir is None or out is not None:
+                raise ValueError("--prompts writes one file per prompt: give --out-dir (not --out)")
+            asked = read_prompts(prompts)
+        texts = list(asked) if no_upsample else _upsample(asked, upsampler, seed)
         model, codec, base_tokens, info = _load(checkpoint, vae)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            video = sample(model, codec, prompt, frames, height, width, steps, cfg, seed, method, base_tokens,
-                           text_encoder=_text_encoder(text_encoder, model.cfg.text_dim))
-        for w in caught:
-            typer.echo(f"warning: {w.message}", err=True)
-        write_video(video, out, fps)
+        encode = _text_encoder(text_encoder, model.cfg.text_dim)
+        paths = [out] if prompt is not None else [
+            out_dir / f"prompt_{i}{'.png' if frames == 1 else '.mp4'}" for i in range(len(asked))]
+        for lo in range(0, len(texts), batch_size):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                videos = sample_batch(model, codec, texts[lo:lo + batch_size], frames, height, width, steps, cfg,
+                                      [seed] * len(texts[lo:lo + batch_size]), method, base_tokens, encode)
+            for w in caught if lo == 0 else ():
+                typer.echo(f"warning: {w.message}", err=True)
+            for i, video in enumerate(videos, lo):
+                write_video(video, paths[i], fps)
+                _, T, H, W = video.shape
+                _sidecar(paths[i], {"task": "sample", "prompt": asked[i],
+                                    "upsampled_prompt": None if no_upsample else texts[i],
+                                    "upsampler": None if no_upsample or upsampler is None else str(upsampler),
+                                    "seed": seed, "frames": T, "height": H, "width": W, "steps": steps, "cfg": cfg,
+                                    "method": method, "fps": fps, "text_encoder": text_encoder, **info})
+                typer.echo(f"wrote {paths[i]} ({T} frames, {W}x{H})")
     except ValueError as e:
         _fail(str(e))
-    _, T, H, W = video.shape
-    _sidecar(out, {"task": "sample", "prompt": prompt, "upsampled_prompt": None, "seed": seed, "frames": T,
-                   "height": H, "width": W, "steps": steps, "cfg": cfg, "method": method, "fps": fps,
-                   "text_encoder": text_encoder, **info})
-    typer.echo(f"wrote {out} ({T} frames, {W}x{H})")
 
 
 def generate_cmd(task: str = typer.Option(..., "--task", help="|".join(TASKS)),
@@ -119,15 +172,7 @@ def generate_cmd(task: str = typer.Option(..., "--task", help="|".join(TASKS)),
         for p in inputs:
             if not p.is_file():
                 raise ValueError(f"input {p} not found")
-        text = prompt
-        if not no_upsample:
-            from captioner.upsample import load_upsampler, upsample
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                text = upsample(prompt, load_upsampler(upsampler), seed=seed)
-            for w in caught:
-                typer.echo(f"warning: {w.message}", err=True)
-            typer.echo(f"upsampled prompt: {text}", err=True)
+        text = prompt if no_upsample else _upsample([prompt], upsampler, seed)[0]
         model, codec, base_tokens, info = _load(checkpoint, vae)
         from generator.sample import trained_cond_ratios
         mix = trained_cond_ratios(checkpoint)
@@ -156,6 +201,8 @@ def generate_cmd(task: str = typer.Option(..., "--task", help="|".join(TASKS)),
 
 def register(app: typer.Typer) -> None:
     """Add `sample` and `generate` to the spacetime app."""
-    app.command("sample", help="Text-to-video / text-to-image with a trained DiT + VAE.")(sample_cmd)
+    app.command("sample", help="Text-to-video / text-to-image with a trained DiT + VAE: one --prompt, or a "
+                               "--prompts file sampled in packed batches; the prompt is upsampled first "
+                               "(--no-upsample to skip).")(sample_cmd)
     app.command("generate", help="Prompt with images and videos: animate | extend | loop | edit | transition | "
                                  "image; the prompt is upsampled first (--no-upsample to skip).")(generate_cmd)
