@@ -6,13 +6,17 @@
                                                          (one GPU each when CUDA is present)
       -> caption_short, caption_dense, caption_model (= checkpoint hash), caption_error
       -> the whole table rewritten as version N+1 with lineage in the commit metadata
-         (custom_metadata: spacetime.operation=caption, caption_model, parent_version, counts)
+         (custom_metadata: spacetime.operation=caption, caption_model, parent_version, code_version,
+          counts = rows by status as every commit records them, caption_counts = this run's tally)
 
 Decoding is its own stage so Ray Data streams it ahead of inference: the actors never wait on
 PyAV. A clip that fails to decode keeps its previous captions and gets `caption_error`.
 Rerunning skips rows whose caption_model already equals this checkpoint's hash.
 """
+import hashlib
 import json
+import os
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +29,36 @@ from deltalake.exceptions import CommitFailedError
 from captioner.data import clips_path, read_clip_frames, read_clips
 from captioner.model import CaptionerConfig, checkpoint_hash
 
+# The table contract's statuses (pipeline/schema.py STATUSES; captioner may not import pipeline)
+STATUSES = ("kept", "filtered", "duplicate", "rejected")
+
 
 class TableMoved(ValueError):
     """The clips table got a new version between reading it and committing the captions."""
+
+
+def code_version() -> str:
+    """Package version + a hash of this package's source, as pipeline.store.code_version computes
+    it for curate commits (a submitted Ray job has no .git: SPACETIME_CODE_VERSION wins)."""
+    if os.environ.get("SPACETIME_CODE_VERSION"):
+        return os.environ["SPACETIME_CODE_VERSION"]
+    try:
+        ver = metadata.version("spacetime")
+    except metadata.PackageNotFoundError:
+        ver = "0+unknown"
+    h = hashlib.sha256()
+    for p in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(p.read_bytes())
+    return f"{ver}+{h.hexdigest()[:10]}"
+
+
+def status_counts(table: pa.Table) -> dict[str, int]:
+    """Rows by status, every status present: what `datasets list/log` print for a version."""
+    counts = dict.fromkeys(STATUSES, 0)
+    for d in pc.value_counts(table["status"]).to_pylist():
+        if d["values"] is not None:
+            counts[d["values"]] = d["counts"]
+    return counts
 
 
 def decode_frames(batch: dict, num_frames: int, size: int, fit: str = "crop") -> dict:
@@ -80,7 +111,8 @@ def caption_dataset(dataset_root, checkpoint, version: int | None = None, batch_
     latest = DeltaTable(clips_path(dataset_root)).version()
     if parent != latest:
         raise ValueError(f"caption writes a new version on top of the latest ({latest}), not of version "
-                         f"{parent}; `spacetime datasets checkout {parent}` first to caption that state")
+                         f"{parent}; `spacetime datasets checkout {dataset_root} {parent} --restore` first to "
+                         f"caption that state")
     model_id = checkpoint_hash(checkpoint)
     cfg = CaptionerConfig(**json.loads((Path(checkpoint) / "config.json").read_text()))
     kept = pc.and_(pc.equal(table["status"], "kept"), pc.is_valid(table["clip_id"]))
@@ -110,9 +142,12 @@ def caption_dataset(dataset_root, checkpoint, version: int | None = None, batch_
     new_table = _apply(table, by_id, model_id)
     summary["captioned"] = sum(1 for r in results if not r["error"])
     summary["failed"] = len(results) - summary["captioned"]
-    # delta-rs reserves "operation" (it writes "WRITE"), hence the prefixed key
+    # delta-rs reserves "operation" (it writes "WRITE"), hence the prefixed key. pipeline.store.history
+    # JSON-decodes each value: `counts` must be rows by status, as in every other commit, and the
+    # code version is JSON-encoded so a bare commit hash such as "1234567" stays a string
     meta = {"spacetime.operation": "caption", "caption_model": model_id, "parent_version": str(parent),
-            "counts": json.dumps({k: summary[k] for k in ("captioned", "failed", "skipped")})}
+            "code_version": json.dumps(code_version()), "counts": json.dumps(status_counts(new_table)),
+            "caption_counts": json.dumps({k: summary[k] for k in ("captioned", "failed", "skipped")})}
     # The overwrite is the whole table as read at `parent`: commit it against that snapshot with
     # Delta's silent retry off, so rows another writer committed meanwhile are never dropped
     try:

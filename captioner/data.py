@@ -8,6 +8,7 @@ reads the Delta table directly and relies only on the column names of the contra
 """
 import os
 import re
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -164,8 +165,13 @@ def load_frames(clip_ids, uris, num_frames: int, size: int, cache_file=None, wor
             else:
                 errors[cid] = err
     if cache_file and todo:
-        tmp = Path(str(cache_file) + ".tmp.npz")
-        np.savez(tmp, __fit__=np.array(fit), **frames)
-        os.replace(tmp, cache_file)
+        # A temp name of our own: every Ray Train worker decodes into the same out_dir, and a shared
+        # temp file would be truncated by one while another renames it into place
+        tmp = Path(f"{cache_file}.{uuid.uuid4().hex}.tmp.npz")
+        try:
+            np.savez(tmp, __fit__=np.array(fit), **frames)
+            os.replace(tmp, cache_file)
+        finally:
+            tmp.unlink(missing_ok=True)
     wanted = set(clip_ids)
     return {k: v for k, v in frames.items() if k in wanted}, errors

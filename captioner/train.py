@@ -226,8 +226,26 @@ def _latest_checkpoint(out: Path):
     return None
 
 
-def save_checkpoint(out_dir, model, tok, opt, step: int, gen: torch.Generator, extra: dict) -> Path:
-    """Write <out_dir>/checkpoint atomically: build checkpoint.tmp, then swap it in by renames."""
+def _batch_rng_key(rank: int) -> str:
+    # rank 0 keeps the key single-process checkpoints always used, so those load unchanged
+    return "batches" if rank == 0 else f"batches.{rank}"
+
+
+def gather_generator_states(gen: torch.Generator, device) -> list[torch.Tensor]:
+    """Every rank's batch-generator state, in rank order (a collective: all ranks must call it).
+    Ranks draw different batches (seed + rank), so rank 0 must save each one's, not only its own."""
+    state = gen.get_state()
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [state]
+    # all_gather on `device`: NCCL (GPU workers) moves CUDA tensors only
+    states = [torch.empty_like(state, device=device) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(states, state.to(device))
+    return [s.cpu() for s in states]
+
+
+def save_checkpoint(out_dir, model, tok, opt, step: int, gen_states: list[torch.Tensor], extra: dict) -> Path:
+    """Write <out_dir>/checkpoint atomically: build checkpoint.tmp, then swap it in by renames.
+    gen_states: each rank's batch-generator state (gather_generator_states)."""
     out = Path(out_dir)
     tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -235,7 +253,7 @@ def save_checkpoint(out_dir, model, tok, opt, step: int, gen: torch.Generator, e
     sd = opt.state_dict()
     save_file({f"{i}.{k}": v.contiguous() for i, st in sd["state"].items() for k, v in st.items()},
               tmp / "optimizer.safetensors")
-    rng = {"torch": torch.get_rng_state(), "batches": gen.get_state()}
+    rng = {"torch": torch.get_rng_state(), **{_batch_rng_key(r): g for r, g in enumerate(gen_states)}}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     save_file(rng, tmp / "rng.safetensors")
@@ -249,8 +267,10 @@ def save_checkpoint(out_dir, model, tok, opt, step: int, gen: torch.Generator, e
     return final
 
 
-def load_checkpoint(ckpt: Path, model, opt, gen: torch.Generator) -> dict:
-    """Restore weights, optimizer, RNG and batch-sampler state in place; returns train_state."""
+def load_checkpoint(ckpt: Path, model, opt, gen: torch.Generator, rank: int = 0) -> dict:
+    """Restore weights, optimizer, RNG and this rank's batch-sampler state in place; returns
+    train_state. A rank the checkpoint has no state for (more workers than it was saved with) keeps
+    its fresh seed + rank generator: its own batches, never another rank's."""
     loaded, _ = load_captioner(ckpt)
     model.load_state_dict(loaded.state_dict())
     state = json.loads((ckpt / "train_state.json").read_text())
@@ -262,7 +282,8 @@ def load_checkpoint(ckpt: Path, model, opt, gen: torch.Generator) -> dict:
     opt.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
     rng = load_file(ckpt / "rng.safetensors")
     torch.set_rng_state(rng["torch"])
-    gen.set_state(rng["batches"])
+    if _batch_rng_key(rank) in rng:
+        gen.set_state(rng[_batch_rng_key(rank)])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     return state
@@ -332,7 +353,7 @@ def fit(model, tok, train: CaptionData, val: CaptionData, cfg: TrainConfig, out_
     step, skipped, history = 0, 0, []
     ckpt = _latest_checkpoint(Path(out_dir))
     if ckpt is not None:
-        step = load_checkpoint(ckpt, raw, opt, gen)["step"]
+        step = load_checkpoint(ckpt, raw, opt, gen, rank)["step"]
         log(f"captioner: resumed from {ckpt} at step {step}")
     # word pairs the tokenizer knows, as ids (a caption without them is flipped unchanged)
     swap_ids = [(tok.token_to_id(a), tok.token_to_id(b)) for a, b in cfg.hflip_swap
@@ -373,8 +394,10 @@ def fit(model, tok, train: CaptionData, val: CaptionData, cfg: TrainConfig, out_
             if report is not None:
                 report(rec)
         last = step == cfg.steps or step == stop_at
-        if rank == 0 and (step % cfg.ckpt_every == 0 or last):
-            save_checkpoint(out_dir, raw, tok, opt, step, gen, {"train_config": asdict(cfg)})
+        if step % cfg.ckpt_every == 0 or last:
+            gen_states = gather_generator_states(gen, device)  # every rank joins the gather
+            if rank == 0:
+                save_checkpoint(out_dir, raw, tok, opt, step, gen_states, {"train_config": asdict(cfg)})
         if step == stop_at:
             break
     if rank == 0:

@@ -38,11 +38,14 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 # What never travels with a job. Ray also honours the working dir's .gitignore. Footage, tables
 # and checkpoints belong on storage every node reads (s3://, a shared mount), not in the code
-# upload, which Ray caps at its gRPC message size (~500 MiB).
+# upload, which Ray caps at its gRPC message size (~500 MiB). Secrets (.env files) stay here.
+# Ray matches these gitignore-style against each path relative to the working dir: a name without
+# a slash matches at any depth, and no trailing "/" (Ray tests a directory's path without one).
 EXCLUDES = [
-    ".git", ".venv", "demo_out", "out", "build", "**/__pycache__", "*.egg-info", ".pytest_cache",
+    ".git", ".venv", "demo_out", "gpu_out", "out", "runs", "ray_results", "build", "**/__pycache__",
+    "*.egg-info", ".pytest_cache", ".env*",
     "*.mp4", "*.mov", "*.mkv", "*.avi", "*.webm",
-    "*.safetensors", "*.pt", "*.pth", "*.ckpt", "*.parquet",
+    "*.safetensors", "*.pt", "*.pth", "*.ckpt", "*.parquet", "*.npz",
 ]
 
 FAILED_STATES = ("FAILED", "STOPPED")  # JobStatus is a str enum: its members compare equal to these

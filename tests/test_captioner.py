@@ -5,6 +5,7 @@ steps, real local Ray for batch captioning.
 """
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import uuid
@@ -188,6 +189,40 @@ def test_frame_fits_and_the_frame_cache(tmp_path):
     a, _ = load_frames(["c"], [str(src)], 2, 16, cache_file=cache, fit="crop")
     b, _ = load_frames(["c"], [str(src)], 2, 16, cache_file=cache, fit="resize")
     assert a["c"][..., 0].max() < 40 and b["c"][:, :, 0, 0].min() > 200
+
+
+def test_workers_writing_the_frame_cache_at_once_do_not_collide(tmp_path, monkeypatch):
+    """Every Ray Train worker runs prepare() on one out_dir: two cache writes that overlap (both
+    saved before either renames) must each rename a complete file of its own."""
+    import threading
+
+    import captioner.data as data
+    src = tmp_path / "clip.mp4"
+    write_mp4(src, square_frames("red", "left"))
+    both_saved = threading.Barrier(2, timeout=30)
+    savez = np.savez
+
+    def savez_then_wait(*args, **kw):
+        savez(*args, **kw)
+        both_saved.wait()
+    monkeypatch.setattr(data.np, "savez", savez_then_wait)
+    cache, errors = tmp_path / "frames.npz", []
+
+    def worker():
+        try:
+            load_frames(["c"], [str(src)], 2, 16, cache_file=cache, workers=1)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4", "frames.npz"]  # no temp left
+    with np.load(cache) as npz:
+        assert npz["c"].shape == (2, 16, 16, 3)
 
 
 def test_demo_attribute_truth_uses_the_allowed_colours():
@@ -436,6 +471,52 @@ def test_exact_resume(dataset, tmp_path):
         assert torch.equal(va, vb), k
 
 
+def _two_rank_batches(rank, world, init_file, out_dir):
+    """One gloo rank: the batches fit() draws uninterrupted, and when stopped at step 2 and resumed."""
+    import torch.distributed as dist
+
+    import captioner.train as train_mod
+    from captioner.train import fit, make_data
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        rows = [{"clip_id": str(i), "caption_teacher_short": f"clip {i}", "caption_teacher_dense": None}
+                for i in range(8)]
+        tok = build_tokenizer([r["caption_teacher_short"] for r in rows])
+        mcfg = preset("tiny", vocab_size=tok.get_vocab_size())
+        frames = {r["clip_id"]: np.full((mcfg.num_frames, mcfg.image_size, mcfg.image_size, 3), i, np.uint8)
+                  for i, r in enumerate(rows)}
+        data, no_val = make_data(rows, frames, tok, mcfg.max_text_len), make_data([], frames, tok, mcfg.max_text_len)
+        drawn, sample = [], train_mod.sample_batch
+
+        def recorded(*args, **kw):  # each batch's caption ids
+            batch = sample(*args, **kw)
+            drawn.append(batch[1].tolist())
+            return batch
+        train_mod.sample_batch = recorded
+        cfg = TrainConfig(preset="tiny", steps=4, batch_size=4, warmup_steps=1, ckpt_every=100, log_every=100, seed=1)
+        quiet = lambda *_: None  # noqa: E731
+        fit(VideoCaptioner(mcfg), tok, data, no_val, cfg, Path(out_dir) / "straight", rank=rank, log=quiet)
+        straight, drawn[:] = list(drawn), []
+        for stop_at in (2, None):  # the second fit() resumes from the first one's step-2 checkpoint
+            fit(VideoCaptioner(mcfg), tok, data, no_val, cfg, Path(out_dir) / "resumed", rank=rank,
+                stop_at=stop_at, log=quiet)
+            dist.barrier()  # rank 0's checkpoint is written before any rank resumes from it
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps({"straight": straight, "resumed": drawn}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_resumes_its_own_batch_stream(tmp_path, run_ranks):
+    """Ranks draw batches from seed + rank; a resumed multi-worker run must continue each rank's
+    own stream, not give every rank rank 0's (identical batches on all workers)."""
+    run_ranks(_two_rank_batches, (2, str(tmp_path / "pg"), str(tmp_path)), 2, 300)
+    runs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for run in runs:
+        assert run["resumed"] == run["straight"]
+    assert runs[0]["straight"][2:] != runs[1]["straight"][2:]
+
+
 def test_non_finite_steps_are_skipped_and_counted(dataset, tmp_path, monkeypatch):
     """A NaN loss (here on steps 2 and 3) updates nothing: the weights stay finite, the skips are logged
     and counted in the history, and training goes on."""
@@ -497,8 +578,20 @@ def test_caption_dataset_writes_one_new_version_and_resumes(trained, dataset, ra
     assert summary["captioned"] == n_kept - 1 and summary["failed"] == 1
     dt = DeltaTable(str(root / "clips"))
     meta = dt.history(1)[0]  # newest commit first
-    assert meta["spacetime.operation"] == "caption" and json.loads(meta["counts"])["failed"] == 1
+    assert meta["spacetime.operation"] == "caption" and json.loads(meta["caption_counts"])["failed"] == 1
     assert meta.get("caption_model") == checkpoint_hash(ckpt) and meta.get("parent_version") == str(parent)
+    # the lineage every commit carries: rows by status (not caption tallies) and the code version
+    statuses = [r["status"] for r in table.to_pylist()]
+    want_counts = {s: statuses.count(s) for s in ("kept", "filtered", "duplicate", "rejected")}
+    assert json.loads(meta["counts"]) == want_counts and json.loads(meta["code_version"])
+    from typer.testing import CliRunner
+
+    from spacetime.cli import app
+    listed = CliRunner().invoke(app, ["datasets", "list", str(tmp_path)])
+    assert f"version {parent + 1}  " + " ".join(f"{k}={v}" for k, v in want_counts.items()) in listed.output
+    logged = CliRunner().invoke(app, ["datasets", "log", str(root)]).output
+    newest = logged.splitlines()[:3]  # the caption commit: header, lineage, counts
+    assert "caption" in newest[0] and "code None" not in newest[1] and "kept=" in newest[2], logged
     rows = dt.to_pyarrow_table().to_pylist()
     assert len(rows) == len(table)  # filtered and rejected rows are kept, untouched
     broken = [r for r in rows if (r["clip_uri"] or "").endswith("gone.mp4")][0]
@@ -512,9 +605,6 @@ def test_caption_dataset_writes_one_new_version_and_resumes(trained, dataset, ra
     assert again["skipped"] == n_kept - 1 and again["captioned"] == 0 and again["failed"] == 1
 
     # eval-captioner scores the held-out sources' clips (the training split) that have both captions
-    from typer.testing import CliRunner
-
-    from spacetime.cli import app
     pool = [r for r in rows if r["status"] == "kept" and (r["caption_teacher_short"] or r["caption_teacher_dense"])]
     held_sources = {r["source_sha256"] for r, v in zip(pool, split_by_source([r["source_sha256"] for r in pool], 0.5)) if v}
     want = [r for r in good if r["source_sha256"] in held_sources and r["caption_teacher_dense"]]
@@ -550,5 +640,5 @@ def test_caption_never_drops_rows_a_concurrent_writer_committed(trained, dataset
     assert dt.version() == base + 1  # the other writer's commit, and nothing of ours
     assert extra["clip_id"][0].as_py() in dt.to_pyarrow_table()["clip_id"].to_pylist()
     # an older version cannot be captioned in place: its overwrite would drop the newer rows
-    with pytest.raises(ValueError, match="checkout"):
+    with pytest.raises(ValueError, match=re.escape(f"datasets checkout {root} {base} --restore")):
         cap.caption_dataset(root, ckpt, version=base, log=lambda *_: None)

@@ -7,6 +7,7 @@ other tests on this machine are running. One head serves the whole module (~4 s 
 import copy
 import functools
 import time
+import zipfile
 from pathlib import Path
 
 import jsonschema
@@ -20,7 +21,7 @@ from ray.job_submission import JobStatus
 from typer.testing import CliRunner
 
 from spacetime.cluster import (PROJECT_ROOT, SUBMIT_CONTEXT_SETTINGS, JobFailed, LocalHead,
-                               job_client, jobs_app, submit, submit_command, wait_for_job)
+                               job_client, jobs_app, runtime_env, submit, submit_command, wait_for_job)
 
 YAML_PATH = PROJECT_ROOT / "ray_cluster.yaml"
 
@@ -88,6 +89,25 @@ def test_cluster_yaml_installs_this_project():
     assert (PROJECT_ROOT / local / "pyproject.toml").is_file()
     assert any("pip install" in c and f"-e {remote}" in c for c in config["setup_commands"])
     assert {".venv", ".git", "demo_out"} <= set(config["rsync_exclude"])
+
+
+def test_secrets_and_run_outputs_never_travel_with_a_job(tmp_path):
+    """Ray's own packaging of a working dir under runtime_env(): code goes, secrets and outputs don't."""
+    from ray._private.runtime_env.packaging import create_package
+
+    keep = ["pkg/mod.py", "pyproject.toml", "datasets/demo.yaml"]
+    drop = [".env", ".env.local", "runs/captioner/frames.npz", "runs/captioner/frames.npz.1a2b.tmp.npz",
+            "pkg/cache.npz", "ray_results/captioner/result.json", "demo_out/run/report.html",
+            "gpu_out/log.txt", "pkg/__pycache__/mod.cpython-312.pyc"]
+    src = tmp_path / "project"
+    for name in keep + drop:
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_text("x")
+    env = runtime_env(src)
+    create_package(env["working_dir"], tmp_path / "pkg.zip", include_gitignore=True, excludes=env["excludes"])
+    with zipfile.ZipFile(tmp_path / "pkg.zip") as z:
+        shipped = {n for n in z.namelist() if not n.endswith("/")}
+    assert shipped == set(keep)
 
 
 # ---- jobs on a real local head -----------------------------------------------------------------
