@@ -149,8 +149,10 @@ def mark_duplicates(rows: pa.Table, spec: DedupSpec, committed: pa.Table | None 
         c_emb = committed.column(column).to_pylist()
         c_aes = (committed.column("aesthetic").to_pylist() if "aesthetic" in committed.column_names
                  else [None] * committed.num_rows)
+        seen = set(ids)  # `ids` grows below: a list lookup would make this quadratic
         for cid, e, a in zip(committed.column("clip_id").to_pylist(), c_emb, c_aes):
-            if e is not None and cid not in ids:
+            if e is not None and cid not in seen:
+                seen.add(cid)
                 fixed_ids.append(cid)
                 ids.append(cid)
                 vecs.append(e)

@@ -43,7 +43,8 @@ def _uri_key(uri: str) -> str:
 
 def rejected_row(uri: str, reason: str, sha: Optional[str] = None, key: Optional[str] = None) -> dict:
     # Staged under its own key: a rejected file's sha may equal a good file's (no clips to collide).
-    return {"source_uri": display_uri(uri), "source_sha256": sha, "status": "rejected", "reason": reason,
+    # the reason may quote a manifest entry's undecodable name, which is no Arrow string either
+    return {"source_uri": display_uri(uri), "source_sha256": sha, "status": "rejected", "reason": display_uri(reason),
             "_key": key or "rej-" + _uri_key(uri)}
 
 
@@ -190,6 +191,8 @@ class Done:
     pairs: set = field(default_factory=set)
     clip_source: dict = field(default_factory=dict)
     fingerprints: dict = field(default_factory=dict)
+    # what `add` reads of the committed table: not its thumbnails or embeddings
+    COLUMNS = ["source_sha256", "source_uri", "clip_id", "source_size", "source_mtime_ns"]
 
     def add(self, t: pa.Table) -> None:
         for sha, uri, cid in zip(*(t[c].to_pylist() for c in ("source_sha256", "source_uri", "clip_id"))):
@@ -225,8 +228,9 @@ def _fingerprint(uri: str) -> dict:
 def import_captions(table: pa.Table, captions_file: str) -> pa.Table:
     """Fill caption_teacher_short/dense from a JSON/CSV list of {source, start_frame, end_frame, ...}.
 
-    A caption applies to the clip of the same source (matched by path, else by file name) whose frame
-    range it overlaps most, if it covers at least half the clip.
+    A caption applies to the clip of the same source whose frame range it overlaps most, if it covers
+    at least half the clip. An absolute `source` names one file; a relative one ("cam1/0001.mp4", or a
+    bare file name) names every source whose path ends with it, the longest such match winning.
     """
     import csv
 
@@ -236,16 +240,21 @@ def import_captions(table: pa.Table, captions_file: str) -> pa.Table:
             entries = list(csv.DictReader(f))
     else:
         entries = json.loads(p.read_text())
-    by_src: dict[str, list] = {}
+    by_path: dict[str, list] = {}
+    by_tail: dict[tuple, list] = {}  # relative source -> its path components
     for e in entries:
-        src = str(e["source"])
-        for key in {str(Path(src).resolve()) if Path(src).is_absolute() else src, Path(src).name}:
-            by_src.setdefault(key, []).append(e)
+        src = Path(str(e["source"]))
+        if src.is_absolute():
+            by_path.setdefault(str(src.resolve()), []).append(e)
+        else:
+            by_tail.setdefault(src.parts, []).append(e)
     short, dense = table["caption_teacher_short"].to_pylist(), table["caption_teacher_dense"].to_pylist()
     for i, r in enumerate(table.select(["source_uri", "start_frame", "end_frame", "clip_id"]).to_pylist()):
         if not r["clip_id"]:
             continue
-        cands = by_src.get(str(Path(r["source_uri"]).resolve())) or by_src.get(Path(r["source_uri"]).name) or []
+        path = Path(r["source_uri"]).resolve()
+        tails = (path.parts[-k:] for k in range(len(path.parts), 0, -1))
+        cands = by_path.get(str(path)) or next((by_tail[t] for t in tails if t in by_tail), [])
         best, best_ov = None, 0
         for e in cands:
             ov = min(r["end_frame"], int(e["end_frame"])) - max(r["start_frame"], int(e["start_frame"]))
@@ -347,7 +356,8 @@ def _curate(source_args, root, spec, captions, progress, ray_address, run: RunIn
     import ray
 
     sources: list[Source] = expand_sources(source_args)
-    committed = store.read_clips(root)
+    version = store.latest_version(root)  # _finish decides against this same version
+    committed = store.read_clips(root, version, columns=Done.COLUMNS)
     staged = store.load_staged(root)
     done = Done()
     for t in [committed, *staged.values()]:
@@ -358,7 +368,7 @@ def _curate(source_args, root, spec, captions, progress, ray_address, run: RunIn
     if skipped and progress:
         progress(skipped, len(sources), f"{skipped} unchanged source(s) already done")
     if not run_sources:
-        return _finish(root, staged, committed, sources, skipped, captions, spec, source_args, run)
+        return _finish(root, staged, version, sources, skipped, captions, spec, source_args, run)
 
     if not ray.is_initialized():
         ray.init(address=ray_address, ignore_reinit_error=True, log_to_driver=False,
@@ -406,32 +416,45 @@ def _curate(source_args, root, spec, captions, progress, ray_address, run: RunIn
     for uri, rows in pending.items():  # should not happen; never lose rows silently
         log.warning("source %s ended with %d partial rows; staging what arrived", uri, len(rows))
         _stage_source(root, staged, rows)
-    return _finish(root, staged, committed, sources, skipped, captions, spec, source_args, run)
+    return _finish(root, staged, version, sources, skipped, captions, spec, source_args, run)
 
 
-def _finish(root, staged, committed, sources, skipped, captions, spec, source_args, run: RunInfo) -> CurateResult:
-    """Decide (filters, dedup) over everything staged and commit it as one version; then clear
-    the staging area and collect garbage."""
+def _finish(root, staged, version, sources, skipped, captions, spec, source_args, run: RunInfo) -> CurateResult:
+    """Decide (filters, dedup) over everything staged against committed `version` and commit it as
+    one new version; then clear the staging area and collect garbage."""
     if not staged:
         return CurateResult(None, {}, len(sources), skipped, 0)
     new = pa.concat_tables([store.conform(t) for t in staged.values()], promote_options="permissive")
-    new = new.sort_by([("source_uri", "ascending"), ("start_frame", "ascending")])
-    if captions:
-        new = import_captions(new, captions)
-    new = decide(new, committed, spec)
-    counts = store.status_counts(new)
-    version = store.commit(root, new, "append", {
-        "operation": "curate", "spec_hash": spec.spec_hash(), "spec_name": spec.name,
-        "sources": len(sources), "sources_skipped": skipped, "new_counts": counts,
-        "embedding_model": spec.embedding.model, "embedding_weights": spec.embedding.pretrained,
-        "captions_imported": captions,
-        # enough to rebuild this version from scratch (`spacetime datasets rebuild`)
-        "spec": spec.model_dump(mode="json"), "source_args": list(source_args)})
+    committed = store.read_clips(root, version, columns=[
+        "clip_id", "source_uri", "source_sha256", "status", "aesthetic", "embedding", "layout"])
+    # A run killed between its commit and clearing its staging left rows the table already holds
+    new = store.not_committed(new, committed)
+    counts, new_version = store.status_counts(new), None
+    if new.num_rows:
+        new = new.sort_by([("source_uri", "ascending"), ("start_frame", "ascending")])
+        if captions:
+            new = import_captions(new, captions)
+        new = decide(new, committed, spec)
+        counts = store.status_counts(new)
+        new_version = store.commit(root, new, "append", {
+            "operation": "curate", "spec_hash": spec.spec_hash(), "spec_name": spec.name,
+            "sources": len(sources), "sources_skipped": skipped, "new_counts": counts,
+            "embedding_model": spec.embedding.model, "embedding_weights": spec.embedding.pretrained,
+            # enough to rebuild this version from scratch (`spacetime datasets rebuild`), from any cwd
+            "captions_imported": _absolute(captions) if captions else None,
+            "spec": spec.model_dump(mode="json"), "source_args": [_absolute(a) for a in source_args]})
     store.clear_staging(root)
     store.collect_garbage(root, older_than=store.oldest_live_start(root, run.started), run=run.id)
+    if new_version is None:
+        return CurateResult(None, {}, len(sources), skipped, 0)
     rej = pc.filter(new, pc.equal(new["status"], "rejected")).select(["source_uri", "reason"]).to_pylist()
-    return CurateResult(version, counts, len(sources), skipped, new.num_rows,
+    return CurateResult(new_version, counts, len(sources), skipped, new.num_rows,
                         [(r["source_uri"], r["reason"]) for r in rej])
+
+
+def _absolute(arg: str) -> str:
+    """A local path, directory, manifest or glob as an absolute one; a URI (s3://...) as it is."""
+    return arg if "://" in arg else os.path.abspath(arg)
 
 
 def rebuild(root: str, version: int, out_root: str, progress=None) -> dict:

@@ -33,7 +33,8 @@ def _within(path: Path, root: Path) -> bool:
 def _read_manifest(manifest: Path) -> list[Source]:
     root = manifest.parent
     out = []
-    for line in manifest.read_text(errors="replace").splitlines():
+    # decoded as the OS decodes file names: a non-UTF-8 name opens as the same bytes
+    for line in os.fsdecode(manifest.read_bytes()).splitlines():
         entry = line.strip()
         if not entry or entry.startswith("#"):
             continue
@@ -72,7 +73,7 @@ def expand_sources(args: list[str]) -> list[Source]:
             found += _walk(p)
         elif p.suffix.lower() in MANIFEST_EXTS and p.is_file():
             found += _read_manifest(p)
-        elif any(ch in arg for ch in "*?["):
+        elif any(ch in arg for ch in "*?[") and not os.path.lexists(arg):  # "Title [id].mp4" is a file
             matches = sorted(glob.glob(arg, recursive=True))
             if not matches:
                 found.append(Source(arg, "glob matched no files"))

@@ -20,6 +20,7 @@ import uuid
 from importlib import metadata
 from pathlib import Path
 from typing import Optional
+from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -70,7 +71,8 @@ def arrow_table(dt, columns: Optional[list[str]] = None) -> pa.Table:
 
 
 def read_clips(root: str | Path, version: Optional[int] = None, columns: Optional[list[str]] = None) -> pa.Table:
-    """The clips table at `version` (Delta time travel; None = latest). Empty table if none exists."""
+    """The clips table at `version` (Delta time travel; None = latest). Empty table if none exists.
+    `columns`: read only these, those of them the version has (extras such as layout came later)."""
     if not table_exists(root):
         if version is not None:
             raise ValueError(f"no clips table under {root}")
@@ -79,7 +81,14 @@ def read_clips(root: str | Path, version: Optional[int] = None, columns: Optiona
         dt = DeltaTable(clips_path(root), version=version)
     except Exception as e:  # deltalake raises a generic error for a missing version
         raise ValueError(f"{root}: version {version} not found ({e})") from None
-    return arrow_table(dt, columns)
+    if columns is not None:
+        have = {f.name for f in dt.schema().fields}
+        columns = [c for c in columns if c in have]
+    try:
+        return arrow_table(dt, columns)
+    except FileNotFoundError as e:  # its log entry is there, its data files were vacuumed
+        raise ValueError(f"{root}: version {dt.version()} can no longer be read: its data files were "
+                         f"removed (datasets vacuum): {str(e).splitlines()[0]}") from None
 
 
 def conform(table: pa.Table) -> pa.Table:
@@ -138,7 +147,7 @@ def commit(root: str | Path, table: pa.Table, mode: str, lineage: dict, retries:
         new, counts = table, status_counts(table)
         if parent is not None and mode == "append":
             have = arrow_table(snapshot, ["clip_id", "source_uri", "source_sha256", "status"])
-            new = _not_committed(table, have)
+            new = not_committed(table, have)
             if new.num_rows == 0:
                 return parent
             counts = {s: a + b for (s, a), b in zip(status_counts(have).items(), status_counts(new).values())}
@@ -159,7 +168,7 @@ def commit(root: str | Path, table: pa.Table, mode: str, lineage: dict, retries:
     raise RuntimeError("unreachable")
 
 
-def _not_committed(table: pa.Table, have: pa.Table) -> pa.Table:
+def not_committed(table: pa.Table, have: pa.Table) -> pa.Table:
     """Rows of `table` not already in `have` (by clip_id; rejected-source rows by uri + sha256)."""
     ids = set(have["clip_id"].drop_null().to_pylist())
     rejected = {(u, s) for c, u, s in zip(*(have[k].to_pylist() for k in ("clip_id", "source_uri", "source_sha256")))
@@ -357,6 +366,23 @@ def partial_name(out: Path, run: str = "") -> Path:
     return out.with_name(f"{out.stem}{_PARTIAL}{run or 'x'}.{uuid.uuid4().hex[:8]}.mp4")
 
 
+def _data_files(root: str | Path) -> set[str]:
+    """Paths of the data files that any version of the clips table names (vacuumed ones included):
+    the `add` actions of its log's commits, and of its checkpoints, which stand in for commits that
+    log retention removed. Read directly: deltalake loads a snapshot per version at ~10 ms each."""
+    table = Path(clips_path(root))
+    log = table / "_delta_log"
+    paths = set()
+    for p in log.glob("*.json"):
+        for line in p.read_text().splitlines():  # one action per line
+            action = json.loads(line) if line.strip() else {}
+            if "add" in action:
+                paths.add(action["add"]["path"])
+    for p in log.glob("*.checkpoint*.parquet"):
+        paths.update(x for x in pq.read_table(p, columns=["add"])["add"].combine_chunks().field("path").to_pylist() if x)
+    return {str(table / unquote(x)) for x in paths}  # relative, percent-encoded
+
+
 def collect_garbage(root: str | Path, older_than: float, run: str | None = None) -> list[Path]:
     """Remove media files that no committed version and no staged row refers to, and temp files.
 
@@ -370,14 +396,12 @@ def collect_garbage(root: str | Path, older_than: float, run: str | None = None)
     if not media.is_dir():
         return []
     referenced = set()
-    if table_exists(root):
-        dt = DeltaTable(clips_path(root))
-        for v in range(dt.version() + 1):
-            try:
-                uris = read_clips(root, v, columns=["clip_uri"])["clip_uri"].to_pylist()
-            except ValueError:  # vacuumed version
-                continue
-            referenced.update(media_key(u) for u in uris if u)
+    for f in _data_files(root):  # each file once, however many versions share it
+        try:
+            uris = pq.read_table(f, columns=["clip_uri"])["clip_uri"].to_pylist()
+        except FileNotFoundError:  # vacuumed: the versions that named it can't be read any more
+            continue
+        referenced.update(media_key(u) for u in uris if u)
     for t in load_staged(root).values():
         if "clip_uri" in t.column_names:
             referenced.update(media_key(u) for u in t["clip_uri"].to_pylist() if u)

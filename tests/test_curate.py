@@ -280,3 +280,80 @@ def test_analysed_sources_are_not_decoded_again(curated, footage, tmp_path, monk
     assert "decoded again" in analyse()[0]["reason"]  # a clip file gone: analysed again
     store.clear_staging(tmp_path)
     assert not store.analysed_dir(tmp_path).exists()
+
+
+def test_captions_go_to_the_source_they_name(tmp_path):
+    """Two cameras' files share a name: a caption for /d/cam1/0001.mp4 is not cam2's. A relative
+    source names every file whose path ends with it, the longest match first."""
+    import pyarrow as pa
+
+    from pipeline.graph import import_captions
+
+    d = tmp_path.resolve()
+    t = store.conform(pa.Table.from_pylist([{"clip_id": f"c{i}", "source_uri": str(d / cam / "0001.mp4"),
+                                             "start_frame": 0, "end_frame": 50}
+                                            for i, cam in enumerate(["cam1", "cam2", "cam3"])]))
+    caps = [{"source": str(d / "cam1" / "0001.mp4"), "caption_short": "one"},
+            {"source": "cam3/0001.mp4", "caption_short": "three"}]
+
+    def imported(caps):
+        (tmp_path / "caps.json").write_text(json.dumps([{**c, "start_frame": 0, "end_frame": 50} for c in caps]))
+        return import_captions(t, str(tmp_path / "caps.json"))["caption_teacher_short"].to_pylist()
+    assert imported(caps) == ["one", None, "three"]
+    assert imported(caps + [{"source": "0001.mp4", "caption_short": "any"}]) == ["one", "any", "three"]
+
+
+def _committed_source(tmp_path):
+    """A dataset root whose table holds clip c0 of v.mp4 with the size and mtime it has: a curate of
+    v.mp4 skips it on the driver, without opening it or starting Ray."""
+    import pyarrow as pa
+
+    v = tmp_path / "v.mp4"
+    v.write_bytes(b"never opened")
+    st = v.stat()
+    row = {"clip_id": "c0", "source_uri": str(v), "source_sha256": "s", "start_frame": 0, "end_frame": 24,
+           "start_s": 0.0, "end_s": 1.0, "fps": 24.0, "status": "kept", "thumbnail": b"jpeg",
+           "source_size": st.st_size, "source_mtime_ns": st.st_mtime_ns}
+    store.commit(tmp_path / "ds", pa.Table.from_pylist([row]), "append", {"operation": "curate"})
+    return tmp_path / "ds", row
+
+
+def test_a_rerun_with_nothing_to_do_reads_only_what_it_needs(tmp_path, monkeypatch):
+    """Deciding what is done needs ids, paths, hashes and fingerprints, not thumbnails or embeddings."""
+    root, row = _committed_source(tmp_path)
+    read = []
+    real = store.arrow_table
+    monkeypatch.setattr(store, "arrow_table", lambda dt, columns=None: read.append(columns) or real(dt, columns))
+    res = curate([row["source_uri"]], str(root), DatasetSpec())
+    assert res.version is None and res.skipped == 1
+    assert read and all(c is not None and not {"thumbnail", "embedding"} & set(c) for c in read), read
+
+
+def test_a_resume_after_its_commit_says_nothing_was_written(tmp_path):
+    """Killed between its commit and clearing its staging: the rerun finds every staged row in the
+    table, makes no version and says so (it printed "committed version 0 ...: 1 new rows")."""
+    import pyarrow as pa
+    from typer.testing import CliRunner
+
+    from spacetime.cli import app
+
+    root, row = _committed_source(tmp_path)
+    store.stage(root, "s", pa.Table.from_pylist([row]))
+    r = CliRunner().invoke(app, ["curate", row["source_uri"], "--dataset", str(root)])
+    assert r.exit_code == 0 and "nothing new" in r.output and "committed version" not in r.output, r.output
+    assert store.latest_version(root) == 0 and not store.staging_dir(root).exists()
+
+
+def test_a_commit_records_absolute_sources_and_captions(tmp_path, monkeypatch):
+    """`datasets rebuild` may run from another directory: relative arguments are recorded absolute."""
+    import pyarrow as pa
+
+    root, row = _committed_source(tmp_path)
+    store.stage(root, "s", pa.Table.from_pylist([{**row, "clip_id": "c1", "start_frame": 24, "end_frame": 48}]))
+    (tmp_path / "caps.json").write_text("[]")
+    monkeypatch.chdir(tmp_path)
+    res = curate(["v.mp4", "*.mp4"], "ds", DatasetSpec(), captions="caps.json")
+    assert res.version == 1 and res.new_rows == 1
+    h = store.history(root)[-1]
+    assert h["source_args"] == [os.path.join(os.getcwd(), "v.mp4"), os.path.join(os.getcwd(), "*.mp4")]
+    assert h["captions_imported"] == os.path.join(os.getcwd(), "caps.json")

@@ -144,3 +144,20 @@ def test_refiltering_with_new_thresholds_changes_statuses():
 def test_length_limits_allow_float_rounding(end_s, status):
     out = apply_filters(table([scored(end_s=end_s)]), FilterSpec(), 1.0, 8.0)
     assert out.column("status").to_pylist() == [status]
+
+
+def test_many_committed_clips_are_gathered_in_linear_time():
+    """Each committed clip was checked against a growing list of ids: 80k committed clips took ~20 s
+    in that loop alone (now ~2 s in all)."""
+    import time
+
+    n, d = 80_000, 32
+    emb = np.random.default_rng(3).normal(size=(n, d)).astype(np.float32)
+    committed = pa.table({"clip_id": [f"c{i}" for i in range(n)], "status": ["kept"] * n,
+                          "embedding": pa.ListArray.from_arrays(np.arange(0, n * d + 1, d, dtype=np.int32), emb.ravel()),
+                          "aesthetic": pa.array(np.full(n, 0.5), pa.float32())})
+    new = clips_table([emb[0], emb[1] * -1], [0.9, 0.9], ["kept", "kept"])
+    t0 = time.process_time()  # CPU time: other jobs on the machine don't count
+    out = mark_duplicates(new, DedupSpec(method="faiss"), committed=committed).to_pylist()
+    assert time.process_time() - t0 < 8
+    assert [(r["status"], r["dup_of"]) for r in out] == [("duplicate", "c0"), ("kept", None)]

@@ -197,3 +197,68 @@ def test_analysed_rows_of_a_copied_root_name_its_own_media(tmp_path):
     assert store.load_analysed(new, "k")["clip_uri"][0].as_py() == str((new / "media" / "ab" / "abc.mp4").resolve())
     (new / "media" / "ab" / "abc.mp4").unlink()
     assert store.load_analysed(new, "k") is None
+
+
+def test_gc_and_diff_after_a_vacuum(tmp_path):
+    """`datasets vacuum --apply` removes the data files of old versions: GC (run after every curate
+    commit) must skip those versions instead of raising, and diff says why it can't read them."""
+    import time
+
+    from typer.testing import CliRunner
+
+    from spacetime.cli import app
+
+    media = tmp_path / "media" / "id"
+    media.mkdir(parents=True)
+    old, kept = media / "id0.mp4", media / "id1.mp4"
+    old.write_bytes(b"named only by version 0")
+    kept.write_bytes(b"named by version 1")
+    store.commit(tmp_path, _rows(1).append_column("clip_uri", pa.array([str(old)])), "append", {"operation": "curate"})
+    store.commit(tmp_path, _rows(1, start=1).append_column("clip_uri", pa.array([str(kept)])), "overwrite",
+                 {"operation": "refilter"}, expect_version=0)
+    assert len(store.vacuum(tmp_path, 0, dry_run=False)) == 1
+    assert store.collect_garbage(tmp_path, older_than=time.time() + 60) == [old]
+    assert kept.is_file()
+    with pytest.raises(ValueError, match="version 0 can no longer be read.*vacuum"):
+        store.diff(tmp_path, 0, 1)
+    r = CliRunner().invoke(app, ["datasets", "diff", str(tmp_path), "0", "1"])
+    assert r.exit_code == 2 and "can no longer be read" in r.output and r.exception.__class__ is SystemExit
+
+
+def test_gc_reads_each_data_file_once(tmp_path, monkeypatch):
+    """GC needs the clip_uri of every version: it reads each data file once, not each version's rows."""
+    import time
+
+    import pyarrow.parquet as pq
+
+    for i in range(4):
+        store.commit(tmp_path, _rows(1, start=i), "append", {"operation": "curate"})
+    (tmp_path / "media").mkdir()
+    reads = []
+    real = pq.read_table
+    monkeypatch.setattr(pq, "read_table", lambda f, **k: reads.append(f) or real(f, **k))
+    store.collect_garbage(tmp_path, older_than=time.time())
+    assert len(reads) == len(set(reads)) == 4  # one file per append; versions 0..3 name 10 in all
+
+
+def test_a_file_named_like_a_glob_is_a_file(tmp_path):
+    f = tmp_path / "Title [abc123].mp4"  # yt-dlp's naming
+    f.write_bytes(b"x")
+    assert expand_sources([str(f)]) == [expand_sources([str(tmp_path)])[0]]
+    assert expand_sources([str(f)])[0].reject is None
+    assert expand_sources([str(tmp_path / "*[0-9]].mp4")])[0].uri == str(f)  # still a glob when no such file
+
+
+def test_manifest_names_that_are_not_utf8_round_trip(tmp_path):
+    """A Latin-1 name in a manifest opens as the same bytes (it read as a missing 'caf?.mp4'); a
+    rejected one still makes a row whose text is valid UTF-8."""
+    from pipeline.graph import rejected_row
+
+    name = b"caf\xe9.mp4"
+    (tmp_path / os.fsdecode(name)).write_bytes(b"x")
+    (tmp_path / "list.txt").write_bytes(name + b"\n../" + name + b"\n")
+    escaped, s = expand_sources([str(tmp_path / "list.txt")])
+    assert s.reject is None and os.fsencode(s.uri) == os.fsencode(str(tmp_path)) + b"/" + name
+    assert os.path.isfile(s.uri)
+    row = pa.Table.from_pylist([rejected_row(escaped.uri, escaped.reject)]).to_pylist()[0]
+    assert row["source_uri"] == "../caf\\xe9.mp4" and "escapes its root" in row["reason"]
