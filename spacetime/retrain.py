@@ -77,6 +77,20 @@ class Manifest:
         return outputs
 
 
+def stage_dir(path: Path, inputs: dict) -> Path:
+    """`path` as the working dir of a stage with these inputs: kept when an interrupted run of the same
+    inputs left it (the stage's own resume picks it up), emptied otherwise, so a stage whose inputs
+    changed never resumes another run's state. The inputs' key sits beside it in `<path>.inputs`."""
+    import shutil
+
+    marker, key = path.with_name(path.name + ".inputs"), _hash(inputs)
+    if not (marker.is_file() and marker.read_text() == key):
+        shutil.rmtree(path, ignore_errors=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(key)
+    return path
+
+
 def sources_fingerprint(source_args: list[str]) -> list:
     """(path, size, mtime) of every source: a cheap stand-in for content hashes to decide reuse."""
     from pipeline.sources import expand_sources
@@ -143,7 +157,7 @@ def train_dit_stage(cfg: RetrainConfig, root: str, latents_version: int, out: Pa
                     from_checkpoint: str | None) -> tuple[dict, list[str]]:
     """(the stage's inputs, for its reuse key; the `spacetime train` arguments)."""
     inputs = {"latents_version": latents_version, "preset": cfg.dit_preset, "steps": cfg.dit_steps, "seed": cfg.seed,
-              "cond_mix": cfg.cond_mix}
+              "cond_mix": cfg.cond_mix, "max_tokens": cfg.max_tokens}
     args = ["train", "--dataset", root, "--latents-version", str(latents_version), "--out", str(out),
             "--preset", cfg.dit_preset, "--steps", str(cfg.dit_steps), "--max-tokens", str(cfg.max_tokens),
             "--lr", "1e-3" if cfg.dit_preset == "DiT_T" else "2e-4", "--warmup-steps", "20",
@@ -185,8 +199,10 @@ def retrain(spec_path: Optional[str], sources: list[str], dataset: str, run_dir:
     from pipeline.graph import curate
     from pipeline.spec import load_spec
 
-    run = Path(run_dir)
+    run = Path(run_dir).resolve()  # the manifest's paths must not depend on the cwd of a later resume
     run.mkdir(parents=True, exist_ok=True)
+    from_checkpoint, captioner, vae_path = (None if p is None else str(Path(p).resolve())
+                                            for p in (from_checkpoint, captioner, vae_path))
     m = Manifest.load(run)
     spec = load_spec(spec_path)
     root = str(Path(dataset).resolve())
@@ -211,8 +227,10 @@ def retrain(spec_path: Optional[str], sources: list[str], dataset: str, run_dir:
 
         cap_cfg = CapConfig(preset=cfg.captioner_preset, steps=cfg.captioner_steps, seed=cfg.seed,
                             eval_every=max(50, cfg.captioner_steps // 4), ckpt_every=max(50, cfg.captioner_steps // 2))
-        out = m.run("train_captioner", {"dataset_version": version, "cfg": asdict(cap_cfg)},
-                    lambda: {"checkpoint": str(train_captioner(root, version, run / "captioner", cap_cfg, log=log))},
+        cap_in = {"dataset_version": version, "cfg": asdict(cap_cfg)}
+        out = m.run("train_captioner", cap_in,
+                    lambda: {"checkpoint": str(train_captioner(root, version, stage_dir(run / "captioner", cap_in),
+                                                               cap_cfg, log=log))},
                     lambda o: Path(o["checkpoint"]).is_dir(), log)
         captioner = out["checkpoint"]
     cap_hash = file_hash(captioner)
@@ -220,8 +238,11 @@ def retrain(spec_path: Optional[str], sources: list[str], dataset: str, run_dir:
     def do_caption():
         from captioner.caption import caption_dataset
 
-        s = caption_dataset(root, captioner, version=version, log=log)
-        return {"dataset_version": s["version"] if s["version"] is not None else version, **s}
+        at = max(version, store.latest_version(root))  # caption commits go on top of the latest
+        if at != version:
+            log(f"  captioning version {at}, the latest (curated {version}; later versions build on it)")
+        s = caption_dataset(root, captioner, version=at, log=log)
+        return {"dataset_version": s["version"] if s["version"] is not None else at, **s}
 
     cap = m.run("caption", {"dataset_version": version, "captioner": cap_hash}, do_caption,
                 lambda o: store.latest_version(root) >= o["dataset_version"], log)
@@ -242,9 +263,14 @@ def retrain(spec_path: Optional[str], sources: list[str], dataset: str, run_dir:
 
     if vae_path is None and from_checkpoint:
         # Fine-tuning: the DiT only understands the latent space it was trained in, so keep its VAE.
-        prev = Path(from_checkpoint).resolve().parent / "manifest.json"
+        prev = Path(from_checkpoint).parent / "manifest.json"
         if prev.is_file():
-            vae_path = json.loads(prev.read_text())["stages"]["train_vae"]["outputs"]["vae"]
+            stages = json.loads(prev.read_text())["stages"]
+            vae_path = stages.get("_lineage", {}).get("outputs", {}).get("vae") or \
+                stages.get("train_vae", {}).get("outputs", {}).get("vae")
+            if vae_path is None:
+                raise ValueError(f"{prev} names no VAE (an unfinished run?): pass the DiT's VAE with --vae")
+            vae_path = str(Path(vae_path).resolve())
     if vae_path is not None:
         from generator.train import sha256_file
 
@@ -299,7 +325,7 @@ def retrain(spec_path: Optional[str], sources: list[str], dataset: str, run_dir:
         return {"samples": [str(out_dir / f"prompt_{i}{ext}") for i in range(len(cfg.prompts))]}
 
     smp = m.run("sample", {"checkpoint": dit["checkpoint_sha"], "prompts": list(cfg.prompts), "seed": cfg.seed,
-                           "size": [cfg.sample_frames, cfg.sample_size]}, do_sample,
+                           "size": [cfg.sample_frames, cfg.sample_size], "steps": cfg.sample_steps}, do_sample,
                 lambda o: all(Path(p).is_file() for p in o["samples"]), log)
 
     # -- evaluation: loss fell during training; samples exist and are not blank
@@ -319,10 +345,12 @@ def retrain(spec_path: Optional[str], sources: list[str], dataset: str, run_dir:
         return {"loss_first": float(np.mean(losses[:k])), "loss_last": float(np.mean(losses[-k:])),
                 "loss_fell": bool(np.mean(losses[-k:]) < np.mean(losses[:k])), "samples": stats}
 
-    ev = m.run("evaluate", {"checkpoint": dit["checkpoint_sha"], "samples": smp["samples"]}, do_eval, lambda o: True, log)
+    # keyed by the samples' bytes: regenerated samples keep their file names
+    ev = m.run("evaluate", {"checkpoint": dit["checkpoint_sha"], "samples": [file_hash(p) for p in smp["samples"]]},
+               do_eval, lambda o: True, log)
     m.stages["_lineage"] = {"key": "", "outputs": {
         "dataset": root, "dataset_version": version, "captioner": cap_hash, "captioner_path": str(captioner),
-        "vae_sha": vae["vae_sha"], "latents_version": lat["latents_version"], "dit_checkpoint": dit["checkpoint"],
+        "vae": vae["vae"], "vae_sha": vae["vae_sha"], "latents_version": lat["latents_version"], "dit_checkpoint": dit["checkpoint"],
         "dit_checkpoint_sha": dit["checkpoint_sha"], "from_checkpoint": from_checkpoint, "eval": ev}}
     m.save()
     from spacetime.report import write_retrain_report

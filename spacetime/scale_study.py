@@ -11,6 +11,7 @@ the moving-shapes set with pooled-pixel stand-in latents, which needs no trained
 """
 import csv
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
@@ -69,6 +70,8 @@ def scale_study(out_dir: str | Path, train_pairs: Optional[list] = None, val_pai
         dit = DiTConfig(in_channels=c, hidden_size=hidden, depth=depth, num_heads=heads, text_dim=text_dim)
         cfg = TrainConfig(dit=dit, steps=0, lr=lr, warmup_steps=per_segment, max_tokens=max_tokens, log_every=0,
                           base_tokens=48, seed=seed, ckpt_dir=str(out / "ckpt" / name), keep_ckpts=1, device="cpu")
+        shutil.rmtree(cfg.ckpt_dir, ignore_errors=True)  # a study starts from scratch: an earlier one's last
+        # checkpoint would make every segment a no-op resume (or continue other data's weights)
         params = sum(p.numel() for p in DiT(dit).parameters())
         curves[name] = []
         flops, tokens = 0.0, 0

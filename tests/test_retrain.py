@@ -1,5 +1,6 @@
 """The retrain workflow's stage reuse, the scaling study, and (slow) the whole retrain on demo footage."""
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,15 @@ def test_dit_stage_passes_grad_accum_and_compile(tmp_path):
     assert r.exit_code == 2 and "no latents table" in r.output, r.output
 
 
+def test_stage_dir_keeps_an_interrupted_run_of_the_same_inputs_only(tmp_path):
+    from spacetime.retrain import stage_dir
+
+    d = stage_dir(tmp_path / "captioner", {"steps": 10})
+    (d / "checkpoint").mkdir(parents=True)
+    assert (stage_dir(tmp_path / "captioner", {"steps": 10}) / "checkpoint").is_dir()  # same inputs: resume it
+    assert not (stage_dir(tmp_path / "captioner", {"steps": 20}) / "checkpoint").exists()  # others: afresh
+
+
 def test_scale_study_writes_plot_table_and_curves(tmp_path):
     torch.manual_seed(0)
     sizes = (("S1", 32, 1, 2), ("S2", 96, 2, 4))
@@ -93,6 +103,10 @@ def test_scale_study_writes_plot_table_and_curves(tmp_path):
         assert [p["flops"] for p in pts] == sorted(p["flops"] for p in pts) and pts[-1]["flops"] > 0
         assert pts[-1]["val_loss"] < pts[0]["val_loss"] * 1.05
     assert curves["S2"][-1]["flops"] > curves["S1"][-1]["flops"]   # same tokens, bigger model, more compute
+    # a second study in the same --out starts afresh: not a no-op resume of the first one's checkpoints
+    torch.manual_seed(0)
+    again = scale_study(tmp_path, token_budget=4000, segments=2, sizes=sizes[:1], max_tokens=512, log=lambda s: None)
+    assert [p["tokens"] for p in again["S1"]] == [p["tokens"] for p in curves["S1"]] and again["S1"][0]["tokens"] > 0
 
 
 @pytest.mark.slow
@@ -116,6 +130,14 @@ def test_retrain_twice_reuses_everything_and_new_footage_fine_tunes(tmp_path):
     m = json.loads((tmp_path / "run1" / "manifest.json").read_text())["stages"]
     assert {k: v["finished_at"] for k, v in m.items() if k != "_lineage"} == \
         {k: v["finished_at"] for k, v in again.stages.items() if k != "_lineage"}   # nothing recomputed
+    # the captioner's inputs change in the same run dir: it trains afresh (not a no-op resume of the old
+    # one's checkpoint) and captions on top of the version the old one wrote
+    logs = []
+    first = retrain(sources=[str(tmp_path / "raw")], run_dir=str(tmp_path / "run1"),
+                    **{**args, "cfg": replace(cfg, captioner_steps=cfg.captioner_steps + 20), "log": logs.append})
+    assert first["train_captioner"]["key"] != again.stages["train_captioner"]["key"]
+    assert not any("resumed" in line for line in logs), logs
+    assert first["caption"]["outputs"]["dataset_version"] > again.stages["caption"]["outputs"]["dataset_version"]
     # new footage: a new dataset version and a DiT fine-tuned from the first run, both pinned
     gt2 = generate_footage(tmp_path / "raw2", seed=7, videos=2)
     write_captions_file(gt2, tmp_path / "raw2" / "captions.json")
@@ -128,6 +150,12 @@ def test_retrain_twice_reuses_everything_and_new_footage_fine_tunes(tmp_path):
     run_json = json.loads((Path(lin2["dit_checkpoint"]) / "run.json").read_text())
     assert run_json["train"]["init_from"] == lin2["from_checkpoint"]
     assert (tmp_path / "run2" / "report.html").is_file()
+    # a fine-tune of the fine-tune: run2 kept run1's VAE (no train_vae stage of its own); run3 finds it in
+    # run2's lineage, and the manifest's paths are absolute (resumable from any cwd)
+    third = retrain(sources=[str(tmp_path / "raw"), str(tmp_path / "raw2")], run_dir=str(tmp_path / "run3"),
+                    from_checkpoint=second["train"]["outputs"]["checkpoint"], **args)
+    assert "train_vae" not in second and third["_lineage"]["outputs"]["vae"] == lin2["vae"] == lin1["vae"]
+    assert Path(lin1["vae"]).is_absolute() and Path(third["train"]["outputs"]["checkpoint"]).is_absolute()
     from spacetime.report import RETRAIN_SECTION_IDS, find_chromium, render_check
     if find_chromium() is not None:  # the retrain report (inline GIFs, lineage, curves) renders
         assert render_check(tmp_path / "run2" / "report.html", RETRAIN_SECTION_IDS)
