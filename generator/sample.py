@@ -218,7 +218,7 @@ def generate_latents(model: DiT, texts, shapes, seeds, *, steps: int = 50, cfg_s
 
         def velocity(z, tt):
             v, vu = model(torch.cat([z, z]), torch.cat([tt, tt]), p2.positions, p2.cu_seqlens, y2, ycu2,
-                          drop_text=drop).chunk(2)
+                          drop_text=drop).float().chunk(2)  # fp32: the scale amplifies bf16 rounding
             return vu + cfg_scale * (v - vu)
 
     lens = (p.cu_seqlens[1:] - p.cu_seqlens[:-1]).tolist()

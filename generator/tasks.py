@@ -322,6 +322,8 @@ def run_task(task: str, model, vae, text, inputs=(), out=None, frames: int = 17,
         raise ValueError(f"task {task} takes {want} input(s), got {len(inputs)}")
     if out is not None and Path(out).suffix.lower() not in (".mp4", ".png"):
         raise ValueError(f"output must end in .mp4 or .png, got {Path(out).name!r}")
+    if task != "image" and model.cfg.patch[0] > 1:  # their held / added latent frames are counted one by one
+        raise ValueError(f"task {task} needs a DiT with temporal patch 1, this one's patch is {tuple(model.cfg.patch)}")
     res_px = int(round(math.sqrt(height * width)))
     common = dict(text_encoder=text_encoder, **sampling)
     if task == "animate":

@@ -74,7 +74,7 @@ class TrainConfig:
     log_every: int = 10
     ckpt_dir: str | None = None
     ckpt_every: int = 0            # 0: only at the end
-    keep_ckpts: int = 2
+    keep_ckpts: int = 2             # step files kept (0: all of them)
     resume: bool = True            # continue from ckpt_dir/latest.json when present
     init_from: str | None = None   # fine-tune: start from this checkpoint dir's EMA weights (fresh optimizer)
     max_seconds: float | None = None  # compute budget: wall-clock seconds of this run
@@ -291,7 +291,7 @@ def write_checkpoint_file(ckpt_dir: str, step: int, tensors: dict, meta: dict, k
     _atomic_write_text(os.path.join(ckpt_dir, "latest.json"),
                        json.dumps({"file": name, "sha256": sha256_file(path), "step": step}))
     old = sorted(f for f in os.listdir(ckpt_dir) if f.startswith("step_") and f.endswith(".safetensors"))
-    for f in old[:-keep]:
+    for f in old[:-keep] if keep > 0 else ():  # 0: keep every checkpoint
         os.remove(os.path.join(ckpt_dir, f))
     return path
 
@@ -362,6 +362,24 @@ def load_checkpoint(ckpt_dir: str, model, ema, opt, gen, data, device, rank: int
         torch.cuda.set_rng_state(tensors[f"rng.cuda{r}"])
     data.load_state_dict(meta["data_ranks"][rank] if same and "data_ranks" in meta else meta["data"])
     return meta
+
+
+# what a resume must keep for the loss curve to be the uninterrupted one: the model, the data order
+# and packing, the noise/time distributions (steps, LR and the budget may change)
+EXACT_RESUME = ("dit", "seed", "max_tokens", "grad_accum", "base_tokens", "logit_mean", "logit_std", "cfg_dropout",
+                "cond_ratios")
+
+
+def check_resume_config(saved: dict, cfg: "TrainConfig") -> None:
+    """ValueError naming each EXACT_RESUME field whose value differs from the checkpoint's config."""
+    saved, now = json.loads(json.dumps(saved)), json.loads(json.dumps(asdict(cfg), default=str))
+    for c in (saved, now):  # how attention is computed and what backward recomputes may change
+        c = c.get("dit") or {}
+        c.pop("attention", None), c.pop("grad_checkpointing", None)
+    diff = [f"{k}: {saved[k]} -> {now[k]}" for k in EXACT_RESUME if k in saved and saved[k] != now[k]]
+    if diff:
+        raise ValueError(f"resuming {cfg.ckpt_dir} with other settings would not continue it exactly ("
+                         + "; ".join(diff) + "): pass the checkpoint's, or train into another directory")
 
 
 def init_weights(ckpt_dir: str, model, ema) -> None:
@@ -483,6 +501,7 @@ def train(cfg: TrainConfig, data, rank: int = 0, world_size: int = 1, report=Non
     step, skipped, flops = 0, 0, 0.0
     if cfg.ckpt_dir and cfg.resume and os.path.exists(os.path.join(cfg.ckpt_dir, "latest.json")):
         meta = load_checkpoint(cfg.ckpt_dir, model, ema, opt, gen, batches, device, rank, world_size)
+        check_resume_config(meta.get("config", {}), cfg)
         step, skipped, flops = meta["step"], meta["skipped"], meta["flops"]
         log.info("resumed from %s at step %d", cfg.ckpt_dir, step)
     elif cfg.init_from:

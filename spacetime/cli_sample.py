@@ -5,6 +5,7 @@ Each writes the video (.mp4) or image (.png) atomically and a JSON sidecar `<out
 made it: prompt, upsampled prompt, seed, task, sizes, sampler settings and the checkpoints' sha256.
 Bad input is a one-line error and exit status 2; nothing is left half-written.
 """
+import json
 import warnings
 from pathlib import Path
 from typing import List, Optional
@@ -12,6 +13,8 @@ from typing import List, Optional
 import typer
 
 TASKS = ("animate", "extend", "loop", "edit", "transition", "image")
+TEXT_ENCODER_HELP = "words (the shapes demo's) | open_clip:<model> | t5:<local dir>: the one precompute used"
+TEXT_WEIGHTS_HELP = "open_clip text tower weights file: the --text-weights precompute used"
 
 
 def _fail(msg: str, code: int = 2):
@@ -19,18 +22,40 @@ def _fail(msg: str, code: int = 2):
     raise typer.Exit(code)
 
 
-def _text_encoder(name: str, text_dim: int):
+def _text_encoder(name: str, text_dim: int, weights: Optional[Path] = None, checkpoint: Optional[Path] = None):
     """text_encoder(list[str]) -> list[(L, text_dim)]. 'words': the fixed per-word embeddings the shapes
-    demo trains with (generator.shapes.embed_caption); 'open_clip:<model>' / 't5:<dir>': the encoder
-    `spacetime precompute` used for the latents table (it must be the same one the DiT trained with)."""
+    demo trains with (generator.shapes.embed_caption); 'open_clip:<model>' (+ weights) / 't5:<dir>': the
+    encoder `spacetime precompute` used for the latents table. A DiT only understands the embeddings it
+    trained on: when the checkpoint's training run recorded its text encoder's sha, another encoder
+    (or other weights) is refused rather than sampled with prompts it cannot read."""
     if name == "words":
         from generator.shapes import embed_caption
-        return lambda prompts: [embed_caption(p, text_dim) for p in prompts]
-    if name.startswith(("open_clip:", "t5:")):
+        enc, sha = None, None
+    elif name.startswith(("open_clip:", "t5:")):
         from generator.precompute import TextEncoder
-        enc = TextEncoder(name)
-        return lambda prompts: [e.float() for e in enc(prompts)]
-    raise ValueError(f"unknown text encoder {name!r}; use words, open_clip:<model> or t5:<dir>")
+        enc = TextEncoder(name, str(weights) if weights else None)
+        sha = enc.sha
+    else:
+        raise ValueError(f"unknown text encoder {name!r}; use words, open_clip:<model> or t5:<dir>")
+    trained = _trained_text_sha(checkpoint) if checkpoint is not None else None
+    if trained and sha != trained:
+        raise ValueError(f"{checkpoint} was trained on text embeddings of encoder sha {trained[:12]}, but "
+                         f"--text-encoder {name}{f' --text-weights {weights}' if weights else ''} is "
+                         f"{'the shapes-demo word embeddings' if sha is None else f'sha {sha[:12]}'}: pass the "
+                         f"--text-encoder and --text-weights that `spacetime precompute` used")
+    if enc is None:
+        return lambda prompts: [embed_caption(p, text_dim) for p in prompts]
+    return lambda prompts: [e.float() for e in enc(prompts)]
+
+
+def _trained_text_sha(checkpoint: Path) -> Optional[str]:
+    """The text encoder sha `spacetime train` recorded in the run's run.json, if there is one."""
+    from generator.sample import resolve_checkpoint
+    run = resolve_checkpoint(checkpoint).parent / "run.json"
+    try:
+        return json.loads(run.read_text()).get("text_encoder_sha")
+    except (OSError, ValueError):
+        return None
 
 
 def _load(checkpoint: Path, vae_path: Path):
@@ -96,7 +121,8 @@ def sample_cmd(prompt: Optional[str] = typer.Option(None, "--prompt", help="what
                cfg: float = typer.Option(4.0, "--cfg", help="classifier-free guidance scale"),
                method: str = typer.Option("euler", "--method", help="euler | heun"),
                fps: float = typer.Option(24.0, "--fps"),
-               text_encoder: str = typer.Option("words", "--text-encoder")):
+               text_encoder: str = typer.Option("words", "--text-encoder", help=TEXT_ENCODER_HELP),
+               text_weights: Optional[Path] = typer.Option(None, "--text-weights", help=TEXT_WEIGHTS_HELP)):
     """Text-to-video or text-to-image with a trained DiT + VAE: one --prompt into --out, or a --prompts
     file into --out-dir. Prompts are upsampled first (--no-upsample to skip)."""
     from generator.sample import sample_batch, write_video
@@ -115,7 +141,7 @@ def sample_cmd(prompt: Optional[str] = typer.Option(None, "--prompt", help="what
             asked = read_prompts(prompts)
         texts = list(asked) if no_upsample else _upsample(asked, upsampler, seed)
         model, codec, base_tokens, info = _load(checkpoint, vae)
-        encode = _text_encoder(text_encoder, model.cfg.text_dim)
+        encode = _text_encoder(text_encoder, model.cfg.text_dim, text_weights, checkpoint)
         paths = [out] if prompt is not None else [
             out_dir / f"prompt_{i}{'.png' if frames == 1 else '.mp4'}" for i in range(len(asked))]
         for lo in range(0, len(texts), batch_size):
@@ -132,7 +158,8 @@ def sample_cmd(prompt: Optional[str] = typer.Option(None, "--prompt", help="what
                                     "upsampled_prompt": None if no_upsample else texts[i],
                                     "upsampler": None if no_upsample or upsampler is None else str(upsampler),
                                     "seed": seed, "frames": T, "height": H, "width": W, "steps": steps, "cfg": cfg,
-                                    "method": method, "fps": fps, "text_encoder": text_encoder, **info})
+                                    "method": method, "fps": fps, "text_encoder": text_encoder,
+                                    "text_weights": str(text_weights) if text_weights else None, **info})
                 typer.echo(f"wrote {paths[i]} ({T} frames, {W}x{H})")
     except ValueError as e:
         _fail(str(e))
@@ -157,7 +184,8 @@ def generate_cmd(task: str = typer.Option(..., "--task", help="|".join(TASKS)),
                  method: str = typer.Option("euler", "--method"),
                  fps: float = typer.Option(24.0, "--fps"),
                  max_frames: int = typer.Option(129, "--max-frames", help="longest video the model supports"),
-                 text_encoder: str = typer.Option("words", "--text-encoder")):
+                 text_encoder: str = typer.Option("words", "--text-encoder", help=TEXT_ENCODER_HELP),
+                 text_weights: Optional[Path] = typer.Option(None, "--text-weights", help=TEXT_WEIGHTS_HELP)):
     """Animate an image, extend a video forward/backward, loop, edit (SDEdit) or join two videos."""
     from generator.tasks import INPUTS, run_task
     inputs = list(inputs or [])
@@ -181,7 +209,7 @@ def generate_cmd(task: str = typer.Option(..., "--task", help="|".join(TASKS)),
             typer.echo(f"warning: {checkpoint} was trained text-only (--cond-mix t2v): it holds the given frames "
                        f"but never learned to continue them; train with --cond-mix tasks for {task}", err=True)
         res = run_task(task, model, codec, text, [str(p) for p in inputs], out, frames, height, width, direction,
-                       strength, fps, text_encoder=_text_encoder(text_encoder, model.cfg.text_dim),
+                       strength, fps, text_encoder=_text_encoder(text_encoder, model.cfg.text_dim, text_weights, checkpoint),
                        max_frames=max_frames, steps=steps, cfg_scale=cfg, seed=seed, method=method,
                        base_tokens=base_tokens)
     except ValueError as e:
@@ -190,7 +218,8 @@ def generate_cmd(task: str = typer.Option(..., "--task", help="|".join(TASKS)),
     record = {"task": task, "prompt": prompt, "upsampled_prompt": None if no_upsample else text,
               "upsampler": None if no_upsample or upsampler is None else str(upsampler), "seed": seed,
               "inputs": [str(p) for p in inputs], "frames": T, "height": H, "width": W, "steps": steps, "cfg": cfg,
-              "method": method, "fps": fps, "text_encoder": text_encoder, "trained_cond_mix": mix, **info}
+              "method": method, "fps": fps, "text_encoder": text_encoder,
+              "text_weights": str(text_weights) if text_weights else None, "trained_cond_mix": mix, **info}
     if task == "extend":
         record["direction"] = direction
     if task == "edit":

@@ -1,5 +1,6 @@
 """Generator training loop: learning on shapes, exact resume, NaN guard, checkpoint integrity, budget."""
 import json
+from dataclasses import replace
 import os
 
 import pytest
@@ -74,6 +75,11 @@ def test_exact_resume_matches_uninterrupted(pairs, tmp_path):
     assert curve == [h["loss"] for h in full.history]  # bitwise on CPU
     for a, b in zip(full.ema.parameters(), rest.ema.parameters()):
         assert torch.equal(a, b)
+    # settings that would change the data order, packing or the model are refused, named
+    with pytest.raises(ValueError, match=r"seed: 0 -> 7; max_tokens: .* -> 100"):
+        train(small_cfg(steps=10, ckpt_dir=part, seed=7, max_tokens=100), pairs)
+    with pytest.raises(ValueError, match="dit: "):
+        train(small_cfg(steps=10, ckpt_dir=part, dit=replace(small_cfg().dit, abs_pos=False)), pairs)
 
 
 def test_compiled_blocks_train_like_eager_without_recompiling_per_batch(pairs):

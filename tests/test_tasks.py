@@ -285,6 +285,12 @@ def test_bad_inputs_raise_and_write_nothing(model, vae, tmp_path):
     with pytest.raises(ValueError, match="one frame"):
         write_video(video(5).permute(1, 0, 2, 3), tmp_path / "x.png")
     assert sorted(os.listdir(tmp_path)) == ["bad.mp4"]
+    from dataclasses import replace
+
+    from generator.dit import DiT
+    pt2 = DiT(replace(model.cfg, patch=(2, 2, 2)))  # its held frames would straddle temporal patches
+    with pytest.raises(ValueError, match="temporal patch 1"):
+        tasks.run_task("loop", pt2, vae, "a cat", out=out, height=24, width=24, **KW)
 
 
 def test_inputs_read_with_rotation_and_resized_to_grid(model, vae, tmp_path):
@@ -412,3 +418,26 @@ def test_cli_sample_prompts_file_packs_batches_that_match_single_prompts(checkpo
                       (["--prompts", str(tmp_path / "none.txt"), "--out-dir", str(tmp_path)], "not found")]:
         r = runner.invoke(app, ["sample", *args, *common])
         assert r.exit_code == 2 and msg in r.output, r.output
+
+
+def test_cli_refuses_a_text_encoder_the_dit_did_not_train_on(checkpoints, tmp_path):
+    import shutil
+
+    from generator.precompute import TextEncoder
+    from spacetime.cli_sample import _text_encoder, register
+    app = typer.Typer()
+    register(app)
+    run, vae_path = checkpoints
+    mine = tmp_path / "run"
+    shutil.copytree(run, mine)
+    clip = TextEncoder("open_clip:ViT-B-32")  # seeded random tower: the sha precompute records without weights
+    (mine / "run.json").write_text(json.dumps({"text_encoder_sha": clip.sha}))
+    for task in (["sample"], ["generate", "--task", "image", "--no-upsample"]):
+        r = CliRunner().invoke(app, [*task, "--prompt", "a red circle", "--checkpoint", str(mine), "--vae", str(vae_path),
+                                     "--frames", "1", "--height", "16", "--width", "16", "--steps", "1",
+                                     "--out", str(tmp_path / "x.png")])
+        assert r.exit_code == 2 and "trained on text embeddings of encoder sha" in r.output, r.output
+        assert "--text-weights" in r.output and not (tmp_path / "x.png").exists()
+    encode = _text_encoder("open_clip:ViT-B-32", 512, None, mine)  # the same encoder is accepted
+    assert encode(["a red circle"])[0].shape[1] == 512
+    assert _text_encoder("words", 8, None, run)(["a red circle"])[0].shape[1] == 8  # no record: not checked
