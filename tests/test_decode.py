@@ -1,7 +1,9 @@
 """The shared analysis decode: frames in order at the analysis size, colour close to swscale's,
-rotation, other pixel formats, and the decode thread's errors, timeouts and clean exit."""
+rotation, other pixel formats, and the decode thread's errors, timeouts and clean exit; and the
+frame-accurate cut of clips, which seeks instead of decoding the source from its start."""
 import threading
 import time
+from fractions import Fraction
 
 import av
 import cv2
@@ -149,3 +151,93 @@ def test_timeout_ends_the_pass(tmp_path):
     assert time.monotonic() - t0 < 2.0
     time.sleep(0.1)
     assert not _decoders()
+
+
+# --- The frame-accurate cut (pipeline.clips.transcode_clips): each batch seeks near its first clip. ---
+
+BITS, BLOCK = 9, 16  # frame i shows i in binary: BITS blocks of BLOCK px, white for a 1
+
+
+def _numbered_video(path, n=300, fps=30, gop=24, pts=None, rotation_cw=0, fmt=None):
+    """H.264 with B-frames, a keyframe every `gop` frames; frame i shows i as BITS black/white blocks."""
+    w, h = BITS * BLOCK + BLOCK, 32  # a grey block at the right edge
+    with av.open(str(path), "w", format=fmt) as out:
+        s = out.add_stream("libx264", rate=fps)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        s.codec_context.options = {"preset": "veryfast", "g": str(gop), "keyint_min": str(gop), "bf": "2"}
+        if pts is not None:
+            s.codec_context.time_base = Fraction(1, fps)
+        if rotation_cw:
+            s.set_display_rotation(-rotation_cw)  # PyAV takes counter-clockwise degrees
+        for i in range(n):
+            a = np.full((h, w, 3), 128, np.uint8)
+            for b in range(BITS):
+                a[:, b * BLOCK:(b + 1) * BLOCK] = 255 if i >> b & 1 else 0
+            frame = av.VideoFrame.from_ndarray(a, format="rgb24")
+            if pts is not None:
+                frame.pts, frame.time_base = pts[i], Fraction(1, fps)
+            for p in s.encode(frame):
+                out.mux(p)
+        for p in s.encode():
+            out.mux(p)
+    return str(path)
+
+
+def _frame_numbers(path, rotation_cw=0):
+    with av.open(str(path)) as c:
+        rgb = [np.rot90(f.to_ndarray(format="rgb24"), k=rotation_cw // 90) for f in c.decode(video=0)]
+    return [sum(1 << b for b in range(BITS) if a[:, b * BLOCK + 4:(b + 1) * BLOCK - 4].mean() > 128) for a in rgb]
+
+
+def _spy_ffmpeg(monkeypatch):
+    import pipeline.clips as clips
+    calls, real = [], clips.subprocess.run
+
+    def run(cmd, *a, **k):
+        calls.append(cmd)
+        return real(cmd, *a, **k)
+
+    monkeypatch.setattr(clips.subprocess, "run", run)
+    return calls
+
+
+def _seek(cmd):
+    return float(cmd[cmd.index("-ss") + 1]) if "-ss" in cmd else 0.0
+
+
+@pytest.mark.parametrize("kind", ["cfr-mp4", "vfr-mp4", "rotation-90", "mkv"])
+def test_clips_far_into_a_source_seek_and_hold_exactly_their_frames(tmp_path, monkeypatch, kind):
+    """Each batch's ffmpeg starts near its first clip (input -ss), not at frame 0, and still cuts
+    exactly the source frames [start, end) — by their timestamps, so VFR is right too."""
+    import pipeline.clips as clips
+    n, fps = 300, 30
+    gaps = np.cumsum(np.random.default_rng(0).integers(1, 4, n)).tolist() if kind == "vfr-mp4" else None
+    rot = 90 if kind == "rotation-90" else 0
+    src = _numbered_video(tmp_path / ("src.mkv" if kind == "mkv" else "src.mp4"), n, fps, pts=gaps,
+                          rotation_cw=rot, fmt="matroska" if kind == "mkv" else None)
+    ranges = [(0, 5), (5, 17), (150, 151), (151, 190), (261, 299), (299, 300)]
+    monkeypatch.setattr(clips, "MAX_OUTPUTS_PER_FFMPEG", 2)  # three batches: at 0, mid-source, at the end
+    calls = _spy_ffmpeg(monkeypatch)
+    jobs = [(s, e, tmp_path / "clips" / f"{s}-{e}.mp4") for s, e in ranges]
+    assert clips.transcode_clips(src, jobs) == {out: None for _, _, out in jobs}
+    for s, e, out in jobs:
+        assert _frame_numbers(out, rot) == list(range(s, e)), (s, e)
+    assert len(calls) == 3  # one ffmpeg per batch, none had to fall back
+    with av.open(src) as c:  # the source time of each frame, as the analysis decode numbers them
+        st = c.streams.video[0]
+        t = [f.pts * float(st.time_base) - c.start_time / 1e6 for f in c.decode(st)]
+    assert _seek(calls[0]) == 0.0
+    for cmd, first in zip(calls[1:], (150, 261)):
+        assert t[first] - 1.0 < _seek(cmd) <= t[first]  # input seek near the batch's first frame
+
+
+def test_a_seek_that_lands_late_falls_back_to_decoding_from_the_start(tmp_path, monkeypatch):
+    import pipeline.clips as clips
+    src = _numbered_video(tmp_path / "src.mp4", n=120, gop=12)
+    monkeypatch.setattr(clips, "SEEK_MARGIN_S", -1.0)  # aims 1 s past the first frame: frames go missing
+    calls = _spy_ffmpeg(monkeypatch)
+    out = tmp_path / "c.mp4"
+    assert clips.transcode_clips(src, [(40, 70, out)]) == {out: None}
+    assert _frame_numbers(out) == list(range(40, 70))
+    assert [_seek(c) > 0 for c in calls] == [True, False]  # the seek, then the old way from frame 0
+    assert not [p for p in tmp_path.iterdir() if ".part" in p.name]  # the short attempt left nothing behind
