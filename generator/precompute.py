@@ -52,8 +52,8 @@ LATENTS_SCHEMA = pa.schema([
     ("pixels", pa.struct([("frames", pa.int32()), ("height", pa.int32()), ("width", pa.int32())])),
     ("frame_offset", pa.int64()),       # first clip frame used (0-based, within the clip)
     ("fps", pa.float64()),
-    ("latent", pa.binary()),            # safetensors bytes: "latent" (C, t, h, w) float32, already vae.to_dit (shifted, scaled)
-    ("text_embedding", pa.binary()),    # safetensors bytes: "text" (L, D) float32
+    ("latent", pa.binary()),            # safetensors bytes: "latent" (C, t, h, w), already vae.to_dit (shifted, scaled)
+    ("text_embedding", pa.binary()),    # safetensors bytes: "text" (L, D); both float32 unless precompute --dtype
     ("caption", pa.string()),
     ("vae_sha", pa.string()),
     ("text_encoder_sha", pa.string()),
@@ -65,12 +65,17 @@ def latents_path(root) -> str:
     return str(Path(root) / "latents")
 
 
-def tensor_to_bytes(t: torch.Tensor, name: str) -> bytes:
-    return st_save({name: t.detach().to("cpu", torch.float32).contiguous()})
+# what latents and text embeddings may be stored as: bf16 / fp16 halve the table and its reads
+STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def tensor_to_bytes(t: torch.Tensor, name: str, dtype: str = "float32") -> bytes:
+    return st_save({name: t.detach().to("cpu", STORE_DTYPES[dtype]).contiguous()})
 
 
 def tensor_from_bytes(b: bytes, name: str) -> torch.Tensor:
-    return st_load(bytes(b))[name]
+    """The stored tensor as float32, whatever dtype it was stored in (the bytes say which)."""
+    return st_load(bytes(b))[name].float()
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,13 +194,13 @@ class VAEEncoder:
     spatial tiles, so memory stays flat; the causal VAE makes both exact (or nearly, for tiles)."""
 
     def __init__(self, vae_path: str, use_gpu: bool = False, threads: int = 1, chunk_frames: int = 16,
-                 tile: int = 256):
+                 tile: int = 256, dtype: str = "float32"):
         from generator.vae import load_vae
 
         torch.set_num_threads(threads)
         self.device = _device(use_gpu)
         self.vae = load_vae(vae_path, device=self.device).eval()
-        self.chunk, self.tile = chunk_frames, tile
+        self.chunk, self.tile, self.dtype = chunk_frames, tile, dtype
         log.info("VAE encoder on %s", self.device)
 
     @torch.no_grad()
@@ -219,7 +224,7 @@ class VAEEncoder:
                 T, H, W = (int(v) for v in batch["shape"][i])
                 video = np.frombuffer(batch["frames"][i], np.uint8).reshape(T, H, W, 3)
                 z = self.encode(video)
-                latents.append(tensor_to_bytes(z, "latent"))
+                latents.append(tensor_to_bytes(z, "latent", self.dtype))
                 buckets.append(list(z.shape[1:]))
             except Exception as e:  # noqa: BLE001
                 errors[i] = f"vae: {type(e).__name__}: {e}"[:500]
@@ -300,8 +305,9 @@ class TextEncoder:
 class TextEmbedStage:
     """Actor wrapping TextEncoder for map_batches: caption column -> text_embedding bytes."""
 
-    def __init__(self, spec: str, weights: str | None, sha: str, use_gpu: bool = False, threads: int = 1):
-        self.encoder = TextEncoder(spec, weights, use_gpu, threads)
+    def __init__(self, spec: str, weights: str | None, sha: str, use_gpu: bool = False, threads: int = 1,
+                 dtype: str = "float32"):
+        self.encoder, self.dtype = TextEncoder(spec, weights, use_gpu, threads), dtype
         if self.encoder.sha != sha:  # a nondeterministic build would silently mix embeddings
             raise RuntimeError(f"text encoder on this worker has sha {self.encoder.sha}, the driver's is {sha}")
 
@@ -310,7 +316,7 @@ class TextEmbedStage:
         embs = [b""] * len(batch["clip_id"])
         if ok:
             for i, e in zip(ok, self.encoder([str(batch["caption"][i]) for i in ok])):
-                embs[i] = tensor_to_bytes(e, "text")
+                embs[i] = tensor_to_bytes(e, "text", self.dtype)
         return {**batch, "text_embedding": np.array(embs, dtype=object)}
 
 
@@ -454,20 +460,23 @@ def precompute(dataset_root, version: int, vae_path: str, text_encoder: str = "o
                text_weights: str | None = None, out: str | None = None, *, short_sides=SHORT_SIDES,
                frame_buckets=FRAME_BUCKETS, patch=(1, 2, 2), max_aspect: float = 2.0, max_clips: int | None = None,
                concurrency: int = 1, use_gpu: bool | None = None, batch_size: int = 8,
-               retry_errors: bool = False, progress=None) -> PrecomputeResult:
+               retry_errors: bool = False, progress=None, dtype: str = "float32") -> PrecomputeResult:
     """Encode the kept clips of clips-table `version` into the latents table; ONE commit per run.
 
     out: the latents table path (default <root>/latents). short_sides / frame_buckets: the bucket
     sets (pixels / frames; short sides must be multiples of the VAE space factor x patch). patch:
     the DiT patch (t, h, w) the sizes must divide into. max_clips: encode at most this many new
     clips this run (the rest on the next run): bounds the driver's memory, since the run's rows
-    are committed together. retry_errors: also retry clips the error log names. concurrency:
+    are committed together. retry_errors: also retry clips the error log names. dtype: what the
+    latents and text embeddings are stored as (STORE_DTYPES; readers get float32). concurrency:
     actors per encoder. use_gpu: None = when CUDA is present. progress(done, total): called as
     rows arrive. Lineage (clips version, vae/text encoder sha,
     counts, errors) goes in the commit info under "spacetime"."""
     import ray
     from generator.vae import load_vae
 
+    if dtype not in STORE_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(STORE_DTYPES)}, got {dtype!r}")
     root = str(Path(dataset_root).resolve())
     out = out or latents_path(root)
     use_gpu = torch.cuda.is_available() if use_gpu is None else use_gpu
@@ -507,11 +516,11 @@ def precompute(dataset_root, version: int, vae_path: str, text_encoder: str = "o
     ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo), 64)))
     ds = ds.map(decode_row, fn_kwargs=dict(frame_buckets=tuple(frame_buckets), short_sides=tuple(short_sides),
                                            multiple=multiple, max_aspect=max_aspect), num_cpus=0.5)
-    ds = ds.map_batches(VAEEncoder, fn_constructor_kwargs=dict(vae_path=str(vae_path), use_gpu=use_gpu),
+    ds = ds.map_batches(VAEEncoder, fn_constructor_kwargs=dict(vae_path=str(vae_path), use_gpu=use_gpu, dtype=dtype),
                         batch_size=1, compute=ray.data.ActorPoolStrategy(size=concurrency), batch_format="numpy",
                         **actor_res)
     ds = ds.map_batches(TextEmbedStage, fn_constructor_kwargs=dict(spec=text_encoder, weights=text_weights, sha=te_sha,
-                                                                   use_gpu=use_gpu),
+                                                                   use_gpu=use_gpu, dtype=dtype),
                         batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=concurrency),
                         batch_format="numpy", **actor_res)
 
@@ -549,7 +558,7 @@ def precompute(dataset_root, version: int, vae_path: str, text_encoder: str = "o
             key = f"{b['frames']}x{b['height']}x{b['width']}"
             buckets[key] = buckets.get(key, 0) + 1
         lineage = {"stage": "precompute", "clips_version": int(version), "vae_sha": vae_sha, "vae_path": str(vae_path),
-                   "text_encoder": text_encoder, "text_encoder_sha": te_sha, "rows_written": len(good),
+                   "text_encoder": text_encoder, "text_encoder_sha": te_sha, "dtype": dtype, "rows_written": len(good),
                    "skipped": skipped, "errors": len(res.errors), "error_list": res.errors[:50],
                    "buckets": buckets, "committed_at": time.time()}
         res.version, written = append_new(out, table, lineage)

@@ -370,13 +370,14 @@ EXACT_RESUME = ("dit", "seed", "max_tokens", "grad_accum", "base_tokens", "logit
                 "cond_ratios")
 
 
-def check_resume_config(saved: dict, cfg: "TrainConfig") -> None:
-    """ValueError naming each EXACT_RESUME field whose value differs from the checkpoint's config."""
+def check_resume_config(saved: dict, cfg, fields=EXACT_RESUME) -> None:
+    """ValueError naming each of `fields` whose value in the config dataclass `cfg` differs from the
+    checkpoint's saved config."""
     saved, now = json.loads(json.dumps(saved)), json.loads(json.dumps(asdict(cfg), default=str))
     for c in (saved, now):  # how attention is computed and what backward recomputes may change
         c = c.get("dit") or {}
         c.pop("attention", None), c.pop("grad_checkpointing", None)
-    diff = [f"{k}: {saved[k]} -> {now[k]}" for k in EXACT_RESUME if k in saved and saved[k] != now[k]]
+    diff = [f"{k}: {saved[k]} -> {now[k]}" for k in fields if k in saved and saved[k] != now[k]]
     if diff:
         raise ValueError(f"resuming {cfg.ckpt_dir} with other settings would not continue it exactly ("
                          + "; ".join(diff) + "): pass the checkpoint's, or train into another directory")

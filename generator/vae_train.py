@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from generator.train import (_any_rank, _per_rank, guarded_update, optimizer_state, optimizer_tensors,
+from generator.train import (_any_rank, _per_rank, check_resume_config, guarded_update, optimizer_state, optimizer_tensors,
                              pick_device, prefixed, read_checkpoint_file, write_checkpoint_file)
 from generator.vae import VAE, VAEConfig, load_state_strict, psnr, vae_loss
 
@@ -98,16 +98,28 @@ def _wrap(module, world_size: int, cuda: bool):
     return torch.nn.parallel.DistributedDataParallel(module, device_ids=[torch.cuda.current_device()] if cuda else None)
 
 
+# what a resume must keep to continue exactly (a discriminator or perceptual loss may join late)
+VAE_EXACT_RESUME = ("seed", "batch_size", "kl_weight", "l1_weight", "l2_weight")
+
+
+def data_signature(videos) -> str:
+    """Shape + a hash of a strided sample of the training videos: another clips version, --max-clips,
+    --frames or --size gives another signature (cheap: a 1/256th of the pixels)."""
+    import hashlib
+    sample = videos[:, :, ::4, ::8, ::8].float().contiguous().numpy().tobytes()
+    return f"{tuple(videos.shape)}:{hashlib.sha256(sample).hexdigest()[:16]}"
+
+
 def save_vae_checkpoint(cfg: VAETrainConfig, vae, opt, disc, dopt, gens, step: int, skipped: int,
-                        rank: int = 0, world_size: int = 1):
-    """Every rank calls it (each rank's RNG is gathered); rank 0 writes."""
+                        rank: int = 0, world_size: int = 1, data: str | None = None):
+    """Every rank calls it (each rank's RNG is gathered); rank 0 writes. data: data_signature."""
     rngs = _per_rank([g.get_state().cpu() for g in gens] + [torch.get_rng_state()], world_size)
     if rank == 0:
         osd = opt.state_dict()
         tensors = {f"vae.{k}": v for k, v in vae.state_dict().items()}
         tensors.update(optimizer_tensors(osd, "optim."))
         meta = {"step": step, "skipped": skipped, "world_size": world_size, "param_groups": osd["param_groups"],
-                "config": asdict(cfg), "vae": asdict(vae.cfg)}
+                "config": asdict(cfg), "vae": asdict(vae.cfg), "data": data}
         if disc is not None:
             dsd = dopt.state_dict()
             tensors.update({f"disc.{k}": v for k, v in disc.state_dict().items()})
@@ -167,9 +179,13 @@ def train_vae(vae: VAE, videos, cfg: VAETrainConfig, rank: int = 0, world_size: 
     if cfg.perceptual:
         from generator.perceptual import Perceptual
         perceptual = Perceptual(cfg.perceptual, cfg.perceptual_lin).to(device)
-    step, skipped = 0, 0
+    step, skipped, sig = 0, 0, data_signature(videos)
     if cfg.ckpt_dir and cfg.resume and os.path.exists(os.path.join(cfg.ckpt_dir, "latest.json")):
         meta = load_vae_checkpoint(cfg.ckpt_dir, vae, opt, disc, dopt, gens, device, rank, world_size)
+        check_resume_config(meta.get("config", {}), cfg, VAE_EXACT_RESUME)
+        if meta.get("data") not in (None, sig):
+            raise ValueError(f"resuming {cfg.ckpt_dir} on other training videos would not continue it exactly "
+                             f"({meta['data']} -> {sig}: another clips version, --max-clips, --frames or --size?)")
         step, skipped = meta["step"], meta["skipped"]
         log.info("resumed VAE training from %s at step %d", cfg.ckpt_dir, step)
     net = _wrap(vae, world_size, cuda)
@@ -215,9 +231,9 @@ def train_vae(vae: VAE, videos, cfg: VAETrainConfig, rank: int = 0, world_size: 
             if report is not None:
                 report(record)
         if cfg.ckpt_dir and cfg.ckpt_every and step % cfg.ckpt_every == 0:
-            save_vae_checkpoint(cfg, vae, opt, disc, dopt, gens, step, skipped, rank, world_size)
+            save_vae_checkpoint(cfg, vae, opt, disc, dopt, gens, step, skipped, rank, world_size, sig)
     if cfg.ckpt_dir:
-        save_vae_checkpoint(cfg, vae, opt, disc, dopt, gens, step, skipped, rank, world_size)
+        save_vae_checkpoint(cfg, vae, opt, disc, dopt, gens, step, skipped, rank, world_size, sig)
     vae.eval()
     return history
 

@@ -216,7 +216,10 @@ def precompute_cmd(
         patch: str = typer.Option("1,2,2", "--patch", help="DiT patch (t,h,w) the latents must divide into"),
         max_clips: Optional[int] = typer.Option(None, "--max-clips", help="encode at most this many new clips this run"),
         concurrency: int = typer.Option(1, "--concurrency", min=1, help="actors per encoder stage"),
-        retry_errors: bool = typer.Option(False, "--retry-errors", help="retry clips the error log names as unreadable")):
+        retry_errors: bool = typer.Option(False, "--retry-errors", help="retry clips the error log names as unreadable"),
+        dtype: str = typer.Option("float32", "--dtype",
+                                  help="float32 | bfloat16 | float16: what latents and text embeddings are stored as "
+                                       "(16-bit halves the table and the trainer's reads; training reads float32)")):
     """Encode kept clips into VAE latents + caption embeddings: the `latents` table (one commit; reruns skip done rows)."""
     import torch
 
@@ -238,7 +241,8 @@ def precompute_cmd(
         res = precompute(root, version, str(vae_path), text_encoder, str(text_weights) if text_weights else None,
                          short_sides=_ints(short_sides, "--short-sides"),
                          frame_buckets=_ints(frame_buckets, "--frame-buckets"), patch=_ints(patch, "--patch"),
-                         max_clips=max_clips, concurrency=concurrency, retry_errors=retry_errors, progress=progress)
+                         max_clips=max_clips, concurrency=concurrency, retry_errors=retry_errors, progress=progress,
+                         dtype=dtype)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     except Exception as e:  # noqa: BLE001 - e.g. an unknown open_clip model or a failed Ray job, in one line
@@ -288,9 +292,11 @@ def train_cmd(
                                         help="latents rows per shuffle window: tables larger than this are read a "
                                              "row group at a time and shuffled within windows (memory ~2x this many "
                                              "rows); resume needs the same value"),
-        compile: bool = typer.Option(False, "--compile",
-                                     help="torch.compile the DiT blocks (fuses the pointwise work around the "
-                                          "matmuls; the first steps pay for the compile). Same results to float rounding"),
+        compile: Optional[bool] = typer.Option(
+            None, "--compile/--no-compile",
+            help="torch.compile the DiT blocks (fuses the pointwise work around the matmuls; the first steps pay "
+                 "for the compile). Same results to float rounding. Default: on with CUDA (H100 bf16: 1.9-2.0x "
+                 "the eager step), off on CPU (1.03-1.06x)"),
         seed: int = typer.Option(0, "--seed")):
     """Train the DiT with rectified flow on a pinned latents table version; safetensors checkpoints in --out."""
     import torch
@@ -336,7 +342,7 @@ def train_cmd(
                       base_tokens=base_tokens, seed=seed, log_every=log_every, ckpt_dir=str(out),
                       ckpt_every=ckpt_every, resume=resume, max_seconds=budget_seconds, max_flops=budget_flops,
                       init_from=str(init_from) if init_from else None, strategy=strategy, cond_ratios=cond_ratios,
-                      compile=compile, grad_accum=grad_accum)
+                      compile=torch.cuda.is_available() if compile is None else compile, grad_accum=grad_accum)
     if init_from is not None and not (init_from / "latest.json").is_file():
         _fail(f"--init-from {init_from}: no finished run there (latest.json missing)")
     clips_versions = sorted(set(data.table["clips_version"].to_pylist()))

@@ -122,7 +122,7 @@ class RetrainConfig:
     dit_preset: str = "DiT_S"
     max_tokens: int = 4096
     dit_grad_accum: int = 1   # `spacetime train --grad-accum`
-    dit_compile: bool = False  # `spacetime train --compile` (same results to rounding: not in the stage key)
+    dit_compile: bool = False  # `spacetime train --compile` on CPU too (CUDA compiles by default; not in the key)
     cond_mix: str = "tasks"  # `spacetime train --cond-mix`: the DiT also learns animate/extend/loop/transition
     sample_frames: int = 9
     sample_size: int = 64

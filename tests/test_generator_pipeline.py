@@ -218,6 +218,30 @@ def test_precompute_rerun_skips_everything(app, latents, dataset, vae_dir):
     assert [e["clip_id"] for e in logged] == ["clip-broken"] and logged[0]["reason"]
 
 
+def test_precompute_stores_16_bit_latents_that_read_back_as_float32(latents, dataset, vae_dir, tmp_path):
+    from safetensors import safe_open
+
+    from generator.precompute import precompute
+    out = str(tmp_path / "latents_bf16")
+    res = precompute(dataset, 0, str(vae_dir / "vae.safetensors"), "open_clip:ViT-S-32-alt", short_sides=(32,),
+                     frame_buckets=(1, 5, 9, 17), out=out, dtype="bfloat16")
+    assert res.written == 4
+    full = {r["clip_id"]: r for r in DeltaTable(str(dataset / "latents")).to_pyarrow_table().to_pylist()}
+    half = {r["clip_id"]: r for r in DeltaTable(out).to_pyarrow_table().to_pylist()}
+    assert json.loads(DeltaTable(out).history(1)[0]["spacetime"])["dtype"] == "bfloat16"
+    for cid, r in half.items():
+        for col, name in (("latent", "latent"), ("text_embedding", "text")):
+            path = tmp_path / f"{cid}.{name}.safetensors"
+            path.write_bytes(r[col])
+            with safe_open(str(path), "pt") as f:
+                assert f.get_slice(name).get_dtype() == "BF16"
+            assert len(r[col]) < 0.6 * len(full[cid][col])      # half the bytes (plus the header)
+            a, b = tensor_from_bytes(r[col], name), tensor_from_bytes(full[cid][col], name)
+            assert a.dtype == torch.float32 and torch.allclose(a, b, rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        precompute(dataset, 0, str(vae_dir / "vae.safetensors"), out=out, dtype="int8")
+
+
 def test_concurrent_precompute_commits_never_duplicate_a_clip(latents, dataset, tmp_path):
     """Two runs that encoded overlapping clips race to append: every clip lands exactly once."""
     from concurrent.futures import ThreadPoolExecutor

@@ -126,6 +126,13 @@ def test_vae_training_resumes_exactly(videos, vgg, tmp_path):
     hist = train_vae(VAE(TINY), videos, VAETrainConfig(steps=3, batch_size=2, log_every=0, adversarial_weight=0.1,
                                                        disc_channels=8, ckpt_dir=str(tmp_path / "plain")))
     assert [h["step"] for h in hist] == [3] and "d_loss" in hist[0]
+    # other batches or other videos would not continue it exactly: refused, named
+    with pytest.raises(ValueError, match="batch_size: 2 -> 3"):
+        train_vae(VAE(TINY), videos, VAETrainConfig(steps=4, batch_size=3, log_every=0, adversarial_weight=0.1,
+                                                    disc_channels=8, ckpt_dir=str(tmp_path / "plain")))
+    with pytest.raises(ValueError, match="other training videos"):
+        train_vae(VAE(TINY), videos[:-1], VAETrainConfig(steps=4, batch_size=2, log_every=0, adversarial_weight=0.1,
+                                                          disc_channels=8, ckpt_dir=str(tmp_path / "plain")))
 
 
 def test_non_finite_batches_are_skipped_and_counted(videos):
