@@ -8,9 +8,9 @@ still become a clip row — the duration filter marks it, so every detected shot
 process each: the batch's span is decoded once and split to one `trim` + H.264 encoder per clip. Each
 batch's ffmpeg seeks (input -ss) to just before its first clip rather than decoding the source from
 frame 0, so the batches of a long source decode it about once in all, not once each. The trims select
-frames by the source timestamps a demux of the packets gives each frame index (exact, not
-keyframe-snapped, right for variable frame rate too), and a batch whose outputs come up short of
-frames is cut again without the seek. Sources in formats without a keyframe index to seek by, or
+frames by each frame index's source timestamp, as the analysis decode recorded it or else a demux of
+the packets gives it (exact, not keyframe-snapped, right for variable frame rate too), and a batch
+whose outputs come up short of frames is cut again without the seek. Sources in formats without a keyframe index to seek by, or
 without one distinct timestamp per frame, are cut the plain way: trim by frame number from frame 0.
 Outputs land under a temporary name and are renamed into place, so a killed run never leaves a
 half-written clip under a final name.
@@ -71,19 +71,22 @@ def _even_scale() -> str:
 
 
 def transcode_clips(source: str, jobs: list[tuple[int, int, Path]], crf: int = 20, preset: str = "veryfast",
-                    timeout_s: float = 600.0, run: str = "") -> dict[Path, str | None]:
+                    timeout_s: float = 600.0, run: str = "",
+                    pts_s: list[float] | None = None) -> dict[Path, str | None]:
     """Cut frame ranges [start, end) of `source` into H.264 mp4s; each batch decodes only its own span.
 
     ffmpeg applies the rotation metadata (autorotate), so outputs are in display orientation.
     Returns {out_path: None on success | error text}. Existing outputs are skipped (resume).
     Each output is written to a temp file named by `store.partial_name(out, run)`, then renamed into place.
+    `pts_s`: every frame's presentation time (s) from a complete decode of the source (the analysis
+    decode's `Decoded.pts_s`), which spares the packet demux that would otherwise find them.
     """
     results: dict[Path, str | None] = {}
     todo = sorted(((s, e, Path(p)) for s, e, p in jobs if not Path(p).exists()), key=lambda j: (j[0], j[1]))
     for _, _, p in jobs:
         if Path(p).exists():
             results[Path(p)] = None
-    index = _frame_index(source) if any(s > 0 for s, _, _ in todo) else None
+    index = _frame_index(source, pts_s) if any(s > 0 for s, _, _ in todo) else None
     for i in range(0, len(todo), MAX_OUTPUTS_PER_FFMPEG):
         batch = todo[i:i + MAX_OUTPUTS_PER_FFMPEG]
         results.update(_transcode_batch(source, batch, crf, preset, timeout_s, run, index))
@@ -99,16 +102,16 @@ SEEK_MARGIN_S = 0.5  # the seek aims this far before a batch's first frame
 
 @dataclass(frozen=True)
 class _FrameIndex:
-    """Where each source frame sits, read from the packets alone (a demux: no decode).
+    """Where each source frame sits: the analysis decode's times, or the packets' (a demux: no decode).
     Frame i (in presentation order, as the analysis decode numbers them) is shown at `pts[i]`."""
-    pts: list[int]      # stream time base units, ascending
+    pts: list           # in `time_base` units, ascending: stream ticks (demux) or seconds (decode)
     time_base: float
     start_s: float      # the container start time: ffmpeg's -ss counts from it
 
 
-def _frame_index(source: str) -> _FrameIndex | None:
+def _frame_index(source: str, pts_s: list[float] | None = None) -> _FrameIndex | None:
     """None (cut the old way, counting frames from the start) unless the source is in a seekable
-    format and its packets give one distinct time per frame."""
+    format and its packets (or `pts_s`, the decoded frames' times in s) give one distinct time per frame."""
     src = source
     try:
         try:
@@ -119,25 +122,33 @@ def _frame_index(source: str) -> _FrameIndex | None:
             st = c.streams.video[0]
             if c.format.name not in SEEKABLE_FORMATS or not st.time_base:
                 return None
-            pts = []
-            for p in c.demux(st):
-                if p.pts is None:
-                    if p.size == 0:  # the demuxer's end-of-stream flush
-                        continue
-                    return None
-                if not p.is_discard:  # discarded packets (edit lists) are decoded, never shown
-                    pts.append(p.pts)
+            # frame i of the decode is the i-th time only if they ascend; else number them as the packets do
+            if pts_s and all(a < b for a, b in zip(pts_s, pts_s[1:])):
+                pts, tb = list(pts_s), 1.0
+            else:
+                pts, tb = _packet_pts(c, st), float(st.time_base)
             start_s = c.start_time / 1e6 if c.start_time is not None else 0.0
-            tb = float(st.time_base)
     except Exception:  # noqa: BLE001 - no index just means no seek
         return None
     finally:
         if src is not source:
             src.close()
-    pts.sort()
     if not pts or any(a == b for a, b in zip(pts, pts[1:])):
         return None
     return _FrameIndex(pts, tb, start_s)
+
+
+def _packet_pts(c, st) -> list[int]:
+    """The shown frames' times in stream ticks, ascending, from a demux; [] if a packet has none."""
+    pts = []
+    for p in c.demux(st):
+        if p.pts is None:
+            if p.size == 0:  # the demuxer's end-of-stream flush
+                continue
+            return []
+        if not p.is_discard:  # discarded packets (edit lists) are decoded, never shown
+            pts.append(p.pts)
+    return sorted(pts)
 
 
 def _window(index: _FrameIndex | None, batch) -> tuple[float, list[str]] | None:

@@ -9,6 +9,10 @@
 Resume: a source whose sha256 is committed or staged is skipped inside the analysis stage (after
 hashing, before decoding). A run killed at any point leaves only staged sources and media files;
 the rerun reuses them and commits exactly the clip set of an uninterrupted run.
+
+Retry: a source rejected for a reason that may pass (`store.transient`: timeouts, a failed analysis
+or transcode) counts as done like any other, unless `retry_rejected` is given; either way a newer
+result for its path replaces that rejection in the commit that adds it (`store.commit`).
 """
 import hashlib
 import json
@@ -149,7 +153,9 @@ class AnalyzeSource:
 
         if spec.clips.mode == "transcode":
             jobs = [(p.start_frame, p.end_frame, media_path(self.root, cid)) for p, cid in zip(plans, ids)]
-            errors = transcode_clips(uri, jobs, spec.clips.crf, spec.clips.preset, spec.analysis.timeout_s, run=self.run)
+            # the decode's frame times spare transcode a demux; a decode cut short by an error lacks the tail's
+            errors = transcode_clips(uri, jobs, spec.clips.crf, spec.clips.preset, spec.analysis.timeout_s,
+                                     run=self.run, pts_s=None if dec.error else dec.pts_s)
             uris = [(str(out), errors[out]) for _, _, out in jobs]
         else:
             uris = [(reference_uri(display_uri(uri), p.start_frame, p.end_frame), None) for p in plans]
@@ -192,9 +198,13 @@ class Done:
     clip_source: dict = field(default_factory=dict)
     fingerprints: dict = field(default_factory=dict)
     # what `add` reads of the committed table: not its thumbnails or embeddings
-    COLUMNS = ["source_sha256", "source_uri", "clip_id", "source_size", "source_mtime_ns"]
+    COLUMNS = ["source_sha256", "source_uri", "clip_id", "source_size", "source_mtime_ns", "status", "reason"]
 
-    def add(self, t: pa.Table) -> None:
+    def add(self, t: pa.Table, retry_rejected: bool = False) -> None:
+        """retry_rejected: transient rejections don't count, so a source that has only those is
+        curated again (one with any other row for its content and path is still done)."""
+        if retry_rejected:
+            t = t.filter(pa.array([not f for f in store.transient_mask(t)], pa.bool_()))
         for sha, uri, cid in zip(*(t[c].to_pylist() for c in ("source_sha256", "source_uri", "clip_id"))):
             self.pairs.add((sha, uri))
             if sha and cid:
@@ -336,32 +346,38 @@ class RunInfo(NamedTuple):
 
 def curate(source_args: list[str], root: str, spec: DatasetSpec, captions: Optional[str] = None,
            progress: Optional[Callable[[int, int, str], None]] = None, ray_address: Optional[str] = None,
-           rehash: bool = False) -> CurateResult:
+           rehash: bool = False, retry_rejected: bool = False) -> CurateResult:
     """Curate sources into the `clips` table under `root`; returns what this run wrote.
 
     A source already committed or staged under the same path, whose size and mtime are those it
     had when it was hashed, is skipped on the driver: a re-run or resume over finished sources
-    starts no Ray work at all. rehash=True sends every source to the workers to be hashed again."""
+    starts no Ray work at all. rehash=True sends every source to the workers to be hashed again.
+    retry_rejected=True curates again the sources whose only rows are transient rejections
+    (`store.transient`); their new rows replace those rejections in this run's commit."""
     started = time.time()
     root = str(Path(root).resolve())
     Path(root).mkdir(parents=True, exist_ok=True)
     lease = store.acquire_lease(root)
     try:
-        return _curate(source_args, root, spec, captions, progress, ray_address, RunInfo(started, lease.stem), rehash)
+        return _curate(source_args, root, spec, captions, progress, ray_address, RunInfo(started, lease.stem), rehash,
+                       retry_rejected)
     finally:
         store.release_lease(lease)
 
 
-def _curate(source_args, root, spec, captions, progress, ray_address, run: RunInfo, rehash=False) -> CurateResult:
+def _curate(source_args, root, spec, captions, progress, ray_address, run: RunInfo, rehash=False,
+            retry_rejected=False) -> CurateResult:
     import ray
 
     sources: list[Source] = expand_sources(source_args)
     version = store.latest_version(root)  # _finish decides against this same version
     committed = store.read_clips(root, version, columns=Done.COLUMNS)
     staged = store.load_staged(root)
+    if retry_rejected:  # a killed run's staged transient rejections are retried too, not committed
+        staged = {k: t for k, t in staged.items() if not all(store.transient_mask(store.conform(t)))}
     done = Done()
     for t in [committed, *staged.values()]:
-        done.add(store.conform(t))
+        done.add(store.conform(t), retry_rejected)
     # unchanged finished sources are skipped here, without hashing them again or starting Ray
     run_sources = sources if rehash else [s for s in sources if s.reject or not done.unchanged(s.uri)]
     skipped = len(sources) - len(run_sources)
@@ -424,9 +440,10 @@ def _finish(root, staged, version, sources, skipped, captions, spec, source_args
     one new version; then clear the staging area and collect garbage."""
     if not staged:
         return CurateResult(None, {}, len(sources), skipped, 0)
-    new = pa.concat_tables([store.conform(t) for t in staged.values()], promote_options="permissive")
+    new = pa.concat_tables(_drop_stale_rejections([store.conform(t) for t in staged.values()]),
+                           promote_options="permissive")
     committed = store.read_clips(root, version, columns=[
-        "clip_id", "source_uri", "source_sha256", "status", "aesthetic", "embedding", "layout"])
+        "clip_id", "source_uri", "source_sha256", "status", "reason", "aesthetic", "embedding", "layout"])
     # A run killed between its commit and clearing its staging left rows the table already holds
     new = store.not_committed(new, committed)
     counts, new_version = store.status_counts(new), None
@@ -450,6 +467,15 @@ def _finish(root, staged, version, sources, skipped, captions, spec, source_args
     rej = pc.filter(new, pc.equal(new["status"], "rejected")).select(["source_uri", "reason"]).to_pylist()
     return CurateResult(new_version, counts, len(sources), skipped, new.num_rows,
                         [(r["source_uri"], r["reason"]) for r in rej])
+
+
+def _drop_stale_rejections(tables: list[pa.Table]) -> list[pa.Table]:
+    """Staged sources (one table each) less those that are only transient rejections of a path that
+    also staged another result: a killed run's failure, retried by its resume (`store.commit` does
+    the same against the committed table)."""
+    only_failed = [t.num_rows > 0 and all(store.transient_mask(t)) for t in tables]
+    ok_uris = {u for t, f in zip(tables, only_failed) if not f for u in t["source_uri"].to_pylist()}
+    return [t for t, f in zip(tables, only_failed) if not (f and t["source_uri"][0].as_py() in ok_uris)]
 
 
 def _absolute(arg: str) -> str:

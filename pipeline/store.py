@@ -131,9 +131,13 @@ def commit(root: str | Path, table: pa.Table, mode: str, lineage: dict, retries:
     frame range, so it is the same clip), or a rejected-source row (clip_id null) whose source_uri
     and sha256 already have one, is not written again. That happens when a run commits staged rows a
     concurrent or earlier run committed too. If nothing new is left, no version is made and the
-    current one is returned. An overwrite is the caller's full new state computed from some version:
-    pass that as `expect_version`, and a table that moved on meanwhile raises TableMoved instead of
-    silently dropping the rows another writer added.
+    current one is returned. An append also supersedes: the transient rejections (`transient`) of
+    each path it adds rows for are removed by the same commit (a Delta merge instead of a plain
+    append), so a retried source never keeps its old failure next to its new clips.
+
+    An overwrite is the caller's full new state computed from some version: pass that as
+    `expect_version`, and a table that moved on meanwhile raises TableMoved instead of silently
+    dropping the rows another writer added.
     """
     path = clips_path(root)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -144,21 +148,29 @@ def commit(root: str | Path, table: pa.Table, mode: str, lineage: dict, retries:
             raise TableMoved(f"{root}: the table moved from version {expect_version} to {parent} while this "
                              f"{lineage.get('operation', 'write')} was prepared; run it again")
         snapshot = DeltaTable(path, version=parent) if parent is not None else None
-        new, counts = table, status_counts(table)
+        new, counts, gone = table, status_counts(table), []
         if parent is not None and mode == "append":
-            have = arrow_table(snapshot, ["clip_id", "source_uri", "source_sha256", "status"])
+            have = arrow_table(snapshot, ["clip_id", "source_uri", "source_sha256", "status", "reason"])
             new = not_committed(table, have)
             if new.num_rows == 0:
                 return parent
+            uris = set(new["source_uri"].to_pylist())
+            stale = [f and u in uris for f, u in zip(transient_mask(have), have["source_uri"].to_pylist())]
+            gone = sorted({u for u, f in zip(have["source_uri"].to_pylist(), stale) if f})
+            have = have.filter(pa.array([not f for f in stale], pa.bool_()))
             counts = {s: a + b for (s, a), b in zip(status_counts(have).items(), status_counts(new).values())}
         info = {"parent_version": parent, "code_version": code_version(), "rows_written": new.num_rows,
-                "counts": counts, "committed_at": time.time(), **lineage}
+                "counts": counts, "committed_at": time.time(), **lineage,
+                **({"superseded_sources": len(gone)} if gone else {})}
         props = CommitProperties(custom_metadata={LINEAGE_KEY: json.dumps(info, default=str)}, max_commit_retries=0)
         try:
             if snapshot is None:  # creating the table: if another writer created it meanwhile, start over
                 write_deltalake(path, new, mode="error", commit_properties=props)
                 return 0
-            write_deltalake(snapshot, new, mode=mode, schema_mode="merge", commit_properties=props)
+            if gone:
+                _append_superseding(snapshot, new, gone, props)
+            else:
+                write_deltalake(snapshot, new, mode=mode, schema_mode="merge", commit_properties=props)
             return parent + 1
         except (CommitFailedError, DeltaError) as e:
             lost_race = isinstance(e, CommitFailedError) or (snapshot is None and table_exists(root))
@@ -168,13 +180,48 @@ def commit(root: str | Path, table: pa.Table, mode: str, lineage: dict, retries:
     raise RuntimeError("unreachable")
 
 
+# Rejections whose cause may pass (a slow disk or a busy machine timing out, a crash in one stage):
+# a newer result for the same path supersedes them (`commit`), and `curate --retry-rejected` tries
+# them again. Every other rejection is about the file itself (not a video, too small, escapes its
+# root, identical to another source) and is final.
+TRANSIENT_REASONS = ("probe timed out", "analysis failed", "transcode failed")
+
+
+def transient(status: Optional[str], reason: Optional[str]) -> bool:
+    return status == "rejected" and bool(reason) and reason.startswith(TRANSIENT_REASONS)
+
+
+def transient_mask(t: pa.Table) -> list[bool]:
+    return [transient(s, r) for s, r in zip(t["status"].to_pylist(), t["reason"].to_pylist())]
+
+
+def _sql(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+def _append_superseding(snapshot: DeltaTable, new: pa.Table, uris: list[str], props: CommitProperties) -> None:
+    """Add `new` and delete the transient rejections of `uris` in ONE commit: a Delta merge whose
+    join matches nothing, so every new row is inserted and the old rows go by predicate (only the
+    data files holding them are rewritten)."""
+    reasons = " OR ".join(f"starts_with(t.reason, {_sql(r)})" for r in TRANSIENT_REASONS)
+    stale = f"t.status = 'rejected' AND ({reasons}) AND t.source_uri IN ({', '.join(map(_sql, uris))})"
+    (snapshot.merge(new, predicate="false", source_alias="s", target_alias="t", merge_schema=True,
+                    commit_properties=props)
+     .when_not_matched_insert_all().when_not_matched_by_source_delete(stale).execute())
+
+
 def not_committed(table: pa.Table, have: pa.Table) -> pa.Table:
-    """Rows of `table` not already in `have` (by clip_id; rejected-source rows by uri + sha256)."""
-    ids = set(have["clip_id"].drop_null().to_pylist())
-    rejected = {(u, s) for c, u, s in zip(*(have[k].to_pylist() for k in ("clip_id", "source_uri", "source_sha256")))
+    """Rows of `table` not already in `have`: clips by clip_id, rejected-source rows by uri + sha256.
+    A clip `have` holds only as a transient rejection (its transcode failed) counts as committed
+    for another such failure, not for the clip a retry cut (which supersedes it)."""
+    cids, failed = have["clip_id"].to_pylist(), transient_mask(have)
+    ids = {c for c, f in zip(cids, failed) if c is not None and not f}
+    failed_ids = {c for c, f in zip(cids, failed) if c is not None and f}
+    rejected = {(u, s) for c, u, s in zip(cids, *(have[k].to_pylist() for k in ("source_uri", "source_sha256")))
                 if c is None}
-    keep = [cid not in ids if cid is not None else (uri, sha) not in rejected
-            for cid, uri, sha in zip(*(table[k].to_pylist() for k in ("clip_id", "source_uri", "source_sha256")))]
+    keep = [cid not in ids and not (f and cid in failed_ids) if cid is not None else (uri, sha) not in rejected
+            for cid, uri, sha, f in zip(*(table[k].to_pylist() for k in ("clip_id", "source_uri", "source_sha256")),
+                                        transient_mask(table))]
     return table.filter(pa.array(keep, pa.bool_()))
 
 
@@ -199,9 +246,10 @@ def history(root: str | Path) -> list[dict]:
                 lineage.setdefault(key, json.loads(v) if isinstance(v, str) else v)
             except json.JSONDecodeError:
                 lineage.setdefault(key, v)
+        metrics = h.get("operationMetrics") or {}  # an append's, or a superseding merge's
         out.append({"version": h["version"], "timestamp": h.get("timestamp"),
                     "mode": (h.get("operationParameters") or {}).get("mode"),
-                    "rows_added": (h.get("operationMetrics") or {}).get("num_added_rows"), **lineage})
+                    "rows_added": metrics.get("num_added_rows", metrics.get("num_target_rows_inserted")), **lineage})
     return sorted(out, key=lambda r: r["version"])
 
 

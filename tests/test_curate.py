@@ -357,3 +357,83 @@ def test_a_commit_records_absolute_sources_and_captions(tmp_path, monkeypatch):
     h = store.history(root)[-1]
     assert h["source_args"] == [os.path.join(os.getcwd(), "v.mp4"), os.path.join(os.getcwd(), "*.mp4")]
     assert h["captions_imported"] == os.path.join(os.getcwd(), "caps.json")
+
+
+def test_a_timed_out_source_is_retried_only_when_asked_and_its_new_rows_replace_it(ray_session, footage, tmp_path):
+    """A probe that times out (a real one: a limit no probe meets) leaves a rejected row carrying the
+    file's sha256. A plain rerun skips it; --retry-rejected curates it again, and that commit adds its
+    clips and drops the old rejection (the version before still has it). A permanent rejection stays."""
+    from typer.testing import CliRunner
+
+    from spacetime.cli import app
+
+    src, gt, _ = footage
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    video = shutil.copy(src / gt["videos"][0]["file"], tmp_path / "a")
+    (tmp_path / "b" / "junk.mp4").write_bytes(b"not a video at all " * 64)
+    root = tmp_path / "ds"
+    hurried = DatasetSpec.model_validate({"analysis": {"timeout_s": 1e-6}})
+    curate([str(tmp_path / "a")], str(root), hurried)
+    (row,) = store.read_clips(root).to_pylist()
+    assert row["reason"].startswith("probe timed out") and row["source_sha256"]
+
+    again = curate([str(tmp_path / "a"), str(tmp_path / "b")], str(root), DatasetSpec())
+    assert again.skipped == 1 and again.version == 1
+    t = store.read_clips(root)
+    (junk,) = [r for r in t.to_pylist() if r["source_uri"].endswith("junk.mp4")]
+    assert junk["status"] == "rejected" and not store.transient(junk["status"], junk["reason"])
+    assert [r["reason"] for r in t.to_pylist() if r["source_uri"] == video] == [row["reason"]]
+
+    r = CliRunner().invoke(app, ["curate", str(tmp_path / "a"), str(tmp_path / "b"), "--dataset", str(root),
+                                 "--retry-rejected"])
+    assert r.exit_code == 0, r.output
+    t = store.read_clips(root)
+    mine = [r for r in t.to_pylist() if r["source_uri"] == video]
+    assert mine and all(r["clip_id"] and r["status"] != "rejected" for r in mine)
+    assert [r["reason"] for r in t.to_pylist() if r["source_uri"].endswith("junk.mp4")] == [junk["reason"]]
+    h = store.history(root)[-1]
+    assert h["version"] == 2 and h["superseded_sources"] == 1 and h["rows_added"] == len(mine)
+    assert sum(h["counts"].values()) == t.num_rows
+    assert row["reason"] in store.read_clips(root, 1)["reason"].to_pylist()  # history keeps it
+    done = curate([str(tmp_path / "a"), str(tmp_path / "b")], str(root), DatasetSpec(), retry_rejected=True)
+    assert done.version is None and done.skipped == 2  # nothing transient left: nothing retried
+
+
+def _source_rows(uri, status, reason=None, ids=(None,), sha="s"):
+    import pyarrow as pa
+
+    return pa.Table.from_pylist([{"clip_id": c, "source_uri": uri, "source_sha256": sha, "status": status,
+                                  "reason": reason} for c in ids])
+
+
+def test_a_newer_result_for_a_path_supersedes_its_transient_rejections(tmp_path):
+    """Sha-less "analysis failed" rows are retried by any rerun, and transcode failures carry the
+    clip ids a retry cuts again: either way the commit that adds the path's new rows removes the old
+    failures, in one commit. The same failure again writes nothing; permanent rejections stay."""
+    import pyarrow as pa
+
+    root = tmp_path / "ds"
+    failed = _source_rows("/a.mp4", "rejected", "analysis failed: TimeoutError: slow", sha=None)
+    store.commit(root, failed, "append", {})
+    store.commit(root, _source_rows("/b.mp4", "rejected", "transcode failed: ffmpeg timed out after 1s", ["b0", "b1"]),
+                 "append", {})
+    store.commit(root, _source_rows("/c.mp4", "rejected", "not a video"), "append", {})
+    assert store.commit(root, failed, "append", {}) == 2  # already committed: no version
+    v = store.commit(root, pa.concat_tables([_source_rows("/a.mp4", "kept", ids=["a0"]),
+                                             _source_rows("/b.mp4", "kept", ids=["b0", "b1"]),
+                                             _source_rows("/c.mp4", "kept", ids=["c0"], sha="other")]), "append", {})
+    assert v == 3
+    rows = {(r["source_uri"], r["clip_id"], r["status"]) for r in store.read_clips(root).to_pylist()}
+    assert rows == {("/a.mp4", "a0", "kept"), ("/b.mp4", "b0", "kept"), ("/b.mp4", "b1", "kept"),
+                    ("/c.mp4", None, "rejected"), ("/c.mp4", "c0", "kept")}
+    assert store.history(root)[-1]["counts"]["rejected"] == 1
+
+
+def test_a_killed_runs_staged_failure_is_dropped_when_its_retry_staged_clips():
+    from pipeline.graph import _drop_stale_rejections
+
+    failed = store.conform(_source_rows("/a.mp4", "rejected", "probe timed out after 1 s"))
+    clips = store.conform(_source_rows("/a.mp4", "kept", ids=["a0"]))
+    other = store.conform(_source_rows("/b.mp4", "rejected", "analysis failed: OSError"))
+    assert _drop_stale_rejections([failed, clips, other]) == [clips, other]

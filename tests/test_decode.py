@@ -205,21 +205,48 @@ def _seek(cmd):
     return float(cmd[cmd.index("-ss") + 1]) if "-ss" in cmd else 0.0
 
 
+class _NoDemux:
+    """A container whose demux fails the test: the frame times must come from the analysis decode."""
+
+    def __init__(self, c):
+        self.c = c
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self.c.__exit__(*exc)
+
+    def __getattr__(self, name):
+        return getattr(self.c, name)
+
+    def demux(self, *a, **k):
+        raise AssertionError("the source was demuxed")
+
+
+@pytest.mark.parametrize("times", ["demux", "decode"])
 @pytest.mark.parametrize("kind", ["cfr-mp4", "vfr-mp4", "rotation-90", "mkv"])
-def test_clips_far_into_a_source_seek_and_hold_exactly_their_frames(tmp_path, monkeypatch, kind):
+def test_clips_far_into_a_source_seek_and_hold_exactly_their_frames(tmp_path, monkeypatch, kind, times):
     """Each batch's ffmpeg starts near its first clip (input -ss), not at frame 0, and still cuts
-    exactly the source frames [start, end) — by their timestamps, so VFR is right too."""
+    exactly the source frames [start, end) — by their timestamps, so VFR is right too. The times come
+    from a demux of the source, or from the analysis decode's `pts_s` without one."""
     import pipeline.clips as clips
     n, fps = 300, 30
     gaps = np.cumsum(np.random.default_rng(0).integers(1, 4, n)).tolist() if kind == "vfr-mp4" else None
     rot = 90 if kind == "rotation-90" else 0
     src = _numbered_video(tmp_path / ("src.mkv" if kind == "mkv" else "src.mp4"), n, fps, pts=gaps,
                           rotation_cw=rot, fmt="matroska" if kind == "mkv" else None)
+    pts_s = None
+    if times == "decode":
+        pts_s = decode_for_analysis(src, [Keep()]).pts_s
+        real_open = clips.av.open
+        monkeypatch.setattr(clips.av, "open", lambda f, *a, **k: _NoDemux(real_open(f, *a, **k)) if f == src
+                            else real_open(f, *a, **k))
     ranges = [(0, 5), (5, 17), (150, 151), (151, 190), (261, 299), (299, 300)]
     monkeypatch.setattr(clips, "MAX_OUTPUTS_PER_FFMPEG", 2)  # three batches: at 0, mid-source, at the end
     calls = _spy_ffmpeg(monkeypatch)
     jobs = [(s, e, tmp_path / "clips" / f"{s}-{e}.mp4") for s, e in ranges]
-    assert clips.transcode_clips(src, jobs) == {out: None for _, _, out in jobs}
+    assert clips.transcode_clips(src, jobs, pts_s=pts_s) == {out: None for _, _, out in jobs}
     for s, e, out in jobs:
         assert _frame_numbers(out, rot) == list(range(s, e)), (s, e)
     assert len(calls) == 3  # one ffmpeg per batch, none had to fall back
