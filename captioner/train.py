@@ -6,7 +6,8 @@ CLIP InfoNCE -> backward -> clip grads -> AdamW step with warmup + cosine LR -> 
 validate -> checkpoint. The checkpoint dir `<out_dir>/checkpoint` holds the captioner
 (config.json, model.safetensors, tokenizer.json, loadable by `load_captioner`) plus
 optimizer.safetensors, rng.safetensors and train_state.json, and is swapped in atomically;
-rerunning with the same out_dir resumes exactly (same weights as an uninterrupted run).
+rerunning with the same out_dir resumes exactly (same weights as an uninterrupted run), and a rerun
+with other settings or training rows is refused (check_resume).
 
 Training rows: status == "kept" with a teacher caption. Validation holds out whole SOURCE
 videos (by source_sha256) so clips of one video never sit on both sides.
@@ -140,7 +141,8 @@ def make_data(rows: list[dict], frames: dict, tok: Tokenizer, max_len: int, reve
 
 def prepare(dataset_root, version, out_dir, cfg: TrainConfig):
     """Read the table, split by source, decode frames once (npz cache in out_dir), build or
-    reload the tokenizer -> (tokenizer, model config, train data, val data, info dict)."""
+    reload the tokenizer -> (tokenizer, model config, train data, val data, info dict; info["data"]
+    is what `fit` records of the data: table version, held-out sources, a hash of the training rows)."""
     table, read_version = read_clips(dataset_root, version)
     rows = training_rows(table).select(
         ["clip_id", "clip_uri", "source_sha256", "caption_teacher_short", "caption_teacher_dense"]).to_pylist()
@@ -149,6 +151,12 @@ def prepare(dataset_root, version, out_dir, cfg: TrainConfig):
     is_val = split_by_source([r["source_sha256"] for r in rows], cfg.val_fraction, cfg.seed)
     train_rows = [r for r, v in zip(rows, is_val) if not v]
     val_rows = [r for r, v in zip(rows, is_val) if v]
+    # what fit records in each checkpoint: a resume must train on the same rows in the same order,
+    # and eval-captioner scores the sources held out here even after the table grows
+    data = {"version": read_version, "val_sources": sorted({r["source_sha256"] for r in val_rows}),
+            "train_sha256": hashlib.sha256(json.dumps(
+                [[r["clip_id"], r["caption_teacher_short"], r["caption_teacher_dense"]] for r in train_rows]
+            ).encode()).hexdigest()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = _latest_checkpoint(out)
@@ -162,9 +170,8 @@ def prepare(dataset_root, version, out_dir, cfg: TrainConfig):
                                  fit=mcfg.frame_fit)
     train = make_data(train_rows, frames, tok, mcfg.max_text_len, cfg.reverse_swap if cfg.reverse else None)
     val = evenly_spaced(make_data(val_rows, frames, tok, mcfg.max_text_len), cfg.frame_pool)
-    info = {"dataset_root": str(dataset_root), "version": read_version, "train_clips": len(train),
-            "val_clips": len(val), "decode_errors": errors,
-            "val_sources": sorted({r["source_sha256"] for r in val_rows})}
+    info = {"dataset_root": str(dataset_root), "train_clips": len(train), "val_clips": len(val),
+            "decode_errors": errors, "data": data}
     return tok, mcfg, train, val, info
 
 
@@ -224,6 +231,39 @@ def _latest_checkpoint(out: Path):
         if (out / name / "train_state.json").is_file():
             return out / name
     return None
+
+
+# What a resume must keep to continue the run exactly: the model and vocabulary, the data split, the
+# batch stream and its augmentation, the loss. Steps, the LR schedule, grad clipping and logging may
+# change; weight decay may not, as the optimizer state restores the old value over a new one.
+EXACT_RESUME = ("preset", "model", "seed", "batch_size", "val_fraction", "min_word_count", "contrastive_weight",
+                "weight_decay", "hflip", "hflip_swap", "short_fraction", "frame_pool", "reverse", "reverse_swap")
+
+
+def check_resume(ckpt: Path | None, cfg: TrainConfig, data: dict | None = None) -> None:
+    """ValueError naming each setting ("name: old -> new") in which `cfg`, or the training rows of
+    `data` (prepare's info["data"]), differ from the run checkpointed at `ckpt` (None: no run yet)."""
+    if ckpt is None:
+        return
+    state = json.loads((ckpt / "train_state.json").read_text())
+    saved, now = state.get("train_config") or {}, json.loads(json.dumps(asdict(cfg)))
+    diff = [f"{k}: {saved[k]} -> {now[k]}" for k in EXACT_RESUME if k in saved and saved[k] != now[k]]
+    old = state.get("data") or {}  # absent in checkpoints from before it was recorded
+    if data and old.get("train_sha256") not in (None, data["train_sha256"]):
+        diff.append(f"training clips or teacher captions: table version {old.get('version')} -> {data['version']}")
+    if diff:
+        raise ValueError(f"{ckpt.parent} holds a captioner run with other settings, which resuming would not "
+                         f"continue exactly ({'; '.join(diff)}): pass its settings, or train into another directory")
+
+
+def held_out_sources(ckpt_dir) -> set | None:
+    """The source videos (sha256) the training run of checkpoint `ckpt_dir` held out for validation;
+    None for a checkpoint from before they were recorded."""
+    state = Path(ckpt_dir) / "train_state.json"
+    if not state.is_file():
+        raise ValueError(f"{ckpt_dir} is not a captioner training checkpoint (no train_state.json)")
+    data = json.loads(state.read_text()).get("data") or {}
+    return set(data["val_sources"]) if "val_sources" in data else None
 
 
 def _batch_rng_key(rank: int) -> str:
@@ -337,11 +377,13 @@ def _finite_on_every_rank(loss) -> bool:
 
 
 def fit(model, tok, train: CaptionData, val: CaptionData, cfg: TrainConfig, out_dir, device="cpu",
-        rank: int = 0, report=None, stop_at: int | None = None, log=print) -> list[dict]:
-    """Train `model` (possibly DDP-wrapped) from step 0, or resume from <out_dir>/checkpoint.
+        rank: int = 0, report=None, stop_at: int | None = None, log=print, data: dict | None = None) -> list[dict]:
+    """Train `model` (possibly DDP-wrapped) from step 0, or resume from <out_dir>/checkpoint; a
+    checkpoint of other settings or data (check_resume) is refused with a ValueError.
 
     `stop_at`: end this run after that step with a checkpoint (a time-sliced run; a later
     call resumes). `report(metrics)` is called at each log step (Ray Train passes its own).
+    `data`: prepare's info["data"], recorded in each checkpoint.
     Returns the logged history (list of dicts: step, loss, caption_loss, contrastive_loss, lr, ...).
     """
     raw = getattr(model, "module", model)  # the captioner inside a DDP wrapper
@@ -353,6 +395,7 @@ def fit(model, tok, train: CaptionData, val: CaptionData, cfg: TrainConfig, out_
     step, skipped, history = 0, 0, []
     ckpt = _latest_checkpoint(Path(out_dir))
     if ckpt is not None:
+        check_resume(ckpt, cfg, data)
         step = load_checkpoint(ckpt, raw, opt, gen, rank)["step"]
         log(f"captioner: resumed from {ckpt} at step {step}")
     # word pairs the tokenizer knows, as ids (a caption without them is flipped unchanged)
@@ -397,7 +440,7 @@ def fit(model, tok, train: CaptionData, val: CaptionData, cfg: TrainConfig, out_
         if step % cfg.ckpt_every == 0 or last:
             gen_states = gather_generator_states(gen, device)  # every rank joins the gather
             if rank == 0:
-                save_checkpoint(out_dir, raw, tok, opt, step, gen_states, {"train_config": asdict(cfg)})
+                save_checkpoint(out_dir, raw, tok, opt, step, gen_states, {"train_config": asdict(cfg), "data": data})
         if step == stop_at:
             break
     if rank == 0:
@@ -423,11 +466,11 @@ def train_loop_per_worker(config: dict) -> None:
     cfg = TrainConfig(**config["train"])
     ctx = ray.train.get_context()
     torch.manual_seed(cfg.seed)  # identical initial weights on every worker
-    tok, mcfg, train, val, _ = prepare(config["dataset_root"], config["version"], config["out_dir"], cfg)
+    tok, mcfg, train, val, info = prepare(config["dataset_root"], config["version"], config["out_dir"], cfg)
     model = ray.train.torch.prepare_model(VideoCaptioner(mcfg))
     device = ray.train.torch.get_device()
     fit(model, tok, train, val, cfg, config["out_dir"], device=device, rank=ctx.get_world_rank(),
-        report=lambda m: ray.train.report(m))
+        report=lambda m: ray.train.report(m), data=info["data"])
 
 
 def train_captioner(dataset_root, version: int | None, out_dir, cfg: TrainConfig | None = None,
@@ -440,6 +483,8 @@ def train_captioner(dataset_root, version: int | None, out_dir, cfg: TrainConfig
     """
     cfg = cfg or TrainConfig()
     out = Path(out_dir).resolve()
+    # before any decoding, and here in the driver: a worker's error would reach the caller wrapped by Ray
+    check_resume(_latest_checkpoint(out), cfg)
     if num_workers >= 1:
         from ray.train import RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
@@ -456,5 +501,5 @@ def train_captioner(dataset_root, version: int | None, out_dir, cfg: TrainConfig
     log(f"captioner: data {json.dumps({k: v for k, v in info.items() if k != 'decode_errors'})}, "
         f"{len(info['decode_errors'])} unreadable clips skipped")
     model = VideoCaptioner(mcfg).to(_device())
-    fit(model, tok, train, val, cfg, out, device=_device(), stop_at=stop_at, log=log)
+    fit(model, tok, train, val, cfg, out, device=_device(), stop_at=stop_at, log=log, data=info["data"])
     return out / "checkpoint"

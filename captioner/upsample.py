@@ -10,7 +10,9 @@ was trained on (the DALL-E 3 / Sora recipe), with one of two local backends:
 with a warning. Both backends are deterministic for a given seed.
 """
 import json
+import os
 import random
+import shutil
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -99,7 +101,8 @@ class LLMUpsampler:
         with torch.no_grad():
             out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=self.sample,
                                       top_p=0.9 if self.sample else None,
-                                      pad_token_id=self.tok.pad_token_id or self.tok.eos_token_id)
+                                      pad_token_id=self.tok.eos_token_id if self.tok.pad_token_id is None
+                                      else self.tok.pad_token_id)  # id 0 is a valid pad
         reply = self.tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         return reply.strip().split("\n\n")[0].strip() or prompt
 
@@ -139,8 +142,14 @@ def _encode(tok: Tokenizer, texts, max_len: int) -> torch.Tensor:
 
 def train_upsampler(pairs, out_dir, cfg: UpsamplerConfig | None = None, log=print) -> Path:
     """Train a T5 on (short, dense) pairs (a list, or a dataset root to read them from);
-    write config.json + model.safetensors + tokenizer.json + upsampler.json to out_dir."""
+    write config.json + model.safetensors + tokenizer.json + upsampler.json to out_dir.
+
+    out_dir appears whole or not at all: it is written as a sibling `<out_dir>.tmp` and renamed into
+    place, replacing an earlier upsampler there (never a dir holding anything else)."""
     cfg = cfg or UpsamplerConfig()
+    out = Path(out_dir)
+    if out.exists() and not (out / "upsampler.json").is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} exists and is not a trained upsampler: pick another output dir")
     if not isinstance(pairs, list):
         pairs = caption_pairs(pairs)
     if not pairs:
@@ -165,10 +174,16 @@ def train_upsampler(pairs, out_dir, cfg: UpsamplerConfig | None = None, log=prin
         opt.step()
         if (step + 1) % max(1, cfg.steps // 10) == 0:
             log(f"upsampler: step {step + 1}/{cfg.steps} loss {loss.item():.4f}")
-    out = Path(out_dir)
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save(str(out / "tokenizer.json"))
-    (out / "upsampler.json").write_text(json.dumps({"backend": "t5", **asdict(cfg), "pairs": len(pairs)}))
+    tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save(str(tmp / "tokenizer.json"))
+    (tmp / "upsampler.json").write_text(json.dumps({"backend": "t5", **asdict(cfg), "pairs": len(pairs)}))
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
     return out
 
 
@@ -193,10 +208,21 @@ class T5Upsampler:
 
 def load_upsampler(path, examples=()):
     """A T5Upsampler (dir with upsampler.json), an LLMUpsampler (any other model dir), or None
-    (with a warning) when path is None or missing."""
+    (with a warning) when path is None or missing. ValueError for a dir that is neither."""
     if path is None or not Path(path).is_dir():
         warnings.warn(f"prompt upsampler not found at {path}: prompts are used as written", stacklevel=2)
         return None
-    if (Path(path) / "upsampler.json").is_file():
-        return T5Upsampler(path)
-    return LLMUpsampler(path, examples)
+    d = Path(path)
+    if (d / "upsampler.json").is_file():
+        return T5Upsampler(d)
+    try:
+        model_type = json.loads((d / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        raise ValueError(f"{d} is not a prompt upsampler: neither a trained T5 upsampler (upsampler.json) "
+                         "nor a local LLM dir (config.json)") from None
+    if model_type == "t5":  # what an upsampler training that did not finish (older code) left behind
+        raise ValueError(f"{d} holds an unfinished T5 upsampler (no upsampler.json): run train-upsampler again")
+    try:
+        return LLMUpsampler(d, examples)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load {d} as a local LLM upsampler: {e}") from e

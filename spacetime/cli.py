@@ -97,11 +97,15 @@ def curate(sources: List[str] = typer.Argument(..., help="video files, directori
            captions: Optional[Path] = typer.Option(None, "--captions", help="JSON/CSV of existing captions keyed by source + frame range"),
            address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: local Ray)"),
            rehash: bool = typer.Option(False, "--rehash",
-                                       help="hash every source again, even those whose size and mtime say unchanged")):
+                                       help="hash every source again, even those whose size and mtime say unchanged"),
+           retry_rejected: bool = typer.Option(False, "--retry-rejected",
+                                               help="curate again the sources rejected only for reasons that may pass "
+                                                    "(timeouts, a failed analysis or transcode); new rows replace them")):
     """Split sources into clips, score, filter and dedup them, and commit a new version of the clips table.
 
     Re-running on the same sources adds nothing; a killed run resumes where it stopped. Finished
-    sources whose size and mtime are unchanged are skipped without hashing or starting Ray.
+    sources whose size and mtime are unchanged are skipped without hashing or starting Ray. Rejected
+    sources count as finished; --retry-rejected tries the transiently failed ones again.
     """
     from pipeline.graph import curate as run_curate
 
@@ -116,7 +120,8 @@ def curate(sources: List[str] = typer.Argument(..., help="video files, directori
         fail("no video sources found in: " + " ".join(sources))
     typer.echo(f"curating {n} source(s) into {dataset} (spec {s.name}, hash {s.spec_hash()})", err=True)
     res = run_curate(list(sources), str(dataset), s, captions=str(captions) if captions else None,
-                     progress=_progress_bar(n, "curate"), ray_address=address, rehash=rehash)
+                     progress=_progress_bar(n, "curate"), ray_address=address, rehash=rehash,
+                     retry_rejected=retry_rejected)
     if res.version is None:
         typer.echo(f"nothing new: all {res.sources} source(s) already committed; table unchanged")
         return
@@ -302,26 +307,46 @@ def eval_captioner_cmd(dataset: Path = typer.Option(..., "--dataset", help="a ve
                        version: Optional[int] = typer.Option(None, "--version"),
                        ground_truth: Optional[Path] = typer.Option(None, "--ground-truth",
                                                                    help="demo ground_truth.json for the attribute check"),
-                       val_fraction: float = typer.Option(0.1, help="held-out share of source videos (as in training)"),
+                       checkpoint: Optional[Path] = typer.Option(
+                           None, "--checkpoint", help="the captioner checkpoint that wrote the captions: score its "
+                           "captions on the sources its training held out (recorded in the checkpoint)"),
+                       val_fraction: float = typer.Option(0.1, help="without --checkpoint: held-out share of source "
+                                                          "videos (as in training)"),
                        seed: int = typer.Option(0), out: Path = typer.Option(Path("eval_captioner.json"), "--out")):
     """BLEU-4, CIDEr, ROUGE-L of our captions against held-out teacher captions (+ attributes on demo footage)."""
     from captioner.data import training_rows
     from captioner.metrics import evaluate
-    from captioner.train import split_by_source
+    from captioner.model import checkpoint_hash
+    from captioner.train import held_out_sources, split_by_source
     from pipeline import store
 
     _need_table(dataset)
     if ground_truth is not None and not ground_truth.is_file():
         fail(f"ground truth not found: {ground_truth}")
+    recorded, model_id = None, None
+    if checkpoint is not None:
+        try:
+            recorded, model_id = held_out_sources(checkpoint), checkpoint_hash(checkpoint)
+        except (OSError, ValueError) as e:
+            fail(f"cannot read captioner checkpoint {checkpoint}: {e}")
     t = store.read_clips(dataset, version)
     # the split is drawn over the rows training drew it over (kept, with a teacher caption), so a
     # source whose clips all failed to caption cannot shift training sources into the held-out side
     pool = training_rows(t).to_pylist()
     # a row whose last captioning failed keeps an older caption (another model's, maybe): not scored
-    both = [bool(r["caption_dense"] and r["caption_teacher_dense"] and not r.get("caption_error")) for r in pool]
+    both = [bool(r["caption_dense"] and r["caption_teacher_dense"] and not r.get("caption_error")
+                 and model_id in (None, r["caption_model"])) for r in pool]
     if not any(both):
-        fail("no kept clips with both our captions and teacher captions: run `spacetime caption` first")
-    held = split_by_source([r["source_sha256"] for r in pool], val_fraction, seed)
+        fail("no kept clips with both our captions and teacher captions: run `spacetime caption`"
+             + (f" with {checkpoint}" if checkpoint else "") + " first")
+    if recorded is not None:  # the run's own held-out sources: stable however the table grew since
+        held = [r["source_sha256"] in recorded for r in pool]
+    else:
+        # recomputed on this table: sources added since training can move trained-on ones into it
+        if checkpoint is not None:
+            typer.secho("warning: the checkpoint predates recorded held-out sources: the split is recomputed "
+                        "on this table, and sources added since training can shift it", err=True)
+        held = split_by_source([r["source_sha256"] for r in pool], val_fraction, seed)
     rows, scope = [r for r, h, b in zip(pool, held, both) if h and b], "held-out"
     if not rows:
         rows, scope = [r for r, b in zip(pool, both) if b], "clips (no held-out source has both captions: " \
@@ -364,8 +389,8 @@ def upsample_cmd(prompt: str = typer.Argument(..., help="a short prompt, e.g. 'a
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         examples = few_shot_examples(str(dataset)) if dataset and upsampler else ()
-        model = load_upsampler(str(upsampler) if upsampler else None, examples)
         try:
+            model = load_upsampler(str(upsampler) if upsampler else None, examples)
             text = upsample(prompt, model, seed)
         except ValueError as e:
             fail(str(e))

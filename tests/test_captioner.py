@@ -471,6 +471,87 @@ def test_exact_resume(dataset, tmp_path):
         assert torch.equal(va, vb), k
 
 
+QUICK = TrainConfig(preset="tiny", steps=2, batch_size=2, warmup_steps=1, val_fraction=0.3, eval_every=100,
+                    ckpt_every=100, log_every=100, seed=1)
+
+
+def _captioned_copy(src_root, root, ckpt=None):
+    """A copy of the dataset; with `ckpt`, its kept clips get that model's 'captions' (the teacher's)."""
+    shutil.copytree(src_root, root)
+    if ckpt is not None:
+        t = DeltaTable(str(root / "clips")).to_pyarrow_table()
+        dense, kept = t["caption_teacher_dense"].to_pylist(), [s == "kept" for s in t["status"].to_pylist()]
+        t = t.set_column(t.column_names.index("caption_dense"), "caption_dense", pa.array(dense))
+        t = t.set_column(t.column_names.index("caption_model"), "caption_model",
+                         pa.array([checkpoint_hash(ckpt) if k else None for k in kept]))
+        write_deltalake(str(root / "clips"), t, mode="overwrite")
+    return root
+
+
+def _add_sources(root, n):
+    """Append n kept clips of new source videos (copies of the first clip's row) as a new version."""
+    t = DeltaTable(str(root / "clips")).to_pyarrow_table()
+    first = [r for r in t.to_pylist() if r["status"] == "kept"][0]
+    new = [{**first, "clip_id": str(uuid.uuid4()), "source_sha256": f"new-source-{i}"} for i in range(n)]
+    write_deltalake(str(root / "clips"), pa.Table.from_pylist(new, schema=t.schema), mode="append")
+
+
+def test_a_resume_with_other_settings_or_data_is_refused(dataset, tmp_path):
+    from dataclasses import replace
+
+    from typer.testing import CliRunner
+
+    from spacetime.cli import app
+    root = _captioned_copy(dataset[0], tmp_path / "ds")
+    quiet, run = (lambda *_: None), tmp_path / "run"
+    ckpt = train_captioner(root, None, run, QUICK, log=quiet)
+    weights = (ckpt / "model.safetensors").read_bytes()
+    for change, named in [({"preset": "small"}, "preset: tiny -> small"), ({"seed": 2}, "seed: 1 -> 2"),
+                          ({"batch_size": 3}, "batch_size: 2 -> 3"), ({"val_fraction": 0.5}, "val_fraction: 0.3 -> 0.5")]:
+        with pytest.raises(ValueError, match=re.escape(named)):
+            train_captioner(root, None, run, replace(QUICK, **change), log=quiet)
+    assert (ckpt / "model.safetensors").read_bytes() == weights  # refused before any step
+    # the CLI: a one-line error, exit status 2, every differing setting named
+    r = CliRunner().invoke(app, ["train-captioner", "--dataset", str(root), "--out", str(run), "--preset", "small",
+                                 "--steps", "2", "--batch-size", "2", "--seed", "1"])
+    assert r.exit_code == 2 and "preset: tiny -> small" in r.output and "val_fraction: 0.3 -> 0.1" in r.output, r.output
+    assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    # a new table version with the same training rows (our own captions written) resumes; more steps may follow
+    _captioned_copy(dataset[0], tmp_path / "captioned", ckpt)
+    train_captioner(tmp_path / "captioned", None, run, replace(QUICK, steps=3), log=quiet)
+    assert json.loads((ckpt / "train_state.json").read_text())["step"] == 3
+    # other training rows (sources added since) would not continue the run
+    _add_sources(tmp_path / "captioned", 2)
+    with pytest.raises(ValueError, match="training clips or teacher captions: table version 1 -> 2"):
+        train_captioner(tmp_path / "captioned", None, run, replace(QUICK, steps=4), log=quiet)
+
+
+def test_eval_scores_the_recorded_held_out_sources_after_the_table_grew(dataset, tmp_path):
+    from typer.testing import CliRunner
+
+    from captioner.train import held_out_sources
+    from spacetime.cli import app
+    ckpt = train_captioner(dataset[0], None, tmp_path / "run", QUICK, log=lambda *_: None)
+    root = _captioned_copy(dataset[0], tmp_path / "ds", ckpt)
+    kept = [r for r in dataset[1] if r.get("status") == "kept"]
+    held = held_out_sources(ckpt)
+    assert held == {r["source_sha256"] for r, v in zip(kept, split_by_source(
+        [r["source_sha256"] for r in kept], QUICK.val_fraction, QUICK.seed)) if v}
+    want = sum(r["source_sha256"] in held for r in kept)
+    # sources added after training would grow a recomputed split (ceil(0.3 * n) sources) with
+    # sources the captioner trained on; the recorded one stays the run's own held-out set
+    _add_sources(root, 20)
+    pool = [r["source_sha256"] for r in kept] + [f"new-source-{i}" for i in range(20)]
+    recomputed = {s for s, v in zip(pool, split_by_source(pool, QUICK.val_fraction, QUICK.seed)) if v}
+    assert recomputed - held - {f"new-source-{i}" for i in range(20)}  # the leak without --checkpoint
+    r = CliRunner().invoke(app, ["eval-captioner", "--dataset", str(root), "--checkpoint", str(ckpt),
+                                 "--out", str(tmp_path / "eval.json")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "eval.json").read_text())["n"] == want
+    r = CliRunner().invoke(app, ["eval-captioner", "--dataset", str(root), "--checkpoint", str(tmp_path)])
+    assert r.exit_code == 2 and "train_state.json" in r.output, r.output
+
+
 def _two_rank_batches(rank, world, init_file, out_dir):
     """One gloo rank: the batches fit() draws uninterrupted, and when stopped at step 2 and resumed."""
     import torch.distributed as dist

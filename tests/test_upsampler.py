@@ -92,3 +92,68 @@ def test_llm_backend_on_a_local_dir_with_dataset_examples(tmp_path):
         warnings.simplefilter("ignore")
         a, b = up("a red cube", seed=3), up("a red cube", seed=3)
     assert a == b and isinstance(a, str) and a
+
+
+def test_upsampler_dir_appears_whole_and_replaces_only_an_upsampler(tmp_path, monkeypatch):
+    import captioner.upsample as up
+    cfg = UpsamplerConfig(d_model=16, d_ff=32, num_layers=1, num_heads=2, max_len=16, steps=2, batch_size=4)
+    out = tmp_path / "up"
+    train_upsampler(ALL[:4], out, cfg, log=lambda *_: None)
+    first = (out / "model.safetensors").read_bytes()
+
+    def killed(tok, path):  # a run killed after the weights were written, before the rest
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(up.Tokenizer, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_upsampler(ALL[4:8], out, cfg, log=lambda *_: None)
+    assert (out / "model.safetensors").read_bytes() == first and isinstance(load_upsampler(out), T5Upsampler)
+    monkeypatch.undo()
+    train_upsampler(ALL[4:8], out, cfg, log=lambda *_: None)  # a finished one replaces it
+    assert (out / "model.safetensors").read_bytes() != first and sorted(p.name for p in tmp_path.iterdir()) == ["up"]
+    # a dir holding anything else is never replaced
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not a trained upsampler"):
+        train_upsampler(ALL[:4], tmp_path / "other", cfg, log=lambda *_: None)
+
+
+def test_a_dir_that_is_no_upsampler_is_a_clear_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from spacetime.cli import app
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="neither a trained T5 upsampler"):
+        load_upsampler(tmp_path / "empty")
+    # what an interrupted training of older code left: the T5's config and weights only
+    cfg = UpsamplerConfig(d_model=16, d_ff=32, num_layers=1, num_heads=2)
+    from captioner.upsample import _t5
+    _t5(cfg, 10).save_pretrained(tmp_path / "partial")
+    with pytest.raises(ValueError, match="unfinished T5 upsampler"):
+        load_upsampler(tmp_path / "partial")
+    r = CliRunner().invoke(app, ["upsample", "a red cube", "--upsampler", str(tmp_path / "partial")])
+    assert r.exit_code == 2 and "unfinished" in r.output and "Traceback" not in r.output, r.output
+
+
+def test_llm_pad_token_id_zero_is_used_as_pad():
+    class Enc(dict):
+        def to(self, device):
+            return self
+
+    class Tok:
+        pad_token_id, eos_token_id, chat_template = 0, 2, None
+
+        def __call__(self, text, return_tensors):
+            return Enc(input_ids=torch.tensor([[5, 6]]))
+
+        def decode(self, ids, skip_special_tokens):
+            return "a dense caption"
+
+    class Model:
+        def generate(self, **kw):
+            self.pad = kw["pad_token_id"]
+            return torch.tensor([[5, 6, 7]])
+
+    llm = LLMUpsampler.__new__(LLMUpsampler)  # no weights needed to see which pad id reaches generate()
+    llm.tok, llm.model, llm.device, llm.examples, llm.max_new_tokens, llm.sample = Tok(), Model(), "cpu", [], 4, False
+    assert llm("a red cube") == "a dense caption" and llm.model.pad == 0
