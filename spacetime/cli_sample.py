@@ -112,8 +112,9 @@ def sample_cmd(prompt: Optional[str] = typer.Option(None, "--prompt", help="what
                vae: Path = typer.Option(..., "--vae", help="VAE safetensors (save_vae)"),
                out: Optional[Path] = typer.Option(None, "--out", help="output .mp4 (or .png for one frame), with --prompt"),
                out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="output directory, with --prompts"),
-               batch_size: int = typer.Option(8, "--batch-size", min=1,
-                                              help="--prompts: samples packed into one forward (memory grows with it)"),
+               batch_size: Optional[int] = typer.Option(
+                   None, "--batch-size", min=1, help="--prompts: samples packed into one forward (memory grows with "
+                                                     "it); default 8 with CUDA, 1 on CPU (no faster batched there)"),
                no_upsample: bool = typer.Option(False, "--no-upsample", help="use the prompts as written"),
                upsampler: Optional[Path] = typer.Option(None, "--upsampler", help="prompt upsampler dir (T5 or local LLM)"),
                seed: int = typer.Option(0, "--seed"),
@@ -144,6 +145,7 @@ def sample_cmd(prompt: Optional[str] = typer.Option(None, "--prompt", help="what
         encode = _text_encoder(text_encoder, model.cfg.text_dim, text_weights, checkpoint)
         paths = [out] if prompt is not None else [
             out_dir / f"prompt_{i}{'.png' if frames == 1 else '.mp4'}" for i in range(len(asked))]
+        batch_size = batch_size or (8 if info["device"] == "cuda" else 1)
         for lo in range(0, len(texts), batch_size):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
