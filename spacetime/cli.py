@@ -420,6 +420,12 @@ def retrain(sources: List[str] = typer.Option(..., "--sources", help="new raw fo
             dit_grad_accum: int = typer.Option(1, "--dit-grad-accum", min=1,
                                                help="the DiT stage's `train --grad-accum` (batches per optimizer step)"),
             dit_compile: bool = typer.Option(False, "--dit-compile", help="the DiT stage's `train --compile`"),
+            text_encoder: Optional[str] = typer.Option(
+                None, "--text-encoder", help="caption encoder for the latents and the samples: open_clip:<model> "
+                                             "or t5:<local dir> (default open_clip:ViT-B-32)"),
+            text_weights: Optional[Path] = typer.Option(
+                None, "--text-weights", help="local open_clip weights for --text-encoder (default: its seeded "
+                                             "random tower, fine for the demo, not for real prompts)"),
             tiny: bool = typer.Option(False, "--tiny", help="tiny models (the demo's: minutes on 2 CPU cores)")):
     """Footage -> curate -> caption -> VAE -> latents -> DiT -> fixed-prompt samples -> eval -> report.
 
@@ -435,9 +441,14 @@ def retrain(sources: List[str] = typer.Option(..., "--sources", help="new raw fo
         _load_spec(spec)
     if vae_perceptual is not None and not vae_perceptual.is_file():
         fail(f"perceptual weights not found: {vae_perceptual}")
+    if text_weights is not None and not text_weights.is_file():
+        fail(f"text encoder weights not found: {text_weights}")
     sizes = replace(RetrainConfig.tiny() if tiny else RetrainConfig(), vae_adversarial_weight=vae_adversarial_weight,
                     vae_perceptual=str(vae_perceptual.resolve()) if vae_perceptual else None,
-                    dit_grad_accum=dit_grad_accum, dit_compile=dit_compile)
+                    dit_grad_accum=dit_grad_accum, dit_compile=dit_compile,
+                    text_weights=str(text_weights.resolve()) if text_weights else None)
+    if text_encoder is not None:
+        sizes = replace(sizes, text_encoder=text_encoder)
     try:
         stages = run_retrain(str(spec) if spec else None, list(sources), str(dataset), str(run),
                              str(from_checkpoint) if from_checkpoint else None, str(captioner) if captioner else None,

@@ -117,6 +117,7 @@ class RetrainConfig:
     vae_perceptual: str | None = None   # local VGG16 weights: train-vae --perceptual
     vae_adversarial_weight: float = 0.0  # > 0: train-vae --adversarial-weight, the discriminator from half-way
     text_encoder: str = "open_clip:ViT-B-32"
+    text_weights: str | None = None   # local open_clip weights (None: the seeded random tower)
     short_sides: str = "64,128,256"
     dit_steps: int = 5000
     dit_preset: str = "DiT_S"
@@ -280,16 +281,19 @@ def retrain(spec_path: Optional[str], sources: list[str], dataset: str, run_dir:
         vae = m.run("train_vae", vae_in, do_vae, lambda o: Path(o["vae"]).is_file(), log)
 
     # -- latents + caption embeddings
+    text_args = ["--text-encoder", cfg.text_encoder] + (["--text-weights", cfg.text_weights] if cfg.text_weights else [])
+
     def do_precompute():
         spacetime_cmd(["precompute", "--dataset", root, "--version", str(version), "--vae", vae["vae"],
-                       "--text-encoder", cfg.text_encoder, "--short-sides", cfg.short_sides],
-                      logs / "precompute.log", log)
+                       *text_args, "--short-sides", cfg.short_sides], logs / "precompute.log", log)
         from deltalake import DeltaTable
 
         return {"latents_version": DeltaTable(str(Path(root) / "latents")).version()}
 
-    lat = m.run("precompute", {"dataset_version": version, "vae": vae["vae_sha"], "text": cfg.text_encoder,
-                               "short_sides": cfg.short_sides}, do_precompute, lambda o: True, log)
+    lat_in = {"dataset_version": version, "vae": vae["vae_sha"], "text": cfg.text_encoder, "short_sides": cfg.short_sides}
+    if cfg.text_weights:  # keyed by the weights' content, and only when given: earlier runs' keys still match
+        lat_in["text_weights"] = file_hash(cfg.text_weights)
+    lat = m.run("precompute", lat_in, do_precompute, lambda o: True, log)
 
     # -- the DiT: fine-tuned from the previous checkpoint when given
     dit_dir = run / "dit"
@@ -309,7 +313,7 @@ def retrain(spec_path: Optional[str], sources: list[str], dataset: str, run_dir:
                 lambda o: (Path(o["checkpoint"]) / "latest.json").is_file(), log)
 
     # -- a fixed prompt set, sampled with a fixed seed: comparable before/after a retrain
-    def do_sample():  # one process, one model load, the prompts in packed batches
+    def do_sample():  # one process, one model load for the whole prompt set
         if any("\n" in p or not p.strip() or p.strip().startswith("#") for p in cfg.prompts):
             raise ValueError(f"sample prompts must be single non-empty lines not starting with '#': {cfg.prompts}")
         out_dir = run / "samples"
@@ -317,7 +321,7 @@ def retrain(spec_path: Optional[str], sources: list[str], dataset: str, run_dir:
         listed = out_dir / "prompts.txt"
         listed.write_text("".join(p.strip() + "\n" for p in cfg.prompts), encoding="utf-8")
         spacetime_cmd(["sample", "--prompts", str(listed), "--out-dir", str(out_dir), "--no-upsample",
-                       "--checkpoint", dit["checkpoint"], "--vae", vae["vae"], "--text-encoder", cfg.text_encoder,
+                       "--checkpoint", dit["checkpoint"], "--vae", vae["vae"], *text_args,
                        "--frames", str(cfg.sample_frames), "--height", str(cfg.sample_size),
                        "--width", str(cfg.sample_size), "--steps", str(cfg.sample_steps), "--seed", str(cfg.seed)],
                       logs / "sample.log", log)

@@ -159,3 +159,13 @@ def test_retrain_twice_reuses_everything_and_new_footage_fine_tunes(tmp_path):
     from spacetime.report import RETRAIN_SECTION_IDS, find_chromium, render_check
     if find_chromium() is not None:  # the retrain report (inline GIFs, lineage, curves) renders
         assert render_check(tmp_path / "run2" / "report.html", RETRAIN_SECTION_IDS)
+
+
+def test_retrain_cli_checks_its_text_encoder_weights(tmp_path):
+    from typer.testing import CliRunner
+
+    from spacetime.cli import app
+    r = CliRunner().invoke(app, ["retrain", "--sources", str(tmp_path), "--dataset", str(tmp_path / "ds"),
+                                 "--run", str(tmp_path / "run"), "--text-weights", str(tmp_path / "none.bin")])
+    assert r.exit_code == 2 and "text encoder weights not found" in r.output, r.output
+    assert not (tmp_path / "run").exists()
