@@ -348,7 +348,8 @@ def train_cmd(
     clips_versions = sorted(set(data.table["clips_version"].to_pylist()))
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"dataset": str(root), "latents_version": data.version, "clips_versions": clips_versions,
-                "vae_sha": data.vae_sha, "text_encoder_sha": data.text_encoder_sha, "samples": len(data),
+                "vae_sha": data.vae_sha, "text_encoder_sha": data.text_encoder_sha,
+                **_text_encoder_of(root, data.text_encoder_sha), "samples": len(data),
                 "preset": preset, "workers": workers, "train": asdict(cfg), "started_at": time.time()}
     _write_json(manifest_path, manifest)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -380,6 +381,22 @@ def train_cmd(
     manifest.update(finished_at=time.time(), result=final, checkpoint=latest)
     _write_json(manifest_path, manifest)
     typer.echo(f"train: done ({final}); checkpoint {out / latest.get('file', '?')}")
+
+
+def _text_encoder_of(root: Path, sha: str) -> dict:
+    """{"text_encoder": spec, "text_weights": path} of the precompute commit that wrote embeddings of
+    encoder `sha` (its lineage names them), so `spacetime sample` can default to the same encoder."""
+    from deltalake import DeltaTable
+
+    from generator.precompute import latents_path
+    for h in DeltaTable(latents_path(root)).history():
+        try:
+            lin = json.loads(h.get("spacetime") or "{}")
+        except (TypeError, ValueError):
+            continue
+        if lin.get("text_encoder_sha") == sha and lin.get("text_encoder"):
+            return {"text_encoder": lin["text_encoder"], "text_weights": lin.get("text_weights")}
+    return {}
 
 
 def register(app: typer.Typer) -> None:

@@ -13,7 +13,8 @@ from typing import List, Optional
 import typer
 
 TASKS = ("animate", "extend", "loop", "edit", "transition", "image")
-TEXT_ENCODER_HELP = "words (the shapes demo's) | open_clip:<model> | t5:<local dir>: the one precompute used"
+TEXT_ENCODER_HELP = ("words (the shapes demo's) | open_clip:<model> | t5:<local dir>: the one precompute used "
+                     "(default: the one the checkpoint's training run recorded, else words)")
 TEXT_WEIGHTS_HELP = "open_clip text tower weights file: the --text-weights precompute used"
 
 
@@ -22,12 +23,24 @@ def _fail(msg: str, code: int = 2):
     raise typer.Exit(code)
 
 
-def _text_encoder(name: str, text_dim: int, weights: Optional[Path] = None, checkpoint: Optional[Path] = None):
-    """text_encoder(list[str]) -> list[(L, text_dim)]. 'words': the fixed per-word embeddings the shapes
+def _text_encoder(name: Optional[str], text_dim: int, weights: Optional[Path] = None,
+                  checkpoint: Optional[Path] = None):
+    """(text_encoder(list[str]) -> list[(L, text_dim)], its name, its weights). 'words': the fixed per-word embeddings the shapes
     demo trains with (generator.shapes.embed_caption); 'open_clip:<model>' (+ weights) / 't5:<dir>': the
-    encoder `spacetime precompute` used for the latents table. A DiT only understands the embeddings it
-    trained on: when the checkpoint's training run recorded its text encoder's sha, another encoder
-    (or other weights) is refused rather than sampled with prompts it cannot read."""
+    encoder `spacetime precompute` used for the latents table; None: the one the checkpoint's training
+    run recorded (else words). A DiT only understands the embeddings it trained on: when its run
+    recorded its text encoder's sha, another encoder (or other weights) is refused rather than sampled
+    with prompts it cannot read."""
+    if name is None:
+        run = _training_run(checkpoint) if checkpoint is not None else {}
+        if "text_encoder" not in run and run.get("dataset") and run.get("text_encoder_sha"):
+            from spacetime.cli_generator import _text_encoder_of  # a run from before train recorded it
+            try:
+                run.update(_text_encoder_of(Path(run["dataset"]), run["text_encoder_sha"]))
+            except Exception:  # noqa: BLE001 - the dataset moved or is gone: the sha check below still holds
+                pass
+        name = run.get("text_encoder") or "words"
+        weights = weights or (Path(run["text_weights"]) if run.get("text_weights") else None)
     if name == "words":
         from generator.shapes import embed_caption
         enc, sha = None, None
@@ -37,25 +50,26 @@ def _text_encoder(name: str, text_dim: int, weights: Optional[Path] = None, chec
         sha = enc.sha
     else:
         raise ValueError(f"unknown text encoder {name!r}; use words, open_clip:<model> or t5:<dir>")
-    trained = _trained_text_sha(checkpoint) if checkpoint is not None else None
+    trained = _training_run(checkpoint).get("text_encoder_sha") if checkpoint is not None else None
     if trained and sha != trained:
         raise ValueError(f"{checkpoint} was trained on text embeddings of encoder sha {trained[:12]}, but "
                          f"--text-encoder {name}{f' --text-weights {weights}' if weights else ''} is "
                          f"{'the shapes-demo word embeddings' if sha is None else f'sha {sha[:12]}'}: pass the "
                          f"--text-encoder and --text-weights that `spacetime precompute` used")
     if enc is None:
-        return lambda prompts: [embed_caption(p, text_dim) for p in prompts]
-    return lambda prompts: [e.float() for e in enc(prompts)]
+        return (lambda prompts: [embed_caption(p, text_dim) for p in prompts]), name, weights
+    return (lambda prompts: [e.float() for e in enc(prompts)]), name, weights
 
 
-def _trained_text_sha(checkpoint: Path) -> Optional[str]:
-    """The text encoder sha `spacetime train` recorded in the run's run.json, if there is one."""
+def _training_run(checkpoint: Path) -> dict:
+    """What `spacetime train` recorded in the checkpoint's run.json (text encoder spec, weights and
+    sha among it), or {} without one (a save_dit file, a run trained from Python)."""
     from generator.sample import resolve_checkpoint
     run = resolve_checkpoint(checkpoint).parent / "run.json"
     try:
-        return json.loads(run.read_text()).get("text_encoder_sha")
+        return json.loads(run.read_text())
     except (OSError, ValueError):
-        return None
+        return {}
 
 
 def _load(checkpoint: Path, vae_path: Path):
@@ -76,15 +90,16 @@ def _sidecar(out: Path, record: dict) -> Path:
 
 
 def _upsample(prompts: list[str], upsampler: Optional[Path], seed: int) -> list[str]:
-    """Each prompt expanded by the upsampler (loaded once); as written, with a warning, without one."""
+    """Each prompt expanded by the upsampler (loaded once); as written, with one warning, without one."""
     from captioner.upsample import load_upsampler, upsample
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         backend = load_upsampler(upsampler)
-        texts = [upsample(p, backend, seed=seed) for p in prompts]
+        texts = [upsample(p, backend, seed=seed) for p in prompts] if backend is not None else list(prompts)
     for w in caught:
-        typer.echo(f"warning: {w.message}", err=True)
-    for p, t in zip(prompts, texts):
+        typer.echo(f"warning: {w.message}" + (" (--upsampler DIR to expand them, --no-upsample to say so)"
+                                               if backend is None else ""), err=True)
+    for p, t in zip(prompts, texts if backend is not None else ()):
         typer.echo(f"upsampled prompt: {t}" if len(prompts) == 1 else f"upsampled prompt: {p!r} -> {t}", err=True)
     return texts
 
@@ -122,7 +137,7 @@ def sample_cmd(prompt: Optional[str] = typer.Option(None, "--prompt", help="what
                cfg: float = typer.Option(4.0, "--cfg", help="classifier-free guidance scale"),
                method: str = typer.Option("euler", "--method", help="euler | heun"),
                fps: float = typer.Option(24.0, "--fps"),
-               text_encoder: str = typer.Option("words", "--text-encoder", help=TEXT_ENCODER_HELP),
+               text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help=TEXT_ENCODER_HELP),
                text_weights: Optional[Path] = typer.Option(None, "--text-weights", help=TEXT_WEIGHTS_HELP)):
     """Text-to-video or text-to-image with a trained DiT + VAE: one --prompt into --out, or a --prompts
     file into --out-dir. Prompts are upsampled first (--no-upsample to skip)."""
@@ -142,7 +157,7 @@ def sample_cmd(prompt: Optional[str] = typer.Option(None, "--prompt", help="what
             asked = read_prompts(prompts)
         texts = list(asked) if no_upsample else _upsample(asked, upsampler, seed)
         model, codec, base_tokens, info = _load(checkpoint, vae)
-        encode = _text_encoder(text_encoder, model.cfg.text_dim, text_weights, checkpoint)
+        encode, text_encoder, text_weights = _text_encoder(text_encoder, model.cfg.text_dim, text_weights, checkpoint)
         paths = [out] if prompt is not None else [
             out_dir / f"prompt_{i}{'.png' if frames == 1 else '.mp4'}" for i in range(len(asked))]
         batch_size = batch_size or (8 if info["device"] == "cuda" else 1)
@@ -186,7 +201,7 @@ def generate_cmd(task: str = typer.Option(..., "--task", help="|".join(TASKS)),
                  method: str = typer.Option("euler", "--method"),
                  fps: float = typer.Option(24.0, "--fps"),
                  max_frames: int = typer.Option(129, "--max-frames", help="longest video the model supports"),
-                 text_encoder: str = typer.Option("words", "--text-encoder", help=TEXT_ENCODER_HELP),
+                 text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help=TEXT_ENCODER_HELP),
                  text_weights: Optional[Path] = typer.Option(None, "--text-weights", help=TEXT_WEIGHTS_HELP)):
     """Animate an image, extend a video forward/backward, loop, edit (SDEdit) or join two videos."""
     from generator.tasks import INPUTS, run_task
@@ -210,8 +225,9 @@ def generate_cmd(task: str = typer.Option(..., "--task", help="|".join(TASKS)),
                 w for k, w in mix.items() if k != "none"):
             typer.echo(f"warning: {checkpoint} was trained text-only (--cond-mix t2v): it holds the given frames "
                        f"but never learned to continue them; train with --cond-mix tasks for {task}", err=True)
+        encode, text_encoder, text_weights = _text_encoder(text_encoder, model.cfg.text_dim, text_weights, checkpoint)
         res = run_task(task, model, codec, text, [str(p) for p in inputs], out, frames, height, width, direction,
-                       strength, fps, text_encoder=_text_encoder(text_encoder, model.cfg.text_dim, text_weights, checkpoint),
+                       strength, fps, text_encoder=encode,
                        max_frames=max_frames, steps=steps, cfg_scale=cfg, seed=seed, method=method,
                        base_tokens=base_tokens)
     except ValueError as e:

@@ -339,6 +339,8 @@ def test_train_dit_from_the_table_loss_falls(app, latents, dataset, tmp_path):
     assert np.mean(losses[-15:]) < 0.7 * np.mean(losses[:15]), (losses[:15], losses[-15:])
     run = json.loads((out / "run.json").read_text())
     assert run["latents_version"] == 0 and run["clips_versions"] == [0] and run["result"]["step"] == 80
+    # the caption encoder precompute used, from its lineage: `spacetime sample` defaults to it
+    assert run["text_encoder"] == "open_clip:ViT-S-32-alt" and run["text_weights"] is None
     assert (out / run["checkpoint"]["file"]).is_file()
     # an existing checkpoint is never silently overwritten or resumed
     r = CliRunner().invoke(app, [*args, "--steps", "90"])

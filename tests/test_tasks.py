@@ -438,6 +438,11 @@ def test_cli_refuses_a_text_encoder_the_dit_did_not_train_on(checkpoints, tmp_pa
                                      "--out", str(tmp_path / "x.png")])
         assert r.exit_code == 2 and "trained on text embeddings of encoder sha" in r.output, r.output
         assert "--text-weights" in r.output and not (tmp_path / "x.png").exists()
-    encode = _text_encoder("open_clip:ViT-B-32", 512, None, mine)  # the same encoder is accepted
+    encode, name, _ = _text_encoder("open_clip:ViT-B-32", 512, None, mine)  # the same encoder is accepted
     assert encode(["a red circle"])[0].shape[1] == 512
-    assert _text_encoder("words", 8, None, run)(["a red circle"])[0].shape[1] == 8  # no record: not checked
+    assert _text_encoder("words", 8, None, run)[0](["a red circle"])[0].shape[1] == 8  # no record: not checked
+    # without --text-encoder: the one the training run recorded (precompute's lineage names it), else words
+    (mine / "run.json").write_text(json.dumps({"text_encoder_sha": clip.sha, "text_encoder": "open_clip:ViT-B-32",
+                                               "text_weights": None}))
+    assert _text_encoder(None, 512, None, mine)[1] == "open_clip:ViT-B-32"
+    assert _text_encoder(None, 8, None, run)[1] == "words"
