@@ -159,6 +159,21 @@ def bench_mfu(device, dtype, width, depth, tokens, repeats, compiled: bool, samp
                 f", MFU vs the {name} datasheet bf16 peak ({sheet / 1e12:.0f} TFLOP/s) = {f / sheet:.1%}" if sheet else ""))
 
 
+def bench_sampling(device, dtype, width, depth, n=8, shape=(4, 5, 32, 32), steps=10):
+    """Sampling n prompts (CFG) packed into one batch per step / one at a time (what `sample --prompts`
+    does with its --batch-size). Each packed sample equals its lone self (tests), so only speed differs."""
+    from generator.sample import generate_latent, generate_latents
+    torch.manual_seed(0)
+    model = DiT(DiTConfig(in_channels=4, hidden_size=width, depth=depth, num_heads=width // 64, text_dim=64)).to(device).eval()
+    texts = [torch.randn(16, 64) for _ in range(n)]
+    kw = dict(steps=steps, cfg_scale=4.0)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        t_batch = best_time(lambda: generate_latents(model, texts, [shape] * n, list(range(n)), **kw), device, 2)
+        t_loop = best_time(lambda: [generate_latent(model, x, shape, seed=i, **kw) for i, x in enumerate(texts)], device, 2)
+    print(f"[sampling] {n} samples of {shape} latents, {steps} steps with CFG, width {width} depth {depth}: "
+          f"one at a time / packed = {t_loop / t_batch:.2f}x")
+
+
 def bench_attention(device, heads=16, head_dim=72, repeats=5):
     """Packed attention backends, forward + backward on one mixed batch (CUDA, bf16): varlen, flex
     (compiled, block mask), the per-sample SDPA loop, and a padded batch with a key mask (what a
@@ -364,6 +379,7 @@ def main():
         bench_packing(device, dtype, 1152, 4, 5, scale=2, copies=4)
         bench_vae_memory(device, 17, 256, 8)
         bench_attention(device)
+        bench_sampling(device, dtype, 1152, 4)
         bench_vae_losses(device, 128)
     else:
         r = 2 if args.quick else 4
@@ -371,6 +387,7 @@ def main():
         bench_mfu(device, dtype, 384, 2, 2048 if args.quick else 4096, r, compiled=args.compile)
         bench_vae_memory(device, 17, 64 if args.quick else 128, 8)
         bench_vae_losses(device, 32 if args.quick else 64)
+        bench_sampling(device, dtype, 192, 2, shape=(4, 3, 16, 16))
         bench_latent_stream(1000 if args.quick else 1500)  # deltalake + pyarrow: the project's venv, not the GPU image
 
 
