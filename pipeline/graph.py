@@ -262,9 +262,11 @@ def import_captions(table: pa.Table, captions_file: str) -> pa.Table:
     for i, r in enumerate(table.select(["source_uri", "start_frame", "end_frame", "clip_id"]).to_pylist()):
         if not r["clip_id"]:
             continue
-        path = Path(r["source_uri"]).resolve()
-        tails = (path.parts[-k:] for k in range(len(path.parts), 0, -1))
-        cands = by_path.get(str(path)) or next((by_tail[t] for t in tails if t in by_tail), [])
+        # the path as listed (a symlink farm names its links) first, then where it resolves to
+        paths = (Path(os.path.abspath(r["source_uri"])), Path(r["source_uri"]).resolve())
+        tails = (p.parts[-k:] for p in paths for k in range(len(p.parts), 0, -1))
+        cands = (next((by_path[str(p)] for p in paths if str(p) in by_path), None)
+                 or next((by_tail[t] for t in tails if t in by_tail), []))
         best, best_ov = None, 0
         for e in cands:
             ov = min(r["end_frame"], int(e["end_frame"])) - max(r["start_frame"], int(e["start_frame"]))
@@ -373,8 +375,10 @@ def _curate(source_args, root, spec, captions, progress, ray_address, run: RunIn
     version = store.latest_version(root)  # _finish decides against this same version
     committed = store.read_clips(root, version, columns=Done.COLUMNS)
     staged = store.load_staged(root)
-    if retry_rejected:  # a killed run's staged transient rejections are retried too, not committed
-        staged = {k: t for k, t in staged.items() if not all(store.transient_mask(store.conform(t)))}
+    if retry_rejected:  # a killed run's staged transient rejections of these sources are retried, not committed
+        listed = {display_uri(s.uri) for s in sources}
+        staged = {k: t for k, t in staged.items() if not (all(store.transient_mask(store.conform(t)))
+                                                          and set(t["source_uri"].to_pylist()) <= listed)}
     done = Done()
     for t in [committed, *staged.values()]:
         done.add(store.conform(t), retry_rejected)

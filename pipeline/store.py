@@ -154,8 +154,7 @@ def commit(root: str | Path, table: pa.Table, mode: str, lineage: dict, retries:
             new = not_committed(table, have)
             if new.num_rows == 0:
                 return parent
-            uris = set(new["source_uri"].to_pylist())
-            stale = [f and u in uris for f, u in zip(transient_mask(have), have["source_uri"].to_pylist())]
+            stale = superseded(have, new)
             gone = sorted({u for u, f in zip(have["source_uri"].to_pylist(), stale) if f})
             have = have.filter(pa.array([not f for f in stale], pa.bool_()))
             counts = {s: a + b for (s, a), b in zip(status_counts(have).items(), status_counts(new).values())}
@@ -168,7 +167,7 @@ def commit(root: str | Path, table: pa.Table, mode: str, lineage: dict, retries:
                 write_deltalake(path, new, mode="error", commit_properties=props)
                 return 0
             if gone:
-                _append_superseding(snapshot, new, gone, props)
+                _append_superseding(snapshot, new, props)
             else:
                 write_deltalake(snapshot, new, mode=mode, schema_mode="merge", commit_properties=props)
             return parent + 1
@@ -199,12 +198,26 @@ def _sql(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
 
 
-def _append_superseding(snapshot: DeltaTable, new: pa.Table, uris: list[str], props: CommitProperties) -> None:
-    """Add `new` and delete the transient rejections of `uris` in ONE commit: a Delta merge whose
+def superseded(have: pa.Table, new: pa.Table) -> list[bool]:
+    """Which rows of `have` the rows of `new` replace: a transient rejection of a clip `new` holds (by
+    clip_id, whatever its path), or a transient rejection of a whole source (no clip_id) at a path `new`
+    has rows for. A clip whose failure `new` repeats is not in `new` (not_committed), so it stays."""
+    ids = {c for c in new["clip_id"].to_pylist() if c is not None}
+    uris = set(new["source_uri"].to_pylist())
+    return [f and (c in ids if c is not None else u in uris)
+            for f, c, u in zip(transient_mask(have), have["clip_id"].to_pylist(), have["source_uri"].to_pylist())]
+
+
+def _append_superseding(snapshot: DeltaTable, new: pa.Table, props: CommitProperties) -> None:
+    """Add `new` and delete the rows it supersedes (`superseded`) in ONE commit: a Delta merge whose
     join matches nothing, so every new row is inserted and the old rows go by predicate (only the
     data files holding them are rewritten)."""
     reasons = " OR ".join(f"starts_with(t.reason, {_sql(r)})" for r in TRANSIENT_REASONS)
-    stale = f"t.status = 'rejected' AND ({reasons}) AND t.source_uri IN ({', '.join(map(_sql, uris))})"
+    ids = sorted({c for c in new["clip_id"].to_pylist() if c is not None})
+    uris = sorted(set(new["source_uri"].to_pylist()))
+    which = ([f"t.clip_id IN ({', '.join(map(_sql, ids))})"] if ids else []) + \
+        [f"(t.clip_id IS NULL AND t.source_uri IN ({', '.join(map(_sql, uris))}))"]
+    stale = f"t.status = 'rejected' AND ({reasons}) AND ({' OR '.join(which)})"
     (snapshot.merge(new, predicate="false", source_alias="s", target_alias="t", merge_schema=True,
                     commit_properties=props)
      .when_not_matched_insert_all().when_not_matched_by_source_delete(stale).execute())
@@ -217,9 +230,12 @@ def not_committed(table: pa.Table, have: pa.Table) -> pa.Table:
     cids, failed = have["clip_id"].to_pylist(), transient_mask(have)
     ids = {c for c, f in zip(cids, failed) if c is not None and not f}
     failed_ids = {c for c, f in zip(cids, failed) if c is not None and f}
-    rejected = {(u, s) for c, u, s in zip(cids, *(have[k].to_pylist() for k in ("source_uri", "source_sha256")))
-                if c is None}
-    keep = [cid not in ids and not (f and cid in failed_ids) if cid is not None else (uri, sha) not in rejected
+    sources = list(zip(*(have[k].to_pylist() for k in ("source_uri", "source_sha256"))))
+    rejected = {us for c, us, f in zip(cids, sources, failed) if c is None and not f}
+    failed_sources = {us for c, us, f in zip(cids, sources, failed) if c is None and f}
+    # a failure the table already records is not written again; anything else replaces it (superseded)
+    keep = [cid not in ids and not (f and cid in failed_ids) if cid is not None
+            else (uri, sha) not in rejected and not (f and (uri, sha) in failed_sources)
             for cid, uri, sha, f in zip(*(table[k].to_pylist() for k in ("clip_id", "source_uri", "source_sha256")),
                                         transient_mask(table))]
     return table.filter(pa.array(keep, pa.bool_()))

@@ -301,6 +301,15 @@ def test_captions_go_to_the_source_they_name(tmp_path):
         return import_captions(t, str(tmp_path / "caps.json"))["caption_teacher_short"].to_pylist()
     assert imported(caps) == ["one", None, "three"]
     assert imported(caps + [{"source": "0001.mp4", "caption_short": "any"}]) == ["one", "any", "three"]
+    # a symlink farm (git-annex, DVC): the listed link's own path names it, not only its blob's
+    (d / "blobs").mkdir()
+    (d / "blobs" / "abc123.mp4").write_bytes(b"")
+    (d / "cam9").mkdir()
+    (d / "cam9" / "0009.mp4").symlink_to(d / "blobs" / "abc123.mp4")
+    t = store.conform(pa.Table.from_pylist([{"clip_id": "c9", "source_uri": str(d / "cam9" / "0009.mp4"),
+                                             "start_frame": 0, "end_frame": 50}]))
+    assert imported([{"source": "cam9/0009.mp4", "caption_short": "linked"}]) == ["linked"]
+    assert imported([{"source": str(d / "blobs" / "abc123.mp4"), "caption_short": "blob"}]) == ["blob"]
 
 
 def _committed_source(tmp_path):
@@ -428,6 +437,30 @@ def test_a_newer_result_for_a_path_supersedes_its_transient_rejections(tmp_path)
     assert rows == {("/a.mp4", "a0", "kept"), ("/b.mp4", "b0", "kept"), ("/b.mp4", "b1", "kept"),
                     ("/c.mp4", None, "rejected"), ("/c.mp4", "c0", "kept")}
     assert store.history(root)[-1]["counts"]["rejected"] == 1
+
+
+def test_a_retry_replaces_exactly_what_it_redid(tmp_path):
+    """A retry that fails again on some clips keeps those failures (it replaced only the clips it cut);
+    a clip re-cut under another path replaces its failure there too (no clip_id twice); a permanent
+    verdict on a timed-out source replaces the timeout."""
+    import pyarrow as pa
+
+    root = tmp_path / "ds"
+    timeout = "transcode failed: ffmpeg timed out after 1s"
+    store.commit(root, _source_rows("/a.mp4", "rejected", timeout, ["a0", "a1"]), "append", {})
+    store.commit(root, pa.concat_tables([_source_rows("/a.mp4", "kept", ids=["a0"]),
+                                         _source_rows("/a.mp4", "rejected", timeout, ["a1"])],
+                                        promote_options="permissive"), "append", {})
+    rows = {(r["clip_id"], r["status"]) for r in store.read_clips(root).to_pylist()}
+    assert rows == {("a0", "kept"), ("a1", "rejected")}
+    store.commit(root, _source_rows("/moved/a.mp4", "kept", ids=["a1"]), "append", {})
+    rows = sorted((r["clip_id"], r["source_uri"], r["status"]) for r in store.read_clips(root).to_pylist())
+    assert rows == [("a0", "/a.mp4", "kept"), ("a1", "/moved/a.mp4", "kept")]
+
+    store.commit(root, _source_rows("/p.mp4", "rejected", "probe timed out after 60s"), "append", {})
+    store.commit(root, _source_rows("/p.mp4", "rejected", "not a video"), "append", {})
+    reasons = [r["reason"] for r in store.read_clips(root).to_pylist() if r["source_uri"] == "/p.mp4"]
+    assert reasons == ["not a video"]
 
 
 def test_a_killed_runs_staged_failure_is_dropped_when_its_retry_staged_clips():
