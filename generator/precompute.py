@@ -558,7 +558,8 @@ def precompute(dataset_root, version: int, vae_path: str, text_encoder: str = "o
             key = f"{b['frames']}x{b['height']}x{b['width']}"
             buckets[key] = buckets.get(key, 0) + 1
         lineage = {"stage": "precompute", "clips_version": int(version), "vae_sha": vae_sha, "vae_path": str(vae_path),
-                   "text_encoder": text_encoder, "text_weights": text_weights, "text_encoder_sha": te_sha, "dtype": dtype, "rows_written": len(good),
+                   "text_encoder": text_encoder,
+                   "text_weights": str(Path(text_weights).resolve()) if text_weights else None, "text_encoder_sha": te_sha, "dtype": dtype, "rows_written": len(good),
                    "skipped": skipped, "errors": len(res.errors), "error_list": res.errors[:50],
                    "buckets": buckets, "committed_at": time.time()}
         res.version, written = append_new(out, table, lineage)

@@ -25,14 +25,14 @@ def _fail(msg: str, code: int = 2):
 
 def _text_encoder(name: Optional[str], text_dim: int, weights: Optional[Path] = None,
                   checkpoint: Optional[Path] = None):
-    """(text_encoder(list[str]) -> list[(L, text_dim)], its name, its weights). 'words': the fixed per-word embeddings the shapes
-    demo trains with (generator.shapes.embed_caption); 'open_clip:<model>' (+ weights) / 't5:<dir>': the
-    encoder `spacetime precompute` used for the latents table; None: the one the checkpoint's training
-    run recorded (else words). A DiT only understands the embeddings it trained on: when its run
+    """(text_encoder(list[str]) -> list[(L, text_dim)], its name, its weights). 'words': the fixed
+    per-word embeddings the shapes demo trains with (generator.shapes.embed_caption); 'open_clip:<model>'
+    (+ weights) / 't5:<dir>': the encoder `spacetime precompute` used for the latents table; None: the
+    one the checkpoint's training run recorded, with its weights (else words). A DiT only understands the embeddings it trained on: when its run
     recorded its text encoder's sha, another encoder (or other weights) is refused rather than sampled
     with prompts it cannot read."""
-    if name is None:
-        run = _training_run(checkpoint) if checkpoint is not None else {}
+    run = _training_run(checkpoint) if checkpoint is not None else {}
+    if name is None or (name == run.get("text_encoder") and weights is None):
         if "text_encoder" not in run and run.get("dataset") and run.get("text_encoder_sha"):
             from spacetime.cli_generator import _text_encoder_of  # a run from before train recorded it
             try:
@@ -50,7 +50,7 @@ def _text_encoder(name: Optional[str], text_dim: int, weights: Optional[Path] = 
         sha = enc.sha
     else:
         raise ValueError(f"unknown text encoder {name!r}; use words, open_clip:<model> or t5:<dir>")
-    trained = _training_run(checkpoint).get("text_encoder_sha") if checkpoint is not None else None
+    trained = run.get("text_encoder_sha")
     if trained and sha != trained:
         raise ValueError(f"{checkpoint} was trained on text embeddings of encoder sha {trained[:12]}, but "
                          f"--text-encoder {name}{f' --text-weights {weights}' if weights else ''} is "
@@ -178,7 +178,7 @@ def sample_cmd(prompt: Optional[str] = typer.Option(None, "--prompt", help="what
                                     "method": method, "fps": fps, "text_encoder": text_encoder,
                                     "text_weights": str(text_weights) if text_weights else None, **info})
                 typer.echo(f"wrote {paths[i]} ({T} frames, {W}x{H})")
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # OSError: e.g. text encoder weights that moved
         _fail(str(e))
 
 
@@ -230,7 +230,7 @@ def generate_cmd(task: str = typer.Option(..., "--task", help="|".join(TASKS)),
                        strength, fps, text_encoder=encode,
                        max_frames=max_frames, steps=steps, cfg_scale=cfg, seed=seed, method=method,
                        base_tokens=base_tokens)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         _fail(str(e))
     _, T, H, W = res.video.shape
     record = {"task": task, "prompt": prompt, "upsampled_prompt": None if no_upsample else text,

@@ -155,8 +155,9 @@ def train_vae_stage(cfg: RetrainConfig, root: str, version: int, out: Path) -> t
 
 
 def train_dit_stage(cfg: RetrainConfig, root: str, latents_version: int, out: Path, vae_sha: str,
-                    from_checkpoint: str | None) -> tuple[dict, list[str]]:
-    """(the stage's inputs, for its reuse key; the `spacetime train` arguments)."""
+                    from_checkpoint: str | None, text_sha: str | None = None) -> tuple[dict, list[str]]:
+    """(the stage's inputs, for its reuse key; the `spacetime train` arguments). text_sha: the caption
+    encoder's, which picks its rows when the latents table holds embeddings of several."""
     inputs = {"latents_version": latents_version, "preset": cfg.dit_preset, "steps": cfg.dit_steps, "seed": cfg.seed,
               "cond_mix": cfg.cond_mix, "max_tokens": cfg.max_tokens}
     args = ["train", "--dataset", root, "--latents-version", str(latents_version), "--out", str(out),
@@ -165,6 +166,8 @@ def train_dit_stage(cfg: RetrainConfig, root: str, latents_version: int, out: Pa
             "--seed", str(cfg.seed), "--vae-sha", vae_sha, "--cond-mix", cfg.cond_mix]
     if from_checkpoint:
         args += ["--init-from", str(from_checkpoint)]
+    if text_sha:  # the rows are pinned by the latents version + the encoder choice already keyed there
+        args += ["--text-encoder-sha", text_sha]
     if cfg.dit_grad_accum > 1:  # keyed only when used, so earlier runs' keys still match
         inputs["grad_accum"] = cfg.dit_grad_accum
         args += ["--grad-accum", str(cfg.dit_grad_accum)]
@@ -293,7 +296,11 @@ def retrain(spec_path: Optional[str], sources: list[str], dataset: str, run_dir:
     lat_in = {"dataset_version": version, "vae": vae["vae_sha"], "text": cfg.text_encoder, "short_sides": cfg.short_sides}
     if cfg.text_weights:  # keyed by the weights' content, and only when given: earlier runs' keys still match
         lat_in["text_weights"] = file_hash(cfg.text_weights)
-    lat = m.run("precompute", lat_in, do_precompute, lambda o: True, log)
+    def text_sha():  # which embeddings the DiT trains on, when the table holds several encoders'
+        from generator.precompute import TextEncoder
+        return TextEncoder(cfg.text_encoder, cfg.text_weights).sha
+
+    lat = m.run("precompute", lat_in, lambda: {**do_precompute(), "text_encoder_sha": text_sha()}, lambda o: True, log)
 
     # -- the DiT: fine-tuned from the previous checkpoint when given
     dit_dir = run / "dit"
@@ -308,13 +315,14 @@ def retrain(spec_path: Optional[str], sources: list[str], dataset: str, run_dir:
         return {"checkpoint": str(dit_dir), "checkpoint_sha": file_hash(dit_dir / "latest.json"),
                 "losses": [h["loss"] for h in hist], "from_checkpoint": from_checkpoint, "from_checkpoint_sha": prev}
 
-    dit_inputs, dit_args = train_dit_stage(cfg, root, lat["latents_version"], dit_dir, vae["sha256"], from_checkpoint)
+    dit_inputs, dit_args = train_dit_stage(cfg, root, lat["latents_version"], dit_dir, vae["sha256"], from_checkpoint,
+                                           lat.get("text_encoder_sha") or text_sha())
     dit = m.run("train", {**dit_inputs, "from": prev}, do_train,
                 lambda o: (Path(o["checkpoint"]) / "latest.json").is_file(), log)
 
     # -- a fixed prompt set, sampled with a fixed seed: comparable before/after a retrain
     def do_sample():  # one process, one model load for the whole prompt set
-        if any("\n" in p or not p.strip() or p.strip().startswith("#") for p in cfg.prompts):
+        if any(len(p.strip().splitlines()) != 1 or p.strip().startswith("#") for p in cfg.prompts):
             raise ValueError(f"sample prompts must be single non-empty lines not starting with '#': {cfg.prompts}")
         out_dir = run / "samples"
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -355,6 +355,13 @@ def test_train_dit_from_the_table_loss_falls(app, latents, dataset, tmp_path):
     assert r.exit_code == 2 and "every worker needs at least one" in r.output, r.output
     r = CliRunner().invoke(app, [*args, "--steps", "85", "--resume", "--grad-accum", "2"])
     assert r.exit_code == 2 and "--grad-accum 1" in r.output, r.output
+    before = (out / "run.json").read_bytes()  # a refused resume leaves the run's record as it was
+    r = CliRunner().invoke(app, [*args, "--steps", "85", "--resume", "--seed", "1"])
+    assert r.exit_code == 2 and "seed: 0 -> 1" in r.output and (out / "run.json").read_bytes() == before, r.output
+    (out / "run.json").write_text(json.dumps({**json.loads(before), "text_encoder_sha": "f" * 64}))
+    r = CliRunner().invoke(app, [*args, "--steps", "85", "--resume"])  # other embeddings than it trained on
+    assert r.exit_code == 2 and "trained on text encoder ffffffffffff" in r.output, r.output
+    (out / "run.json").write_bytes(before)
     r = CliRunner().invoke(app, [*args, "--steps", "85", "--resume"])
     assert r.exit_code == 0, r.output
     assert json.loads((out / "run.json").read_text())["result"]["step"] == 85

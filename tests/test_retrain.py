@@ -77,6 +77,9 @@ def test_dit_stage_passes_grad_accum_and_compile(tmp_path):
     big_in, big = train_dit_stage(cfg, "ROOT", 2, tmp_path / "dit", "abc", "prev_run")
     assert big[big.index("--grad-accum") + 1] == "4" and "--compile" in big and big[big.index("--init-from") + 1] == "prev_run"
     assert big_in == {**plain_in, "grad_accum": 4}  # compile gives the same results: not in the key
+    # the caption encoder's sha picks its rows in a table holding several encoders' embeddings
+    pinned_in, pinned = train_dit_stage(RetrainConfig.tiny(), "ROOT", 2, tmp_path / "dit", "abc", None, "te5")
+    assert pinned[pinned.index("--text-encoder-sha") + 1] == "te5" and pinned_in == plain_in
     # the real command takes these arguments (it then stops at the missing table, not at an option)
     r = CliRunner().invoke(app, [*big[:2], str(tmp_path / "nowhere"), *big[3:big.index("--init-from")], *big[big.index("--init-from") + 2:]])
     assert r.exit_code == 2 and "no latents table" in r.output, r.output
