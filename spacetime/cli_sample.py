@@ -158,8 +158,14 @@ def sample_cmd(prompt: Optional[str] = typer.Option(None, "--prompt", help="what
         texts = list(asked) if no_upsample else _upsample(asked, upsampler, seed)
         model, codec, base_tokens, info = _load(checkpoint, vae)
         encode, text_encoder, text_weights = _text_encoder(text_encoder, model.cfg.text_dim, text_weights, checkpoint)
+        from generator.sample import fit_size
+        fitted = fit_size(codec, model.cfg.patch, frames, height, width, warn=False)[0]
+        if prompt is not None and out.suffix.lower() == ".png" and fitted != 1:
+            raise ValueError(f"--out {out.name} is an image but this model's patch grid makes {frames} frame(s) "
+                             f"{fitted}: write .mp4")
+        # the file type follows the frames the patch grid gives (p_t = 2 turns --frames 1 into a video)
         paths = [out] if prompt is not None else [
-            out_dir / f"prompt_{i}{'.png' if frames == 1 else '.mp4'}" for i in range(len(asked))]
+            out_dir / f"prompt_{i}{'.png' if fitted == 1 else '.mp4'}" for i in range(len(asked))]
         batch_size = batch_size or (8 if info["device"] == "cuda" else 1)
         for lo in range(0, len(texts), batch_size):
             with warnings.catch_warnings(record=True) as caught:

@@ -420,6 +420,29 @@ def test_cli_sample_prompts_file_packs_batches_that_match_single_prompts(checkpo
         assert r.exit_code == 2 and msg in r.output, r.output
 
 
+def test_cli_sample_file_type_follows_the_patch_grids_frames(checkpoints, tmp_path):
+    """p_t = 2 makes --frames 1 a 2-latent-frame video: --prompts writes .mp4 files, --prompt refuses a .png
+    before sampling (it used to sample, then fail at the write)."""
+    from generator.dit import save_dit
+    from spacetime.cli_sample import register
+    app = typer.Typer()
+    register(app)
+    _, vae_path = checkpoints
+    torch.manual_seed(0)
+    dit = tmp_path / "pt2.safetensors"
+    save_dit(DiT(DiTConfig(in_channels=4, hidden_size=32, depth=1, num_heads=2, text_dim=TEXT_DIM, patch=(2, 2, 2))),
+             str(dit))
+    common = ["--checkpoint", str(dit), "--vae", str(vae_path), "--steps", "1", "--no-upsample", "--frames", "1",
+              "--height", "16", "--width", "16"]
+    listed = tmp_path / "prompts.txt"
+    listed.write_text("a red circle\n")
+    r = CliRunner().invoke(app, ["sample", "--prompts", str(listed), "--out-dir", str(tmp_path / "set"), *common])
+    assert r.exit_code == 0, r.output
+    assert tasks.read_frames(tmp_path / "set" / "prompt_0.mp4").shape[0] == 5  # 2 latent frames, 4x in time
+    r = CliRunner().invoke(app, ["sample", "--prompt", "a red circle", "--out", str(tmp_path / "x.png"), *common])
+    assert r.exit_code == 2 and "write .mp4" in r.output and not (tmp_path / "x.png").exists(), r.output
+
+
 def test_cli_refuses_a_text_encoder_the_dit_did_not_train_on(checkpoints, tmp_path):
     import shutil
 
