@@ -20,7 +20,7 @@ import uuid
 from importlib import metadata
 from pathlib import Path
 from typing import Optional
-from urllib.parse import unquote
+from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -444,7 +444,20 @@ def _data_files(root: str | Path) -> set[str]:
                 paths.add(action["add"]["path"])
     for p in log.glob("*.checkpoint*.parquet"):
         paths.update(x for x in pq.read_table(p, columns=["add"])["add"].combine_chunks().field("path").to_pylist() if x)
-    return {str(table / unquote(x)) for x in paths}  # relative, percent-encoded
+    return {_local_file(table, x) for x in paths}
+
+
+def _local_file(table: Path, path: str) -> str:
+    """A log's data-file path as a local path: relative and percent-encoded (what delta-rs writes), or
+    an absolute file:// URI (what a shallow clone or another writer may record). Any other scheme
+    is an error: GC would otherwise count that file's clips as unreferenced and delete their media."""
+    url = urlparse(path)
+    if url.scheme == "file":
+        return unquote(url.path)
+    if url.scheme and len(url.scheme) > 1:  # (one letter: a Windows drive, not a scheme)
+        raise ValueError(f"the clips table names a data file outside the local disk ({path}): "
+                         f"media garbage collection needs every version's files readable here")
+    return str(table / unquote(path))
 
 
 def collect_garbage(root: str | Path, older_than: float, run: str | None = None) -> list[Path]:

@@ -241,6 +241,35 @@ def test_gc_reads_each_data_file_once(tmp_path, monkeypatch):
     assert len(reads) == len(set(reads)) == 4  # one file per append; versions 0..3 name 10 in all
 
 
+def test_gc_reads_absolute_file_uris_in_the_log(tmp_path):
+    """A log may name a data file by absolute file:// URI (a shallow clone, another writer): GC still reads
+    its clip_uris (it used to join the URI onto the table dir, find nothing, and delete the clips' media);
+    a remote URI is refused rather than counted as naming nothing."""
+    import json
+    import time
+    from pathlib import Path
+
+    clip = tmp_path / "media" / "id" / "id0.mp4"
+    clip.parent.mkdir(parents=True)
+    clip.write_bytes(b"clip")
+    store.commit(tmp_path, _rows(1).append_column("clip_uri", pa.array([str(clip)])), "append", {"operation": "curate"})
+    table = Path(store.clips_path(tmp_path))
+    log = next((table / "_delta_log").glob("*.json"))
+    lines = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
+    for a in lines:
+        if "add" in a:
+            a["add"]["path"] = (table / a["add"]["path"]).as_uri()
+    log.write_text("\n".join(json.dumps(a) for a in lines) + "\n")
+    assert store.collect_garbage(tmp_path, older_than=time.time() + 60) == [] and clip.is_file()
+    for a in lines:
+        if "add" in a:
+            a["add"]["path"] = "s3://bucket/clips/part-0.parquet"
+    log.write_text("\n".join(json.dumps(a) for a in lines) + "\n")
+    with pytest.raises(ValueError, match="outside the local disk"):
+        store.collect_garbage(tmp_path, older_than=time.time() + 60)
+    assert clip.is_file()
+
+
 def test_a_file_named_like_a_glob_is_a_file(tmp_path):
     f = tmp_path / "Title [abc123].mp4"  # yt-dlp's naming
     f.write_bytes(b"x")
