@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from generator.dit import DiT, DiTConfig, compile_blocks  # noqa: E402
 from generator.flow import RectifiedFlow  # noqa: E402
 from generator.patches import pack, pack_sequences  # noqa: E402
+from generator.train import adamw  # noqa: E402
 from generator.vae import VAE, VAEConfig  # noqa: E402
 
 
@@ -89,7 +90,7 @@ def bench_packing(device, dtype, width, depth, repeats, scale: int = 1, copies: 
     times (a GPU needs a batch big enough that the step is not bound by kernel launches)."""
     torch.manual_seed(0)
     model = DiT(DiTConfig(in_channels=4, hidden_size=width, depth=depth, num_heads=width // 64, text_dim=64)).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = adamw(model.parameters(), device, lr=1e-4)
     shapes = [(t, h * scale, w * scale) for t, h, w in MIXED] * copies
     latents = [torch.randn(4, *s) for s in shapes]
     texts = [torch.randn(8, 64) for _ in shapes]
@@ -123,7 +124,7 @@ def bench_mfu(device, dtype, width, depth, tokens, repeats, compiled: bool, samp
         model = DiT(DiTConfig(in_channels=4, hidden_size=width, depth=depth, num_heads=width // 64, text_dim=64)).to(device)
         if mode == "compiled":
             compile_blocks(model)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        opt = adamw(model.parameters(), device, lr=1e-4)
         steps[mode], p = make_step(model, opt, latents, texts, device, dtype)
         try:
             steps[mode]()  # warm-up (the compile happens here)

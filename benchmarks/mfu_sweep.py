@@ -12,13 +12,14 @@ import torch  # noqa: E402
 
 from benchmarks.generator import bench_mfu, make_step  # noqa: E402
 from generator.dit import DiT, DiTConfig, compile_blocks  # noqa: E402
+from generator.train import adamw  # noqa: E402
 
 
 def profile(width=1152, depth=4, sample=(4, 32, 32), tokens=32768):
     dev = torch.device("cuda")
     model = DiT(DiTConfig(in_channels=4, hidden_size=width, depth=depth, num_heads=width // 64, text_dim=64)).to(dev)
     compile_blocks(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = adamw(model.parameters(), dev, lr=1e-4)
     per = sample[0] * (sample[1] // 2) * (sample[2] // 2)
     lat = [torch.randn(4, *sample) for _ in range(tokens // per)]
     step, _ = make_step(model, opt, lat, [torch.randn(16, 64) for _ in lat], dev, torch.bfloat16)

@@ -295,8 +295,8 @@ def train_cmd(
         compile: Optional[bool] = typer.Option(
             None, "--compile/--no-compile",
             help="torch.compile the DiT blocks (fuses the pointwise work around the matmuls; the first steps pay "
-                 "for the compile). Same results to float rounding. Default: on with CUDA (H100 bf16: 1.9-2.0x "
-                 "the eager step), off on CPU (1.03-1.06x)"),
+                 "for the compile). Same results to float rounding. Default: on where the workers train on CUDA (H100 "
+                 "bf16: 1.9-2.0x the eager step), off on CPU (1.03-1.06x)"),
         seed: int = typer.Option(0, "--seed")):
     """Train the DiT with rectified flow on a pinned latents table version; safetensors checkpoints in --out."""
     import torch
@@ -345,7 +345,7 @@ def train_cmd(
                       base_tokens=base_tokens, seed=seed, log_every=log_every, ckpt_dir=str(out),
                       ckpt_every=ckpt_every, resume=resume, max_seconds=budget_seconds, max_flops=budget_flops,
                       init_from=str(init_from) if init_from else None, strategy=strategy, cond_ratios=cond_ratios,
-                      compile=_compile_default() if compile is None else compile, grad_accum=grad_accum)
+                      compile=compile, grad_accum=grad_accum)
     if init_from is not None and not (init_from / "latest.json").is_file():
         _fail(f"--init-from {init_from}: no finished run there (latest.json missing)")
     if resume and has_ckpt:  # refused here, before run.json is rewritten with the refused settings
@@ -393,15 +393,6 @@ def train_cmd(
     manifest.update(finished_at=time.time(), result=final, checkpoint=latest)
     _write_json(manifest_path, manifest)
     typer.echo(f"train: done ({final}); checkpoint {out / latest.get('file', '?')}")
-
-
-def _compile_default() -> bool:
-    """--compile's default: on where it pays (CUDA: 1.9-2.0x an H100's eager bf16 step) and inductor
-    can build its kernels (triton present); off on CPU (1.03-1.06x for the compile's wait)."""
-    import importlib.util
-
-    import torch
-    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
 
 
 def _text_encoder_of(root: Path, sha: str) -> dict:

@@ -63,6 +63,22 @@ def test_dit_trains_under_bf16_autocast():
     assert next(res.ema.parameters()).device.type == "cuda"
 
 
+def test_dit_resumes_exactly_on_cuda_with_fused_adamw(tmp_path):
+    """Killed at step 3 and resumed, the bf16 CUDA run (fused AdamW) repeats the uninterrupted losses."""
+    from generator.dit import DiTConfig
+    from generator.train import TrainConfig, train
+
+    def cfg(steps, d):
+        return TrainConfig(dit=DiTConfig(in_channels=3, hidden_size=64, depth=2, num_heads=2, text_dim=32), steps=steps,
+                           lr=2e-3, warmup_steps=2, max_tokens=256, log_every=0, base_tokens=48, device="cuda",
+                           ckpt_dir=str(tmp_path / d), compile=False)
+    pairs = shapes_pairs(16)
+    full = train(cfg(6, "a"), pairs)
+    first, rest = train(cfg(3, "b"), pairs), train(cfg(6, "b"), pairs)
+    assert [h["loss"] for h in first.history + rest.history] == pytest.approx([h["loss"] for h in full.history],
+                                                                                rel=1e-5, abs=1e-6)
+
+
 def test_vae_trains_under_bf16_autocast_with_gan():
     from generator.shapes import make_dataset
     from generator.vae import VAE, VAEConfig, psnr
