@@ -399,8 +399,9 @@ def append_new(path: str, table: pa.Table, lineage: dict, retries: int = 8) -> t
             if snapshot is None:  # creating it: a writer that created it meanwhile makes this fail
                 write_deltalake(path, new, mode="error", commit_properties=props, writer_properties=writer)
                 return 0, new.num_rows
+            base = snapshot.version()  # write_deltalake moves the DeltaTable it is given on to its commit
             write_deltalake(snapshot, new, mode="append", commit_properties=props, writer_properties=writer)
-            return snapshot.version() + 1, new.num_rows
+            return base + 1, new.num_rows  # no commit retries: the commit is the one after the snapshot
         except (CommitFailedError, DeltaError) as e:
             lost_race = isinstance(e, CommitFailedError) or (snapshot is None and DeltaTable.is_deltatable(path))
             if not lost_race or attempt == retries:
@@ -413,16 +414,22 @@ def errors_path(table_path: str) -> Path:
     return Path(str(table_path).rstrip("/") + "_errors.jsonl")
 
 
-def logged_errors(table_path: str) -> set:
-    """(clip_id, vae_sha, text_encoder_sha) of clips the error log names as unreadable."""
+def logged_errors(table_path: str, settings: dict | None = None) -> set:
+    """(clip_id, vae_sha, text_encoder_sha) of clips the error log names as unreadable. settings: only
+    entries logged under these bucket settings (or none recorded): a readable clip shorter than
+    another run's smallest frame bucket failed there and may fit this run's."""
     p = errors_path(table_path)
     if not p.is_file():
         return set()
     keys = set()
     for line in p.read_text().splitlines():
         if line.strip():
-            e = json.loads(line)
-            keys.add((e["clip_id"], e["vae_sha"], e["text_encoder_sha"]))
+            try:
+                e = json.loads(line)
+            except ValueError:  # torn by a run killed while appending it: that clip is only retried
+                continue
+            if settings is None or e.get("settings", settings) == settings:
+                keys.add((e["clip_id"], e["vae_sha"], e["text_encoder_sha"]))
     return keys
 
 
@@ -477,6 +484,8 @@ def precompute(dataset_root, version: int, vae_path: str, text_encoder: str = "o
 
     if dtype not in STORE_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(STORE_DTYPES)}, got {dtype!r}")
+    if max_clips is not None and max_clips < 1:  # 0 wrote nothing and said so as if all were done; -1 dropped one
+        raise ValueError(f"max_clips must be >= 1 (or None: every clip), got {max_clips}")
     root = str(Path(dataset_root).resolve())
     out = out or latents_path(root)
     use_gpu = torch.cuda.is_available() if use_gpu is None else use_gpu
@@ -486,13 +495,19 @@ def precompute(dataset_root, version: int, vae_path: str, text_encoder: str = "o
     bad_t = [f for f in frame_buckets if (f - 1) % vcfg.time_factor or (1 + (f - 1) // vcfg.time_factor) % patch[0]]
     if bad_t:
         raise ValueError(f"frame buckets {bad_t} are not 1 + {vcfg.time_factor}k with latent frames divisible by {patch[0]}")
+    bad_s = [s for s in short_sides if s % multiple]
+    if bad_s:  # here, once: in decode every clip failed and the error log named them all unreadable
+        raise ValueError(f"short sides {bad_s} are not multiples of {multiple} (VAE space factor x patch)")
+    # what decides whether a readable clip fits a bucket: the error log's entries hold only under the same
+    settings = {"frame_buckets": sorted(frame_buckets), "short_sides": sorted(short_sides), "patch": list(patch),
+               "max_aspect": max_aspect}
     encoder = TextEncoder(text_encoder, text_weights)  # in the driver too: its sha decides what to skip
     te_sha = encoder.sha
     del encoder
 
     rows = kept_clips(root, version)
     done = existing_keys(out)
-    failed = set() if retry_errors else logged_errors(out)
+    failed = set() if retry_errors else logged_errors(out, settings)
     todo = [r for r in rows if (r["clip_id"], vae_sha, te_sha) not in done]
     skipped = len(rows) - len(todo)
     known = sum((r["clip_id"], vae_sha, te_sha) in failed for r in todo)
@@ -548,7 +563,7 @@ def precompute(dataset_root, version: int, vae_path: str, text_encoder: str = "o
         with open(errors_path(out), "a") as f:
             for e in res.errors:
                 f.write(json.dumps({**e, "vae_sha": vae_sha, "text_encoder_sha": te_sha, "clips_version": int(version),
-                                    "at": time.time()}) + "\n")
+                                    "settings": settings, "at": time.time()}) + "\n")
     if good:
         good.sort(key=lambda r: r["clip_id"])
         table = pa.Table.from_pylist(good, schema=LATENTS_SCHEMA)

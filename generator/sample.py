@@ -307,6 +307,8 @@ def write_video(video, path, fps: float = 24.0) -> Path:
     suffix = path.suffix.lower()
     if suffix not in (".mp4", ".png"):
         raise ValueError(f"output must end in .mp4 or .png, got {path.name!r}")
+    if not fps > 0:  # libx264 takes 0 as its default 24 fps (a file that lies) and refuses < 0 (and NaN)
+        raise ValueError(f"fps must be > 0, got {fps}")
     frames = to_uint8(video)
     if suffix == ".png" and len(frames) != 1:
         raise ValueError(f"a .png holds one frame, the video has {len(frames)}: write .mp4")

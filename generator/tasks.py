@@ -296,8 +296,10 @@ def transition(model, vae, video_a, video_b, text, frames: int = 33, context: in
 def image(model, vae, text, height: int = 256, width: int = 256, text_encoder=None, **sampling) -> TaskResult:
     """Text-to-image: one frame at any aspect up to MAX_SIDE x MAX_SIDE (rounded to the grid with a warning)."""
     emb = embed_text(text, text_encoder, model.cfg.text_dim)
-    _, H, W = fit_size(vae, model.cfg.patch, 1, height, width)
-    return _run(model, vae, emb, 1, H, W, [], sampling)
+    frames, H, W = fit_size(vae, model.cfg.patch, 1, height, width)  # p_t > 1: the shortest video it can make
+    res = _run(model, vae, emb, frames, H, W, [], sampling)
+    res.video = res.video[:, :1]  # the causal VAE's frame 0 is latent 0 alone: the image
+    return res
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,6 +324,14 @@ def run_task(task: str, model, vae, text, inputs=(), out=None, frames: int = 17,
         raise ValueError(f"task {task} takes {want} input(s), got {len(inputs)}")
     if out is not None and Path(out).suffix.lower() not in (".mp4", ".png"):
         raise ValueError(f"output must end in .mp4 or .png, got {Path(out).name!r}")
+    # a video refuses a .png now, not at the write after sampling: these tasks always make one, and edit
+    # does of an input of 1 + f frames or more (it keeps the input's frames)
+    f = vae.cfg.time_factor
+    if out is not None and Path(out).suffix.lower() == ".png" and (
+            task in ("animate", "extend", "loop", "transition") or task == "edit" and len(as_frames(inputs[0], 1 + f)) > f):
+        raise ValueError(f"task {task} makes a video here: write .mp4, not {Path(out).name!r}")
+    if not fps > 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
     if task != "image" and model.cfg.patch[0] > 1:  # their held / added latent frames are counted one by one
         raise ValueError(f"task {task} needs a DiT with temporal patch 1, this one's patch is {tuple(model.cfg.patch)}")
     res_px = int(round(math.sqrt(height * width)))

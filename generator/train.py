@@ -9,7 +9,9 @@ goes through the guard with every batch's loss.
 Checkpoints are safetensors holding model, EMA, optimizer state, RNG states, data position and
 step, so resume is exact. Each is written to a temp file and os.replace'd into place; then
 `latest.json` (also atomically replaced) names it with its sha256, so a truncated or tampered file
-is refused instead of silently loaded.
+is refused instead of silently loaded. `history.jsonl` beside them gets every step's record just before
+each checkpoint (a resume first drops those past its step), so a killed and resumed run's is the
+uninterrupted run's.
 
 `train(cfg, data)` is the loop. `train_loop_per_worker(config)` is the Ray Train entry point: it
 reads rank/world size from Ray and calls the same `train` (DDP, or FSDP with `strategy="fsdp"`, when
@@ -383,6 +385,31 @@ def check_resume_config(saved: dict, cfg, fields=EXACT_RESUME) -> None:
                          + "; ".join(diff) + "): pass the checkpoint's, or train into another directory")
 
 
+HISTORY = "history.jsonl"  # every step's record, beside the checkpoints
+
+
+def _history_upto(ckpt_dir: str, step: int) -> None:
+    """Keep the history records of steps <= `step`: the steps a killed run took after its last
+    checkpoint are trained again on resume, and recorded again."""
+    path = os.path.join(ckpt_dir, HISTORY)
+    if os.path.isfile(path):
+        keep = []
+        with open(path) as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= step:
+                        keep.append(line)
+                except (ValueError, KeyError, TypeError):  # torn by a kill mid-append: those steps are redone
+                    continue
+        _atomic_write_text(path, "".join(keep))
+
+
+def _append_history(ckpt_dir: str, records: list) -> None:
+    os.makedirs(ckpt_dir, exist_ok=True)
+    with open(os.path.join(ckpt_dir, HISTORY), "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
 def init_weights(ckpt_dir: str, model, ema) -> None:
     """Load a finished run's EMA weights into model and EMA (sha256-checked, keys strict)."""
     tensors, _ = read_checkpoint_file(ckpt_dir)
@@ -523,6 +550,9 @@ def train(cfg: TrainConfig, data, rank: int = 0, world_size: int = 1, report=Non
     elif cfg.init_from:
         init_weights(cfg.init_from, model, ema)
         log.info("initialised from %s (fine-tuning)", cfg.init_from)
+    if cfg.ckpt_dir and rank == 0:  # history.jsonl is written with each checkpoint: a resume continues it exactly
+        _history_upto(cfg.ckpt_dir, step)
+    flushed = 0  # records of `history` already in history.jsonl
     if compile_default(device) if cfg.compile is None else cfg.compile:  # after sharding (FSDP2 wraps the blocks first), before DDP's wrapper
         compile_blocks(model)
     net = model
@@ -578,9 +608,14 @@ def train(cfg: TrainConfig, data, rank: int = 0, world_size: int = 1, report=Non
                 report(rec)
         # every rank calls save_checkpoint: a multi-rank save gathers from all of them, rank 0 writes
         if cfg.ckpt_dir and cfg.ckpt_every and step % cfg.ckpt_every == 0:
+            if rank == 0:  # before the checkpoint: a kill between the two leaves records a resume drops
+                _append_history(cfg.ckpt_dir, history[flushed:])
+                flushed = len(history)
             save_checkpoint(cfg.ckpt_dir, model, ema, opt, gen, batches, step, skipped, flops, cfg, cfg.keep_ckpts,
                             rank, world_size)
     if cfg.ckpt_dir:
+        if rank == 0:
+            _append_history(cfg.ckpt_dir, history[flushed:])
         save_checkpoint(cfg.ckpt_dir, model, ema, opt, gen, batches, step, skipped, flops, cfg, cfg.keep_ckpts,
                         rank, world_size)
     return TrainResult(history, model, ema, step, skipped, stop, flops)

@@ -187,6 +187,10 @@ def train_vae(vae: VAE, videos, cfg: VAETrainConfig, rank: int = 0, world_size: 
             raise ValueError(f"resuming {cfg.ckpt_dir} on other training videos would not continue it exactly "
                              f"({meta['data']} -> {sig}: another clips version, --max-clips, --frames or --size?)")
         step, skipped = meta["step"], meta["skipped"]
+        # load_state_dict restored the checkpoint's learning rates; this run's (--lr may change on resume) hold
+        for o, lr in ((opt, cfg.lr), (dopt, cfg.disc_lr or cfg.lr)):
+            for group in o.param_groups if o is not None else ():
+                group["lr"] = lr
         log.info("resumed VAE training from %s at step %d", cfg.ckpt_dir, step)
     net = _wrap(vae, world_size, cuda)
     dnet = _wrap(disc, world_size, cuda) if disc is not None else None

@@ -214,7 +214,7 @@ def precompute_cmd(
         short_sides: str = typer.Option("64,128,256", "--short-sides", help="short-side buckets in pixels"),
         frame_buckets: str = typer.Option("1,5,9,17,33", "--frame-buckets", help="frame-count buckets (1 + 4k)"),
         patch: str = typer.Option("1,2,2", "--patch", help="DiT patch (t,h,w) the latents must divide into"),
-        max_clips: Optional[int] = typer.Option(None, "--max-clips", help="encode at most this many new clips this run"),
+        max_clips: Optional[int] = typer.Option(None, "--max-clips", min=1, help="encode at most this many new clips this run"),
         concurrency: int = typer.Option(1, "--concurrency", min=1, help="actors per encoder stage"),
         retry_errors: bool = typer.Option(False, "--retry-errors", help="retry clips the error log names as unreadable"),
         dtype: str = typer.Option("float32", "--dtype",
@@ -328,9 +328,12 @@ def train_cmd(
         _fail(f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
     if resume and manifest_path.is_file():
         prev = json.loads(manifest_path.read_text())
-        if prev.get("latents_version") != data.version or prev.get("vae_sha") != data.vae_sha:
+        if prev.get("latents_version") != data.version:
             _fail(f"{out} was trained on latents version {prev.get('latents_version')}, not {data.version}: "
                   f"resume would not be exact")
+        if prev.get("vae_sha") != data.vae_sha:  # one version may hold several VAEs' latents
+            _fail(f"{out} was trained on latents of VAE {str(prev.get('vae_sha'))[:12]}, not {data.vae_sha[:12]}: "
+                  f"pass --vae-sha {str(prev.get('vae_sha'))[:12]} to resume it")
         if prev.get("text_encoder_sha") not in (None, data.text_encoder_sha):
             _fail(f"{out} was trained on text encoder {prev['text_encoder_sha'][:12]}, not "
                   f"{data.text_encoder_sha[:12]}: pass --text-encoder-sha {prev['text_encoder_sha'][:12]} to resume it")
@@ -348,13 +351,30 @@ def train_cmd(
                       compile=compile, grad_accum=grad_accum)
     if init_from is not None and not (init_from / "latest.json").is_file():
         _fail(f"--init-from {init_from}: no finished run there (latest.json missing)")
+    if init_from is not None and not has_ckpt:  # another model is refused here, before run.json is written
+        from safetensors import safe_open
+
+        from generator.train import checkpoint_file
+        try:
+            with safe_open(checkpoint_file(str(init_from)), "pt") as f:
+                was = json.loads((f.metadata() or {}).get("train", "{}")).get("config", {}).get("dit", {})
+        except CheckpointError as e:
+            _fail(str(e))
+        now = json.loads(json.dumps(asdict(dit)))
+        diff = [f"{k}: {was[k]} -> {v}" for k, v in now.items()
+                if k not in ("attention", "grad_checkpointing") and k in was and was[k] != v]
+        if diff:
+            _fail(f"--init-from {init_from} is another model ({'; '.join(diff)}): pass its --preset and --patch")
     if resume and has_ckpt:  # refused here, before run.json is rewritten with the refused settings
         from safetensors import safe_open
 
         from generator.train import check_resume_config, checkpoint_file
         try:
             with safe_open(checkpoint_file(str(out)), "pt") as f:
-                check_resume_config(json.loads((f.metadata() or {}).get("train", "{}")).get("config", {}), cfg)
+                saved = json.loads((f.metadata() or {}).get("train", "{}"))
+            check_resume_config(saved.get("config", {}), cfg)
+            if "data" in saved:  # the data position: another table version, row count or --window-rows too
+                data.load_state_dict(saved["data"])  # (train() loads it again, with this rank's)
         except (ValueError, CheckpointError) as e:
             _fail(str(e))
     clips_versions = sorted(set(data.table["clips_version"].to_pylist()))
@@ -385,8 +405,7 @@ def train_cmd(
             res = train(cfg, data, report=report)
         except (ValueError, CheckpointError) as e:  # a checkpoint that does not match, or is corrupt
             _fail(str(e))
-        with open(out / "history.jsonl", "a") as f:  # every step's record; a resumed run appends
-            f.writelines(json.dumps(rec) + "\n" for rec in res.history)
+        # history.jsonl: train() appends every step's record with each checkpoint (a resumed run continues it)
         final = {"step": res.step, "skipped": res.skipped, "stop_reason": res.stop_reason,
                  "final_loss": res.history[-1]["loss"] if res.history else None}
     latest = json.loads((out / "latest.json").read_text()) if (out / "latest.json").is_file() else {}

@@ -92,6 +92,9 @@ def _sidecar(out: Path, record: dict) -> Path:
 def _upsample(prompts: list[str], upsampler: Optional[Path], seed: int) -> list[str]:
     """Each prompt expanded by the upsampler (loaded once); as written, with one warning, without one."""
     from captioner.upsample import load_upsampler, upsample
+    if upsampler is not None and not upsampler.is_dir():  # asked for by name: not silently skipped (the
+        # sidecar then named it as the upsampler of prompts it never saw)
+        raise ValueError(f"--upsampler {upsampler} not found (--no-upsample to use the prompts as written)")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         backend = load_upsampler(upsampler)
@@ -145,6 +148,8 @@ def sample_cmd(prompt: Optional[str] = typer.Option(None, "--prompt", help="what
     try:
         if (prompt is None) == (prompts is None):
             raise ValueError("give one of --prompt (with --out) or --prompts (with --out-dir)")
+        if not fps > 0:  # refused before sampling, not by the writer after it
+            raise ValueError(f"--fps must be > 0, got {fps}")
         if prompt is not None:
             if out is None or out_dir is not None:
                 raise ValueError("--prompt writes one file: give --out (not --out-dir)")
@@ -220,6 +225,8 @@ def generate_cmd(task: str = typer.Option(..., "--task", help="|".join(TASKS)),
             raise ValueError(f"task {task} takes {lo if lo == hi else f'{lo} to {hi}'} --input, got {len(inputs)}")
         if out.suffix.lower() not in (".mp4", ".png"):
             raise ValueError(f"--out must end in .mp4 or .png, got {out.name!r}")
+        if not fps > 0:  # refused before sampling, not by the writer after it
+            raise ValueError(f"--fps must be > 0, got {fps}")
         for p in inputs:
             if not p.is_file():
                 raise ValueError(f"input {p} not found")

@@ -242,6 +242,58 @@ def test_precompute_stores_16_bit_latents_that_read_back_as_float32(latents, dat
         precompute(dataset, 0, str(vae_dir / "vae.safetensors"), out=out, dtype="int8")
 
 
+def test_precompute_error_log_holds_only_under_its_bucket_settings(dataset, vae_dir, ray_session, tmp_path):
+    """A readable clip shorter than every frame bucket of one run is logged there, and encoded by a later
+    run whose buckets it fits (it was skipped as 'unreadable before'). A short side off the grid is one
+    error up front (it made every clip an error-log entry, so a fixed rerun skipped them all)."""
+    from generator.precompute import precompute
+    vae, out = str(vae_dir / "vae.safetensors"), str(tmp_path / "latents")
+    run = lambda **kw: precompute(dataset, 0, vae, "open_clip:ViT-S-32-alt", out=out, **kw)
+    with pytest.raises(ValueError, match=r"short sides \[30\] are not multiples of 8"):
+        run(short_sides=(30,), frame_buckets=(1, 5, 9, 17))
+    assert not (tmp_path / "latents_errors.jsonl").exists()
+    res = run(short_sides=(32,), frame_buckets=(33,))          # every clip is shorter than 33 frames
+    assert res.written == 0 and len(res.errors) == 5
+    res = run(short_sides=(32,), frame_buckets=(1, 5, 9, 17))
+    assert res.written == 4 and res.known_errors == 0 and [e["clip_id"] for e in res.errors] == ["clip-broken"]
+    res = run(short_sides=(32,), frame_buckets=(1, 5, 9, 17))  # the same settings: the broken clip is known
+    assert res.written == 0 and res.known_errors == 1 and not res.errors
+
+
+def test_precompute_refuses_max_clips_below_one(app, tmp_path):
+    """--max-clips 0 wrote nothing and exited 0 ("nothing new to write") with every clip still to
+    encode; -1 sliced off the last clip."""
+    from generator.precompute import precompute
+    for n in (0, -1):
+        with pytest.raises(ValueError, match="max_clips must be >= 1"):
+            precompute(tmp_path, 0, str(tmp_path / "vae.safetensors"), max_clips=n)
+        r = CliRunner().invoke(app, ["precompute", "--dataset", str(tmp_path), "--version", "0", "--vae",
+                                     str(tmp_path), "--max-clips", str(n)])
+        assert r.exit_code == 2 and "--max-clips" in r.output, r.output
+
+
+def test_a_torn_error_log_line_does_not_stop_precompute(tmp_path):
+    """A run killed while appending to the error log leaves half a line: later runs read the whole
+    lines (that one clip is retried) instead of failing on the JSON every time."""
+    from generator.precompute import errors_path, logged_errors
+    table = str(tmp_path / "latents")
+    whole = json.dumps({"clip_id": "a", "vae_sha": "v", "text_encoder_sha": "t", "reason": "bad"})
+    errors_path(table).write_text(whole + "\n" + whole.replace('"a"', '"b"')[:30])
+    assert logged_errors(table) == {("a", "v", "t")}
+
+
+def test_append_new_returns_the_version_it_committed(tmp_path):
+    """The version precompute reports (and a user pins with train --latents-version) is the commit's:
+    it said one more, since write_deltalake advances the DeltaTable snapshot it is handed."""
+    from generator.precompute import append_new
+    out = str(tmp_path / "latents")
+    rows = lambda *ids: pa.table({"clip_id": list(ids), "vae_sha": ["v"] * len(ids), "text_encoder_sha": ["t"] * len(ids)})
+    assert append_new(out, rows("a"), {"stage": "precompute"}) == (0, 1)
+    for want, ids in ((1, ("a", "b")), (2, ("c",))):
+        assert append_new(out, rows(*ids), {"stage": "precompute"}) == (want, 1)
+        assert DeltaTable(out).version() == want
+
+
 def test_concurrent_precompute_commits_never_duplicate_a_clip(latents, dataset, tmp_path):
     """Two runs that encoded overlapping clips race to append: every clip lands exactly once."""
     from concurrent.futures import ThreadPoolExecutor
@@ -326,6 +378,66 @@ def test_latent_batches_window_row_groups_and_bound_memory(latents, dataset, tmp
     assert all(torch.equal(x, next(c)["packed"].tokens) for x in after)
     with pytest.raises(ValueError, match="window_rows 4, this run has 8"):  # another window: another order
         LatentBatches(root, None, (1, 2, 2), max_tokens=110, seed=1, window_rows=8).load_state_dict(state)
+
+
+def tiny_latents(root, n: int = 6, vae: str = "v"):
+    """A latents table of n random 1 x 4 x 4 latents with 3 x 16 text embeddings, without Ray or a VAE
+    (its sha `vae` * 64); a second call appends a version."""
+    from generator.precompute import LATENTS_SCHEMA, append_new, tensor_to_bytes
+    g = torch.Generator().manual_seed(0)
+    rows = [{"clip_id": f"c{i}", "bucket": {"frames": 1, "height": 4, "width": 4},
+             "pixels": {"frames": 1, "height": 16, "width": 16}, "frame_offset": 0, "fps": 12.0,
+             "latent": tensor_to_bytes(torch.randn(4, 1, 4, 4, generator=g), "latent"),
+             "text_embedding": tensor_to_bytes(torch.randn(3, 16, generator=g), "text"), "caption": "x",
+             "vae_sha": vae * 64, "text_encoder_sha": "t" * 64, "clips_version": 0} for i in range(n)]
+    append_new(str(root / "latents"), pa.Table.from_pylist(rows, schema=LATENTS_SCHEMA), {"stage": "precompute"})
+
+
+def test_train_refuses_another_window_before_rewriting_run_json(app, tmp_path):
+    """A resume with another --window-rows (the table larger than either) would not be exact: refused
+    before run.json is rewritten (it lost the run's result and checkpoint and named the refused --steps)."""
+    tiny_latents(tmp_path)
+    out = tmp_path / "dit"
+    args = ["train", "--dataset", str(tmp_path), "--latents-version", "0", "--out", str(out), "--preset", "DiT_T",
+            "--max-tokens", "64", "--warmup-steps", "1"]
+    r = CliRunner().invoke(app, [*args, "--steps", "2", "--window-rows", "4"])
+    assert r.exit_code == 0, r.output
+    before = (out / "run.json").read_bytes()
+    r = CliRunner().invoke(app, [*args, "--steps", "4", "--resume"])
+    assert r.exit_code == 2 and "window_rows 4, this run has 2048" in r.output, r.output
+    assert (out / "run.json").read_bytes() == before
+    r = CliRunner().invoke(app, [*args, "--steps", "4", "--resume", "--window-rows", "4"])
+    assert r.exit_code == 0 and json.loads((out / "run.json").read_text())["result"]["step"] == 4, r.output
+
+
+def test_train_resume_on_another_vae_names_it(app, tmp_path):
+    """A resume on the same table version with another --vae-sha said 'trained on latents version 1,
+    not 1'; it names the VAE and the --vae-sha to pass."""
+    tiny_latents(tmp_path)
+    tiny_latents(tmp_path, vae="w")  # version 1 holds both VAEs' latents
+    args = ["train", "--dataset", str(tmp_path), "--latents-version", "1", "--max-tokens", "64", "--preset", "DiT_T",
+            "--out", str(tmp_path / "dit")]
+    r = CliRunner().invoke(app, [*args, "--steps", "1", "--vae-sha", "vvvv"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, [*args, "--steps", "2", "--vae-sha", "wwww", "--resume"])
+    assert r.exit_code == 2 and "latents of VAE vvvvvvvvvvvv, not wwwwwwwwwwww" in r.output, r.output
+    assert "--vae-sha vvvvvvvvvvvv" in r.output
+
+
+def test_train_refuses_init_from_another_model_before_writing_run_json(app, tmp_path):
+    """--init-from a run of another preset or patch is one error line and leaves --out as it was (it
+    failed inside training, after run.json had recorded a run that never started)."""
+    tiny_latents(tmp_path)
+    args = ["train", "--dataset", str(tmp_path), "--latents-version", "0", "--max-tokens", "64", "--steps", "1"]
+    r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "base"), "--preset", "DiT_T"])
+    assert r.exit_code == 0, r.output
+    for other, named in ((["--preset", "DiT_XS"], "depth: 2 -> 6"), (["--preset", "DiT_T", "--patch", "1,4,4"], "patch")):
+        r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "ft"), "--init-from", str(tmp_path / "base"), *other])
+        assert r.exit_code == 2 and "is another model" in r.output and named in r.output, r.output
+        assert not (tmp_path / "ft").exists()
+    r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "ft"), "--init-from", str(tmp_path / "base"),
+                                 "--preset", "DiT_T"])
+    assert r.exit_code == 0, r.output
 
 
 def test_train_dit_from_the_table_loss_falls(app, latents, dataset, tmp_path):

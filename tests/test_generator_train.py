@@ -82,6 +82,24 @@ def test_exact_resume_matches_uninterrupted(pairs, tmp_path):
         train(small_cfg(steps=10, ckpt_dir=part, dit=replace(small_cfg().dit, abs_pos=False)), pairs)
 
 
+def test_history_survives_a_kill_and_resumes_exactly(pairs, tmp_path):
+    """history.jsonl is written with each checkpoint: a run killed after its step-4 checkpoint keeps
+    steps 1-4 (the CLI wrote the file only at the end, so they were lost), and its resume records
+    5-8 once, the uninterrupted run's curve."""
+    full = train(small_cfg(steps=8, ckpt_dir=str(tmp_path / "a")), pairs)
+    killed = str(tmp_path / "b")
+
+    def kill(rec):
+        if rec["step"] == 6:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        train(small_cfg(steps=8, ckpt_dir=killed, ckpt_every=4, log_every=1), pairs, report=kill)
+    read = lambda d: [json.loads(line) for line in open(os.path.join(d, "history.jsonl"))]
+    assert [h["step"] for h in read(killed)] == [1, 2, 3, 4]
+    train(small_cfg(steps=8, ckpt_dir=killed), pairs)
+    assert read(killed) == read(str(tmp_path / "a")) == full.history
+
+
 def test_compiled_blocks_train_like_eager_without_recompiling_per_batch(pairs):
     # --compile: the same losses to float rounding, over batches whose sample count, lengths and
     # per-token times (the task mix's clean frames) change every step, and a bounded set of graphs

@@ -293,6 +293,36 @@ def test_bad_inputs_raise_and_write_nothing(model, vae, tmp_path):
         tasks.run_task("loop", pt2, vae, "a cat", out=out, height=24, width=24, **KW)
 
 
+def test_multi_frame_tasks_refuse_a_png_and_bad_fps_before_sampling(model, vae, tmp_path, monkeypatch):
+    """animate / extend / loop / transition always make a video, and edit does of a video input: a .png
+    --out (or an fps <= 0, which libx264 silently wrote as 24 fps) is refused before sampling, not at the
+    write after it. An edited image may be a .png."""
+    monkeypatch.setattr(tasks, "_run", lambda *a, **k: pytest.fail("sampled before refusing"))
+    for task, inputs in (("animate", [video(1)]), ("extend", [video()]), ("loop", []),
+                         ("transition", [video(), video()]), ("edit", [video(5)])):
+        with pytest.raises(ValueError, match="makes a video here: write .mp4"):
+            tasks.run_task(task, model, vae, "a cat", inputs, tmp_path / "x.png", height=24, width=24, **KW)
+    with pytest.raises(ValueError, match="fps must be > 0"):
+        tasks.run_task("image", model, vae, "a cat", [], tmp_path / "x.png", fps=0, **KW)
+    with pytest.raises(ValueError, match="fps must be > 0"):
+        write_video(video(5).permute(1, 0, 2, 3), tmp_path / "x.mp4", fps=0)
+    assert os.listdir(tmp_path) == []
+    monkeypatch.undo()
+    r = tasks.run_task("edit", model, vae, "a cat", [video(4, 24, 24)], tmp_path / "e.png", height=24, width=24, **KW)
+    assert r.video.shape == (3, 1, 24, 24) and (tmp_path / "e.png").is_file()
+
+
+def test_image_task_with_a_temporal_patch_of_2(model, vae, tmp_path):
+    """A p_t = 2 DiT cannot make a 1-latent-frame grid: the image task samples its shortest video and
+    keeps frame 0 (latent 0 alone under the causal VAE) instead of failing on the patch grid."""
+    from dataclasses import replace
+    torch.manual_seed(0)
+    pt2 = DiT(replace(model.cfg, patch=(2, 2, 2))).eval()
+    r = tasks.run_task("image", pt2, vae, "a cat", [], tmp_path / "x.png", height=24, width=24, **KW)
+    assert r.video.shape == (3, 1, 24, 24) and r.latent.shape[1] == 2
+    assert tasks.read_frames(tmp_path / "x.png").shape == (1, 3, 24, 24)
+
+
 def test_inputs_read_with_rotation_and_resized_to_grid(model, vae, tmp_path):
     path = tmp_path / "rot.mp4"
     with av.open(str(path), "w") as c:  # coded 32 wide x 16 high, displayed turned 90 degrees clockwise
@@ -441,6 +471,36 @@ def test_cli_sample_file_type_follows_the_patch_grids_frames(checkpoints, tmp_pa
     assert tasks.read_frames(tmp_path / "set" / "prompt_0.mp4").shape[0] == 5  # 2 latent frames, 4x in time
     r = CliRunner().invoke(app, ["sample", "--prompt", "a red circle", "--out", str(tmp_path / "x.png"), *common])
     assert r.exit_code == 2 and "write .mp4" in r.output and not (tmp_path / "x.png").exists(), r.output
+
+
+def test_cli_refuses_fps_that_is_not_positive(checkpoints, tmp_path):
+    """--fps 0 used to write a 24 fps video whose sidecar said 0; --fps -1 failed in libx264 after sampling."""
+    from spacetime.cli_sample import register
+    app = typer.Typer()
+    register(app)
+    run, vae_path = checkpoints
+    common = ["--prompt", "a red circle", "--checkpoint", str(run), "--vae", str(vae_path), "--steps", "1",
+              "--no-upsample", "--frames", "5", "--height", "16", "--width", "16", "--out", str(tmp_path / "x.mp4")]
+    for cmd in (["sample"], ["generate", "--task", "loop"]):
+        for fps in ("0", "-1"):
+            r = CliRunner().invoke(app, [*cmd, *common, "--fps", fps])
+            assert r.exit_code == 2 and "--fps must be > 0" in r.output, r.output
+    assert os.listdir(tmp_path) == []
+
+
+def test_cli_refuses_an_upsampler_dir_that_is_missing(checkpoints, tmp_path):
+    """A mistyped --upsampler was a warning: the prompt went in as written and the sidecar named that
+    path as its upsampler."""
+    from spacetime.cli_sample import register
+    app = typer.Typer()
+    register(app)
+    run, vae_path = checkpoints
+    common = ["--prompt", "a red circle", "--checkpoint", str(run), "--vae", str(vae_path), "--steps", "1",
+              "--frames", "1", "--height", "16", "--width", "16", "--upsampler", str(tmp_path / "missing")]
+    for cmd in (["sample"], ["generate", "--task", "image"]):
+        r = CliRunner().invoke(app, [*cmd, *common, "--out", str(tmp_path / "x.png")])
+        assert r.exit_code == 2 and "--upsampler" in r.output and "not found" in r.output, r.output
+    assert os.listdir(tmp_path) == []
 
 
 def test_cli_refuses_a_text_encoder_the_dit_did_not_train_on(checkpoints, tmp_path):

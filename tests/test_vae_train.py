@@ -135,6 +135,22 @@ def test_vae_training_resumes_exactly(videos, vgg, tmp_path):
                                                           disc_channels=8, ckpt_dir=str(tmp_path / "plain")))
 
 
+def test_resume_trains_at_the_new_learning_rate(videos, tmp_path):
+    """--lr may change on resume (it is not among VAE_EXACT_RESUME): the resumed steps use it, not the
+    checkpoint's (optimizer.load_state_dict had restored the old one; vae.json recorded the new)."""
+    ckpt = str(tmp_path / "ckpt")
+    cfg = lambda steps, **kw: VAETrainConfig(steps=steps, batch_size=2, log_every=0, ckpt_dir=ckpt, adversarial_weight=0.1,
+                                             disc_channels=8, **kw)
+    torch.manual_seed(0)
+    train_vae(VAE(TINY), videos, cfg(2, lr=1e-3))
+    before, _ = read_checkpoint_file(ckpt)
+    train_vae(VAE(TINY), videos, cfg(4, lr=0.0, disc_lr=0.0))  # AdamW with lr 0 moves nothing
+    after, meta = read_checkpoint_file(ckpt)
+    assert meta["step"] == 4
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("vae.", "disc.")))
+    assert meta["param_groups"][0]["lr"] == 0.0 and meta["disc_param_groups"][0]["lr"] == 0.0
+
+
 def test_non_finite_batches_are_skipped_and_counted(videos):
     torch.manual_seed(0)
     vae = VAE(TINY)
