@@ -235,6 +235,42 @@ def _fingerprint(uri: str) -> dict:
     return {"source_size": st.st_size, "source_mtime_ns": st.st_mtime_ns}
 
 
+def read_captions(captions_file: str) -> list[dict]:
+    """The entries of a JSON/CSV captions file; ValueError naming the file if it is not one. `curate`
+    reads it before any work: it is applied only at the commit, after every source was analysed."""
+    import csv
+
+    p = Path(captions_file)
+    try:
+        if p.suffix.lower() == ".csv":
+            with p.open(newline="") as f:
+                entries = list(csv.DictReader(f))
+        else:
+            entries = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
+        raise ValueError(f"cannot read captions file {captions_file}: {e}") from None
+    if not isinstance(entries, list):
+        raise ValueError(f"captions file {captions_file}: expected a list of {{source, start_frame, end_frame, ...}}")
+    for i, e in enumerate(entries):
+        try:
+            ok = bool(e["source"]) and int(e["start_frame"]) <= int(e["end_frame"])
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"captions file {captions_file}: entry {i} needs a source and integer "
+                             f"start_frame <= end_frame: {str(e)[:200]}")
+    return entries
+
+
+def check_weights(spec: DatasetSpec, fields: tuple = ("pretrained", "aesthetic_weights")) -> None:
+    """ValueError for a weights file the spec names and this machine lacks: said now, in one line,
+    rather than by a Ray actor's traceback once every source has been decoded and cut."""
+    for name in fields:
+        path = getattr(spec.embedding, name)
+        if path and not Path(path).is_file():
+            raise ValueError(f"embedding.{name}: no such file: {path}")
+
+
 def import_captions(table: pa.Table, captions_file: str) -> pa.Table:
     """Fill caption_teacher_short/dense from a JSON/CSV list of {source, start_frame, end_frame, ...}.
 
@@ -242,14 +278,7 @@ def import_captions(table: pa.Table, captions_file: str) -> pa.Table:
     at least half the clip. An absolute `source` names one file; a relative one ("cam1/0001.mp4", or a
     bare file name) names every source whose path ends with it, the longest such match winning.
     """
-    import csv
-
-    p = Path(captions_file)
-    if p.suffix.lower() == ".csv":
-        with p.open(newline="") as f:
-            entries = list(csv.DictReader(f))
-    else:
-        entries = json.loads(p.read_text())
+    entries = read_captions(captions_file)
     by_path: dict[str, list] = {}
     by_tail: dict[tuple, list] = {}  # relative source -> its path components
     for e in entries:
@@ -357,6 +386,10 @@ def curate(source_args: list[str], root: str, spec: DatasetSpec, captions: Optio
     retry_rejected=True curates again the sources whose only rows are transient rejections
     (`store.transient`); their new rows replace those rejections in this run's commit."""
     started = time.time()
+    if captions:
+        read_captions(captions)  # a bad file fails now, not after the whole run at its commit
+    if ray_address is None and not os.environ.get("RAY_ADDRESS"):  # on a cluster the workers' files count
+        check_weights(spec)
     root = str(Path(root).resolve())
     Path(root).mkdir(parents=True, exist_ok=True)
     lease = store.acquire_lease(root)
@@ -449,13 +482,18 @@ def _finish(root, staged, version, sources, skipped, captions, spec, source_args
     committed = store.read_clips(root, version, columns=[
         "clip_id", "source_uri", "source_sha256", "status", "reason", "aesthetic", "embedding", "layout"])
     # A run killed between its commit and clearing its staging left rows the table already holds
-    new = store.not_committed(new, committed)
+    staged_rows, new = new, store.not_committed(new, committed)
+    # so did a retried source that failed the same way again: it writes nothing, yet it is rejected
+    written = set(zip(*(new[c].to_pylist() for c in ("clip_id", "source_uri", "source_sha256"))))
+    again = [(u, r) for c, u, h, r, f in zip(*(staged_rows[c].to_pylist() for c in (
+             "clip_id", "source_uri", "source_sha256", "reason")), store.transient_mask(staged_rows))
+             if f and (c, u, h) not in written]
     counts, new_version = store.status_counts(new), None
     if new.num_rows:
         new = new.sort_by([("source_uri", "ascending"), ("start_frame", "ascending")])
         if captions:
             new = import_captions(new, captions)
-        new = decide(new, committed, spec)
+        new = _stamp(decide(new, committed, spec), spec)
         counts = store.status_counts(new)
         new_version = store.commit(root, new, "append", {
             "operation": "curate", "spec_hash": spec.spec_hash(), "spec_name": spec.name,
@@ -467,10 +505,18 @@ def _finish(root, staged, version, sources, skipped, captions, spec, source_args
     store.clear_staging(root)
     store.collect_garbage(root, older_than=store.oldest_live_start(root, run.started), run=run.id)
     if new_version is None:
-        return CurateResult(None, {}, len(sources), skipped, 0)
+        return CurateResult(None, {}, len(sources), skipped, 0, again)
     rej = pc.filter(new, pc.equal(new["status"], "rejected")).select(["source_uri", "reason"]).to_pylist()
     return CurateResult(new_version, counts, len(sources), skipped, new.num_rows,
-                        [(r["source_uri"], r["reason"]) for r in rej])
+                        [(r["source_uri"], r["reason"]) for r in rej] + again)
+
+
+def _stamp(rows: pa.Table, spec: DatasetSpec) -> pa.Table:
+    """Fill the contract's spec_hash and code_version columns (DESIGN.md) of rows this commit decided:
+    a table grown by runs under several specs says which spec decided each row."""
+    for name, value in (("spec_hash", spec.spec_hash()), ("code_version", store.code_version())):
+        rows = rows.set_column(rows.schema.get_field_index(name), name, pa.array([value] * rows.num_rows, pa.string()))
+    return rows
 
 
 def _drop_stale_rejections(tables: list[pa.Table]) -> list[pa.Table]:
@@ -547,6 +593,7 @@ def refilter(root: str, spec: DatasetSpec) -> tuple[int, dict]:
     No video is opened: statuses are a pure function of the stored score columns and embeddings.
     """
     root = str(Path(root).resolve())
+    check_weights(spec, ("aesthetic_weights",))  # the head runs here, on the cached embeddings
     table = store.read_clips(root)
     if table.num_rows == 0:
         raise ValueError(f"no clips table under {root}")
@@ -563,11 +610,13 @@ def refilter(root: str, spec: DatasetSpec) -> tuple[int, dict]:
         reset = reset.set_column(reset.schema.get_field_index("aesthetic"), "aesthetic",
                                  pa.array(score_aesthetic(reset["embedding"].to_pylist(),
                                                           spec.embedding.aesthetic_weights), pa.float32()))
-    decided = decide(reset, reset.slice(0, 0), spec)
+    decided = _stamp(decide(reset, reset.slice(0, 0), spec), spec)
     out = pa.concat_tables([decided, clips.filter(transcode_failed), table.filter(pc.invert(is_clip))],
                            promote_options="permissive")
     out = out.sort_by([("source_uri", "ascending"), ("start_frame", "ascending")])
     version = store.commit(root, out, "overwrite", {"operation": "refilter", "spec_hash": spec.spec_hash(),
-                                                   "spec_name": spec.name, "refiltered_from": parent},
+                                                   "spec_name": spec.name, "refiltered_from": parent,
+                                                   # the report draws these thresholds for this version
+                                                   "spec": spec.model_dump(mode="json")},
                            expect_version=parent)
     return version, store.status_counts(out)

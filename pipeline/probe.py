@@ -323,7 +323,10 @@ def _probe_container(r: ProbeResult, c, size: int, deadline: float) -> ProbeResu
     # container (mkv, avi, ...) has no per-sample index. Only for a lone video stream, since
     # a container's duration is that of its longest stream.
     declared = round(r.duration_s * fps)
-    if eof and len(c.streams) == 1 and n_packets < 0.9 * declared - 1:
+    # ... and whose frames, by their own timestamps, end well before it: a variable-rate stream (a
+    # browser's webm) has fewer frames than its nominal rate times its duration, and is not cut.
+    span_s = (known[-1] - known[0]) * float(tb) + 1 / fps if known and tb else 0.0
+    if eof and len(c.streams) == 1 and n_packets < 0.9 * declared - 1 and span_s < 0.9 * r.duration_s - 1 / fps:
         return _reject(r, f"truncated: {n_packets} frames present, header declares {r.duration_s:.3g} s "
                           f"(~{declared} frames)")
     if not r.duration_s:

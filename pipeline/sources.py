@@ -1,16 +1,17 @@
 """Expand curate SOURCE arguments into a sorted list of source paths.
 
-A source argument is a video file, a directory (searched recursively for video extensions), a glob,
-or a manifest (`*.txt` / `*.manifest`: one path per line, relative paths resolved under the
-manifest's directory). Manifest paths that escape their root (`..`, absolute paths elsewhere,
-symlinks pointing out) are not followed: they come back as rejected entries with a reason, so
-they still appear as rows in the table.
+A source argument is a video file, a directory (searched recursively for video extensions), a glob
+(a directory it matches is searched the same way), or a manifest (`*.txt` / `*.manifest`: one path
+per line, relative paths resolved under the manifest's directory). Manifest paths that escape
+their root (`..`, absolute paths elsewhere, symlinks pointing out) are not followed: they come back
+as rejected entries with a reason, so they still appear as rows in the table.
 """
 import glob
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+from urllib.parse import unquote
 
 VIDEO_EXTS = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp"}
 MANIFEST_EXTS = {".txt", ".manifest", ".lst"}
@@ -34,12 +35,13 @@ def _read_manifest(manifest: Path) -> list[Source]:
     root = manifest.parent
     out = []
     # decoded as the OS decodes file names: a non-UTF-8 name opens as the same bytes
-    for line in os.fsdecode(manifest.read_bytes()).splitlines():
+    data = manifest.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM (Windows editors) is no part of a name
+    for line in os.fsdecode(data).splitlines():
         entry = line.strip()
         if not entry or entry.startswith("#"):
             continue
-        if entry.startswith("file://"):
-            entry = entry[len("file://"):]
+        if entry.startswith("file://"):  # a URI percent-encodes its path: "my%20clip.mp4" names "my clip.mp4"
+            entry = unquote(entry[len("file://"):].removeprefix("localhost"), errors="surrogateescape")
         if "://" in entry:
             out.append(Source(entry, f"unsupported URI scheme: {entry.split('://')[0]}"))
             continue
@@ -77,7 +79,11 @@ def expand_sources(args: list[str]) -> list[Source]:
             matches = sorted(glob.glob(arg, recursive=True))
             if not matches:
                 found.append(Source(arg, "glob matched no files"))
-            found += [Source(os.path.abspath(m)) for m in matches if os.path.isfile(m)]
+            for m in matches:
+                if os.path.isdir(m):  # walked like a directory argument: "footage/day*" names its videos
+                    found += _walk(Path(m))
+                elif os.path.isfile(m):
+                    found.append(Source(os.path.abspath(m)))
         else:
             # A plain path; a missing one becomes a rejected row downstream (probe says "missing file").
             found.append(Source(os.path.abspath(arg)))

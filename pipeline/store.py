@@ -508,6 +508,8 @@ def tag(root: str | Path, name: str, version: Optional[int] = None) -> int:
     """Name a version (default latest). Tags are immutable: re-tagging a name is an error."""
     if not name or "/" in name:
         raise ValueError(f"bad tag name {name!r}")
+    if str(name).isdigit():  # resolve_ref reads a number as a version: such a tag could never be used
+        raise ValueError(f"bad tag name {name!r}: a number names a version, not a tag")
     latest = latest_version(root)
     v = latest if version is None else version
     if latest is None or v is None or not 0 <= v <= latest:
@@ -539,7 +541,25 @@ def restore(root: str | Path, version: int) -> int:
                   expect_version=latest_version(root))
 
 
-def vacuum(root: str | Path, retain_hours: int, dry_run: bool = True) -> list[str]:
-    """Explicit retention: delete data files only versions older than `retain_hours` need."""
+def vacuum(root: str | Path, retain_hours: int, dry_run: bool = True, drop_tagged: bool = False) -> list[str]:
+    """Explicit retention: delete data files only versions older than `retain_hours` need. A tagged
+    version is a release someone pinned: when it needs any of those files, ValueError naming the tags
+    (unless drop_tagged: those tags then stop being readable)."""
     dt = DeltaTable(clips_path(root))
-    return dt.vacuum(retention_hours=retain_hours, dry_run=dry_run, enforce_retention_duration=False)
+    doomed = {f for f in dt.vacuum(retention_hours=retain_hours, dry_run=True, enforce_retention_duration=False)
+              if (Path(clips_path(root)) / unquote(f)).exists()}  # (its list repeats files already vacuumed)
+    if doomed and not drop_tagged:
+        hit = []
+        for name, v in sorted(read_tags(root).items(), key=lambda kv: kv[1]):
+            try:
+                files = DeltaTable(clips_path(root), version=v).get_add_actions(flatten=True).column("path")
+            except Exception:  # noqa: BLE001 - its log is gone already: nothing left to protect
+                continue
+            if doomed & {p for x in files.to_pylist() for p in (x, unquote(x))}:  # (as logged, or decoded)
+                hit.append(f"{name} (version {v})")
+        if hit:
+            raise ValueError(f"vacuum would delete files that tagged versions need: {', '.join(hit)}; raise "
+                             f"--retain-hours past them, or pass --drop-tagged to let those tags go unreadable")
+    if not dry_run:
+        dt.vacuum(retention_hours=retain_hours, dry_run=False, enforce_retention_duration=False)
+    return sorted(doomed)  # (delta-rs's own list counts files an earlier vacuum deleted)

@@ -115,19 +115,26 @@ def curate(sources: List[str] = typer.Argument(..., help="video files, directori
     _quiet_ray()
     from pipeline.sources import expand_sources
 
+    if dataset.exists() and not dataset.is_dir():
+        fail(f"--dataset {dataset} is not a directory")
     n = len(expand_sources(list(sources)))
     if n == 0:
         fail("no video sources found in: " + " ".join(sources))
     typer.echo(f"curating {n} source(s) into {dataset} (spec {s.name}, hash {s.spec_hash()})", err=True)
-    res = run_curate(list(sources), str(dataset), s, captions=str(captions) if captions else None,
-                     progress=_progress_bar(n, "curate"), ray_address=address, rehash=rehash,
-                     retry_rejected=retry_rejected)
+    try:
+        res = run_curate(list(sources), str(dataset), s, captions=str(captions) if captions else None,
+                         progress=_progress_bar(n, "curate"), ray_address=address, rehash=rehash,
+                         retry_rejected=retry_rejected)
+    except ValueError as e:  # a bad captions file, a weights file the spec names that is missing
+        fail(str(e))
     if res.version is None:
         typer.echo(f"nothing new: all {res.sources} source(s) already committed; table unchanged")
-        return
-    typer.echo(f"committed version {res.version} of {dataset / 'clips'}: {res.new_rows} new rows "
-               f"({res.skipped} source(s) skipped as already committed)")
-    _print_counts(res.counts, "new rows by status")
+        if res.rejected:  # retried, and failed the same way again (the table already says so)
+            typer.echo(f"{len(res.rejected)} row(s) rejected again, as the table already records:")
+    else:
+        typer.echo(f"committed version {res.version} of {dataset / 'clips'}: {res.new_rows} new rows "
+                   f"({res.skipped} source(s) skipped as already committed)")
+        _print_counts(res.counts, "new rows by status")
     for uri, reason in res.rejected[:20]:
         typer.echo(f"  rejected {uri}: {reason}")
     if res.rejected:
@@ -153,7 +160,8 @@ def refilter_cmd(dataset: Path = typer.Option(..., "--dataset"),
 def report(root: Path = typer.Argument(..., help="dataset root"),
            version: Optional[str] = typer.Option(None, "--version", help="version number or tag (default latest)"),
            out: Optional[Path] = typer.Option(None, "--out", help="HTML file to write (default <root>/report_v<N>.html)"),
-           spec: Optional[Path] = typer.Option(None, "--spec", help="spec whose thresholds to draw"),
+           spec: Optional[Path] = typer.Option(None, "--spec", help="spec whose thresholds to draw (default: the "
+                                               "one recorded by the commit that decided that version's statuses)"),
            check: bool = typer.Option(False, "--check", help="also render it in headless Chromium")):
     """Write the curation report: funnel, score histograms with thresholds, contact sheet, duplicates."""
     from spacetime.report import render_check, write_report
@@ -164,6 +172,8 @@ def report(root: Path = typer.Argument(..., help="dataset root"),
         path = write_report(root, v, out, _load_spec(spec) if spec else None)
     except ValueError as e:
         fail(str(e))
+    except OSError as e:  # --out names a directory, or a place this user can't write
+        fail(f"cannot write the report to {out}: {e}")
     typer.echo(f"wrote {path}")
     if check:
         try:
@@ -323,13 +333,24 @@ def eval_captioner_cmd(dataset: Path = typer.Option(..., "--dataset", help="a ve
     _need_table(dataset)
     if ground_truth is not None and not ground_truth.is_file():
         fail(f"ground truth not found: {ground_truth}")
+    gt = None
+    if ground_truth is not None:  # the footage dir also holds captions.json: a list, easily passed here
+        try:
+            gt = json.loads(ground_truth.read_text())
+        except ValueError as e:
+            fail(f"cannot read ground truth {ground_truth}: {e}")
+        if not isinstance(gt, dict) or not isinstance(gt.get("videos"), list):
+            fail(f"{ground_truth} is not a demo ground_truth.json (no \"videos\" list)")
     recorded, model_id = None, None
     if checkpoint is not None:
         try:
             recorded, model_id = held_out_sources(checkpoint), checkpoint_hash(checkpoint)
         except (OSError, ValueError) as e:
             fail(f"cannot read captioner checkpoint {checkpoint}: {e}")
-    t = store.read_clips(dataset, version)
+    try:
+        t = store.read_clips(dataset, version)
+    except ValueError as e:
+        fail(str(e))
     # the split is drawn over the rows training drew it over (kept, with a teacher caption), so a
     # source whose clips all failed to caption cannot shift training sources into the held-out side
     pool = training_rows(t).to_pylist()
@@ -354,7 +375,7 @@ def eval_captioner_cmd(dataset: Path = typer.Option(..., "--dataset", help="a ve
         typer.secho(f"warning: {scope}", err=True)
     hyps = {r["clip_id"]: r["caption_dense"] for r in rows}
     refs = {r["clip_id"]: [r["caption_teacher_dense"]] for r in rows}
-    truths = demo_truths(rows, json.loads(ground_truth.read_text())) if ground_truth else None
+    truths = demo_truths(rows, gt) if gt is not None else None
     models = sorted({r["caption_model"] for r in rows if r["caption_model"]})
     evaluate(hyps, refs, truths, out_json=out, name=",".join(models) or "captioner")
     typer.echo(f"{len(rows)} {scope}; wrote {out}")
@@ -388,8 +409,8 @@ def upsample_cmd(prompt: str = typer.Argument(..., help="a short prompt, e.g. 'a
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        examples = few_shot_examples(str(dataset)) if dataset and upsampler else ()
         try:
+            examples = few_shot_examples(str(dataset)) if dataset and upsampler else ()
             model = load_upsampler(str(upsampler) if upsampler else None, examples)
             text = upsample(prompt, model, seed)
         except ValueError as e:
@@ -443,6 +464,15 @@ def retrain(sources: List[str] = typer.Option(..., "--sources", help="new raw fo
         fail(f"perceptual weights not found: {vae_perceptual}")
     if text_weights is not None and not text_weights.is_file():
         fail(f"text encoder weights not found: {text_weights}")
+    if captions is not None and not captions.is_file():
+        fail(f"captions file not found: {captions}")
+    # here, not after curating and training the stages before the one that reads them
+    if captioner is not None and not (captioner / "model.safetensors").is_file():
+        fail(f"--captioner {captioner} is not a captioner checkpoint (no model.safetensors)")
+    if from_checkpoint is not None and not (from_checkpoint / "latest.json").is_file():
+        fail(f"--from-checkpoint {from_checkpoint} is not a DiT run dir (no latest.json)")
+    if vae is not None and not vae.is_file():
+        fail(f"VAE not found: {vae}")
     sizes = replace(RetrainConfig.tiny() if tiny else RetrainConfig(), vae_adversarial_weight=vae_adversarial_weight,
                     vae_perceptual=str(vae_perceptual.resolve()) if vae_perceptual else None,
                     dit_grad_accum=dit_grad_accum, dit_compile=dit_compile,
@@ -469,6 +499,8 @@ def scale_study_cmd(out: Path = typer.Option(Path("runs/scale_study"), "--out"),
                     dataset: Optional[Path] = typer.Option(None, "--dataset", help="use this dataset's latents table "
                                                            "(default: the synthetic moving-shapes set)"),
                     latents_version: Optional[int] = typer.Option(None, "--latents-version"),
+                    max_tokens: int = typer.Option(512, "--max-tokens", min=1, help="tokens per packed batch; "
+                                                   "a --dataset's largest latent must fit in one"),
                     seed: int = typer.Option(0)):
     """Train three DiT sizes on the same data and token budget; plot validation loss vs training FLOPs."""
     from spacetime.scale_study import SIZES, final_losses, scale_study
@@ -477,13 +509,19 @@ def scale_study_cmd(out: Path = typer.Option(Path("runs/scale_study"), "--out"),
     if dataset is not None:
         from generator.data import load_pairs
 
-        pairs = load_pairs(str(dataset), latents_version)
+        try:
+            pairs = load_pairs(str(dataset), latents_version)
+        except ValueError as e:  # no latents table, no such version, several encoder pairs in it
+            fail(str(e))
         if len(pairs) < 8:
             fail(f"{dataset}: only {len(pairs)} latents; the study needs at least 8")
         n_val = max(2, len(pairs) // 8)  # held out by clip: the last ones in clip_id order
         train_pairs, val_pairs = pairs[:-n_val], pairs[-n_val:]
-    curves = scale_study(out, train_pairs, val_pairs, token_budget=token_budget, segments=segments, seed=seed,
-                         log=typer.echo)
+    try:
+        curves = scale_study(out, train_pairs, val_pairs, token_budget=token_budget, segments=segments,
+                             max_tokens=max_tokens, seed=seed, log=typer.echo)
+    except ValueError as e:  # a --dataset latent of more tokens than --max-tokens
+        fail(str(e))
     losses = final_losses(curves)
     for (name, *_), loss in zip(SIZES, losses):
         typer.echo(f"{name}: {curves[name + '_params'] / 1e6:.2f}M params, final val loss {loss:.4f}")
@@ -623,6 +661,8 @@ def datasets_checkout(root: Path = typer.Argument(...), ref: str = typer.Argumen
             _print_counts(store.status_counts(store.read_clips(root, v)), f"version {v}")
     except ValueError as e:
         fail(str(e))
+    except OSError as e:  # --out in a missing or unwritable directory: a user mistake, not a crash
+        fail(f"cannot write {out}: {e}")
 
 
 @datasets_app.command("rebuild")
@@ -645,13 +685,20 @@ def datasets_rebuild(root: Path = typer.Argument(...), version: int = typer.Opti
 
 @datasets_app.command("vacuum")
 def datasets_vacuum(root: Path = typer.Argument(...),
-                    retain_hours: int = typer.Option(168, help="keep files needed by versions newer than this"),
-                    dry_run: bool = typer.Option(True, "--dry-run/--apply", help="only list what would be deleted")):
-    """Delete data files of old versions (explicit retention; time travel past it stops working)."""
+                    retain_hours: int = typer.Option(168, min=0, help="keep files needed by versions newer than this"),
+                    dry_run: bool = typer.Option(True, "--dry-run/--apply", help="only list what would be deleted"),
+                    drop_tagged: bool = typer.Option(False, "--drop-tagged",
+                                                     help="also delete files a tagged version needs (by default "
+                                                          "refused: the tag would stop being readable)")):
+    """Delete data files of old versions (explicit retention; time travel past it stops working).
+    Refused when a tagged version would lose files, unless --drop-tagged."""
     from pipeline import store
 
     _need_table(root)
-    files = store.vacuum(root, retain_hours, dry_run)
+    try:
+        files = store.vacuum(root, retain_hours, dry_run, drop_tagged)
+    except ValueError as e:
+        fail(str(e))
     typer.echo(f"{'would delete' if dry_run else 'deleted'} {len(files)} file(s)")
 
 

@@ -367,12 +367,35 @@ def _thresholds(spec: Optional[DatasetSpec | FilterSpec]) -> tuple[FilterSpec, C
     return spec or FilterSpec(), ClipSpec()
 
 
+def recorded_spec(lineage: list[dict], version: int) -> Optional[DatasetSpec]:
+    """The spec whose thresholds decided the statuses of `version`: that of the newest curate or
+    refilter commit up to it (both record it), through a restore to the version it brought back.
+    None when no such commit recorded a spec that still validates (older code)."""
+    by_version = {h["version"]: h for h in lineage}
+    v = version
+    while v in by_version:
+        h = by_version[v]
+        if h.get("operation") == "restore" and isinstance(h.get("restored_version"), int) and h["restored_version"] < v:
+            v = h["restored_version"]
+            continue
+        if isinstance(h.get("spec"), dict):
+            try:
+                return DatasetSpec.model_validate(h["spec"])
+            except ValueError:  # pydantic's ValidationError: a spec of another code version
+                return None
+        if h.get("operation") in ("curate", "refilter"):  # it decided statuses, but (older code) kept no spec
+            return None
+        v -= 1  # a caption commit, say: statuses as its parent decided them
+    return None
+
+
 def write_report(root: str | Path, version: Optional[int | str] = None, out: Optional[str | Path] = None,
                  spec: Optional[DatasetSpec | FilterSpec] = None) -> Path:
     """Write the report of version `version` (number, tag, or None = latest) of `<root>/clips`.
 
     `spec` gives the thresholds drawn and counted (a DatasetSpec also gives the clip length limits);
-    None uses the defaults. Returns the path written, by default `<root>/report_v<N>.html`.
+    None uses the spec the version was decided by (`recorded_spec`), else the defaults. Returns the
+    path written, by default `<root>/report_v<N>.html`.
     Raises ValueError when there is no clips table or no such version.
     """
     root = Path(root).resolve()
@@ -383,12 +406,18 @@ def write_report(root: str | Path, version: Optional[int | str] = None, out: Opt
     if "embedding" in table.column_names:  # the one heavy column the report never shows
         table = table.drop_columns(["embedding"])
     lineage = [h for h in store.history(root) if h["version"] <= v]
+    if spec is None:  # a version refiltered with new thresholds must not be drawn against the defaults
+        spec = recorded_spec(lineage, v)
     page = render_html(table, root, v, lineage, store.read_tags(root), spec)
     out = Path(out) if out is not None else root / f"report_v{v}.html"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)  # never leave a half-written report under the final name
+    try:
+        os.replace(tmp, out)  # never leave a half-written report under the final name
+    except OSError:  # out is a directory, say: no stray temp file either
+        tmp.unlink(missing_ok=True)
+        raise
     return out
 
 

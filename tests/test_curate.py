@@ -470,3 +470,91 @@ def test_a_killed_runs_staged_failure_is_dropped_when_its_retry_staged_clips():
     clips = store.conform(_source_rows("/a.mp4", "kept", ids=["a0"]))
     other = store.conform(_source_rows("/b.mp4", "rejected", "analysis failed: OSError"))
     assert _drop_stale_rejections([failed, clips, other]) == [clips, other]
+
+
+def _no_work(*a, **k):
+    raise AssertionError("curation work started")
+
+
+def test_a_bad_captions_file_or_missing_weights_fail_before_any_work(tmp_path, monkeypatch):
+    """Captions are applied at the commit and the weights load in a Ray actor: a bad file or a typo'd
+    path failed with a traceback after every source was decoded and cut. Now: one line, at once."""
+    from typer.testing import CliRunner
+
+    import pipeline.graph as graph
+    from spacetime.cli import app
+
+    monkeypatch.setattr(graph, "_curate", _no_work)
+    (tmp_path / "v.mp4").write_bytes(b"x")
+    run = lambda *args: CliRunner().invoke(app, ["curate", str(tmp_path / "v.mp4"), "--dataset", str(tmp_path / "ds"),
+                                                 *args])
+    for text in ("", "{not json", '[{"source": "v.mp4"}]', '{"source": "v.mp4"}'):
+        (tmp_path / "caps.json").write_text(text)
+        r = run("--captions", str(tmp_path / "caps.json"))
+        assert r.exit_code == 2 and "captions file" in r.output and r.exception.__class__ is SystemExit, r.output
+    for key in ("pretrained", "aesthetic_weights"):
+        (tmp_path / "spec.yaml").write_text(f"embedding:\n  {key}: {tmp_path / 'none.safetensors'}\n")
+        r = run("--spec", str(tmp_path / "spec.yaml"))
+        assert r.exit_code == 2 and f"embedding.{key}: no such file" in r.output, r.output
+        assert r.exception.__class__ is SystemExit
+    (tmp_path / "file").write_bytes(b"")
+    r = CliRunner().invoke(app, ["curate", str(tmp_path / "v.mp4"), "--dataset", str(tmp_path / "file")])
+    assert r.exit_code == 2 and "not a directory" in r.output and r.exception.__class__ is SystemExit
+
+
+def test_filter_with_missing_aesthetic_weights_is_one_error_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from spacetime.cli import app
+
+    root, _ = _committed_source(tmp_path)
+    (tmp_path / "spec.yaml").write_text(f"embedding:\n  aesthetic_weights: {tmp_path / 'head.safetensors'}\n")
+    r = CliRunner().invoke(app, ["filter", "--dataset", str(root), "--spec", str(tmp_path / "spec.yaml")])
+    assert r.exit_code == 2 and "no such file" in r.output and r.exception.__class__ is SystemExit, r.output
+    assert store.latest_version(root) == 0
+
+
+def test_rows_record_the_spec_and_code_that_decided_them(tmp_path):
+    """DESIGN.md's clips contract has spec_hash and code_version columns: a curate commit and a
+    refilter fill them for the rows they decide (they were always null)."""
+    import pyarrow as pa
+
+    from pipeline.graph import RunInfo, _finish
+
+    root, row = _committed_source(tmp_path)
+    assert store.read_clips(root)["spec_hash"].to_pylist() == [None]
+    spec = DatasetSpec()
+    staged = {"s": pa.Table.from_pylist([{**row, "clip_id": "c1", "start_frame": 24, "end_frame": 48}])}
+    res = _finish(str(root), staged, 0, [row["source_uri"]], 0, None, spec, [row["source_uri"]], RunInfo(0.0, "r"))
+    t = store.read_clips(root, res.version)
+    new = [r for r in t.to_pylist() if r["clip_id"] == "c1"]
+    assert [(r["spec_hash"], r["code_version"]) for r in new] == [(spec.spec_hash(), store.code_version())]
+    strict = DatasetSpec.model_validate({"filters": {"max_blur": 0.1}})
+    version, _ = refilter(str(root), strict)
+    assert set(store.read_clips(root, version)["spec_hash"].to_pylist()) == {strict.spec_hash()}
+
+
+def test_a_retry_that_fails_again_is_still_reported_rejected(tmp_path, monkeypatch):
+    """`curate --retry-rejected` whose source times out again writes nothing (the table holds that
+    failure), but said "nothing new: all already committed" and exited 0. It is reported, exit 3."""
+    import pyarrow as pa
+
+    from pipeline.graph import RunInfo, _finish
+
+    failed = {"clip_id": None, "source_uri": "/v.mp4", "source_sha256": "s", "status": "rejected",
+              "reason": "probe timed out after 1 s"}
+    store.commit(tmp_path, pa.Table.from_pylist([failed]), "append", {"operation": "curate"})
+    res = _finish(str(tmp_path), {"k": pa.Table.from_pylist([failed])}, 0, ["/v.mp4"], 0, None, DatasetSpec(),
+                  ["/v.mp4"], RunInfo(0.0, "r"))
+    assert res.version is None and res.rejected == [("/v.mp4", failed["reason"])]
+    assert store.latest_version(tmp_path) == 0
+
+    from typer.testing import CliRunner
+
+    import pipeline.graph as graph
+    from spacetime.cli import app
+
+    monkeypatch.setattr(graph, "curate", lambda *a, **k: res)
+    (tmp_path / "v.mp4").write_bytes(b"x")
+    r = CliRunner().invoke(app, ["curate", str(tmp_path / "v.mp4"), "--dataset", str(tmp_path), "--retry-rejected"])
+    assert r.exit_code == 3 and "rejected again" in r.output and "probe timed out" in r.output, r.output

@@ -199,3 +199,16 @@ def test_ten_thousand_tiny_files(tmp_path):
     t0 = time.perf_counter()
     assert not any(probe(os.path.join(many.path, n)).ok for n in names)
     assert time.perf_counter() - t0 < 120
+
+
+def test_a_short_variable_rate_mkv_is_not_called_truncated(tmp_path):
+    """A whole mkv/webm read at once was judged cut when its frames fell short of the nominal rate
+    times its duration: a variable-rate one (half its frames at half the rate) always does. Its
+    timestamps reach the declared end, so it is a video; one cut short is still rejected."""
+    gaps = [2 * i for i in range(20)] + [40 + i for i in range(20)]
+    path = write_video(tmp_path / "vfr.mkv", n=len(gaps), pts=gaps, fmt="matroska")
+    r = probe(path)
+    assert r.ok and r.vfr and r.num_frames == len(gaps), r.reason
+    data = open(path, "rb").read()
+    (tmp_path / "cut.mkv").write_bytes(data[:len(data) // 2])
+    assert not probe(tmp_path / "cut.mkv").ok

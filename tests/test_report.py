@@ -155,3 +155,19 @@ def test_versions_tags_and_lineage(tmp_path):
     assert "(tags: gold)" in old and "<td>refilter</td>" not in old and ">kept</span> 4" in old
     with pytest.raises(ValueError, match="unknown tag"):
         write_report(root, version="nope")
+
+
+def test_a_refiltered_version_is_drawn_with_the_thresholds_that_decided_it(tmp_path):
+    """`filter --spec` with min_motion 2, then `report` with no --spec: the funnel and histograms drew
+    the default min_motion 0.05 (most clips "pass" it, yet none is kept). Now the version's own spec."""
+    from pipeline.graph import refilter
+
+    store.commit(tmp_path, _clips_table(), "append", {"operation": "curate", "spec": DatasetSpec().model_dump(mode="json")})
+    strict = DatasetSpec.model_validate({"filters": {"min_motion": 2.0}})
+    v, _ = refilter(str(tmp_path), strict)
+    store.commit(tmp_path, store.read_clips(tmp_path), "overwrite", {"operation": "caption"}, expect_version=v)
+    page = write_report(tmp_path).read_text(encoding="utf-8")  # the caption commit changed no status
+    assert "motion ≥ 0.05" not in page and "motion ≥ 2<" in page
+    assert "motion ≥ 0.05" in write_report(tmp_path, 0, tmp_path / "v0.html").read_text(encoding="utf-8")
+    restored = store.restore(tmp_path, 0)
+    assert "motion ≥ 0.05" in write_report(tmp_path, restored, tmp_path / "r.html").read_text(encoding="utf-8")

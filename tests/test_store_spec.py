@@ -225,6 +225,28 @@ def test_gc_and_diff_after_a_vacuum(tmp_path):
     assert r.exit_code == 2 and "can no longer be read" in r.output and r.exception.__class__ is SystemExit
 
 
+def test_vacuum_refuses_to_break_a_tagged_version(tmp_path):
+    """A tag pins a release: vacuum that would delete its files is refused (one error line in the CLI)
+    unless --drop-tagged; untagged old versions go as before."""
+    from typer.testing import CliRunner
+
+    from spacetime.cli import app
+
+    store.commit(tmp_path, _rows(1), "append", {"operation": "curate"})
+    store.commit(tmp_path, _rows(1, start=1), "overwrite", {"operation": "refilter"}, expect_version=0)
+    store.tag(tmp_path, "release-1", 0)
+    with pytest.raises(ValueError, match="release-1 \\(version 0\\)"):
+        store.vacuum(tmp_path, 0, dry_run=True)
+    r = CliRunner().invoke(app, ["datasets", "vacuum", str(tmp_path), "--retain-hours", "0", "--apply"])
+    assert r.exit_code == 2 and "--drop-tagged" in r.output, r.output
+    assert store.read_clips(tmp_path, 0).num_rows == 1  # still readable
+    r = CliRunner().invoke(app, ["datasets", "vacuum", str(tmp_path), "--retain-hours", "0", "--apply", "--drop-tagged"])
+    assert r.exit_code == 0 and "deleted 1 file" in r.output, r.output
+    store.commit(tmp_path, _rows(1, start=2), "overwrite", {"operation": "refilter"},
+                 expect_version=store.latest_version(tmp_path))  # (vacuum logs commits of its own)
+    assert len(store.vacuum(tmp_path, 0, dry_run=False)) == 1  # version 1 is untagged
+
+
 def test_gc_reads_each_data_file_once(tmp_path, monkeypatch):
     """GC needs the clip_uri of every version: it reads each data file once, not each version's rows."""
     import time
@@ -291,3 +313,56 @@ def test_manifest_names_that_are_not_utf8_round_trip(tmp_path):
     assert os.path.isfile(s.uri)
     row = pa.Table.from_pylist([rejected_row(escaped.uri, escaped.reject)]).to_pylist()[0]
     assert row["source_uri"] == "../caf\\xe9.mp4" and "escapes its root" in row["reason"]
+
+
+def test_a_tag_that_is_a_number_is_refused(tmp_path):
+    """`checkout 5` / `report --version 5` read version 5: a tag named "5" could never be reached."""
+    from typer.testing import CliRunner
+
+    from spacetime.cli import app
+
+    store.commit(tmp_path, _rows(1), "append", {"operation": "curate"})
+    with pytest.raises(ValueError, match="a number names a version"):
+        store.tag(tmp_path, "5", 0)
+    r = CliRunner().invoke(app, ["datasets", "tag", str(tmp_path), "12"])
+    assert r.exit_code == 2 and "a number names a version" in r.output
+    assert store.read_tags(tmp_path) == {}
+    assert store.tag(tmp_path, "v5", 0) == 0 and store.resolve_ref(tmp_path, "v5") == 0
+
+
+def test_a_glob_matching_directories_walks_them(tmp_path):
+    """`curate 'footage/day*'`: the matched day directories' videos are sources, not silently dropped."""
+    for day in ("day1", "day2"):
+        (tmp_path / day).mkdir()
+        (tmp_path / day / "a.mp4").write_bytes(b"x")
+        (tmp_path / day / "notes.json").write_bytes(b"{}")
+    got = [s.uri for s in expand_sources([str(tmp_path / "day*")])]
+    assert got == [str(tmp_path / "day1" / "a.mp4"), str(tmp_path / "day2" / "a.mp4")]
+
+
+def test_datasets_commands_refuse_bad_output_and_retention_in_one_line(tmp_path):
+    """A missing --out directory and a negative retention are user mistakes: an error line, no traceback."""
+    from typer.testing import CliRunner
+
+    from spacetime.cli import app
+
+    store.commit(tmp_path, _rows(1), "append", {"operation": "curate"})
+    run = CliRunner().invoke
+    r = run(app, ["datasets", "checkout", str(tmp_path), "0", "--out", str(tmp_path / "no" / "v0.parquet")])
+    assert r.exit_code == 2 and "cannot write" in r.output and r.exception.__class__ is SystemExit, r.output
+    r = run(app, ["datasets", "vacuum", str(tmp_path), "--retain-hours", "-1"])
+    assert r.exit_code == 2 and r.exception.__class__ is SystemExit, r.output
+    r = run(app, ["report", str(tmp_path), "--out", str(tmp_path)])  # a directory
+    assert r.exit_code == 2 and "cannot write the report" in r.output and r.exception.__class__ is SystemExit
+    assert not list(tmp_path.parent.glob(f".{tmp_path.name}.tmp"))  # no stray temp file beside it
+
+
+def test_a_manifest_with_a_bom_or_file_uris_names_its_files(tmp_path):
+    """A manifest saved by a Windows editor starts with a UTF-8 BOM, and a file:// URI percent-encodes
+    its path: both named a missing file ("\\ufeffa.mp4", "my%20clip.mp4") instead of the one listed."""
+    for name in ("a.mp4", "my clip.mp4", os.fsdecode(b"caf\xe9.mp4")):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "list.txt").write_bytes(b"\xef\xbb\xbfa.mp4\r\nfile://" + str(tmp_path).encode()
+                                        + b"/my%20clip.mp4\nfile://localhost" + str(tmp_path).encode() + b"/caf%E9.mp4\n")
+    got = expand_sources([str(tmp_path / "list.txt")])
+    assert all(s.reject is None and os.path.isfile(s.uri) for s in got) and len(got) == 3, got
