@@ -107,12 +107,18 @@ def caption_dataset(dataset_root, checkpoint, version: int | None = None, batch_
     "captioned", "failed", "skipped"}.
     """
     import ray
+    if method not in ("greedy", "beam", "top_p"):  # checked here: in the actors it fails after decoding began
+        raise ValueError(f"unknown decoding method {method!r}: greedy, beam or top_p")
     table, parent = read_clips(dataset_root, version)
     latest = DeltaTable(clips_path(dataset_root)).version()
     if parent != latest:
         raise ValueError(f"caption writes a new version on top of the latest ({latest}), not of version "
                          f"{parent}; `spacetime datasets checkout {dataset_root} {parent} --restore` first to "
                          f"caption that state")
+    if not (Path(checkpoint) / "model.safetensors").is_file():
+        run_dir = (Path(checkpoint) / "checkpoint" / "model.safetensors").is_file()
+        raise ValueError(f"{checkpoint} is not a captioner checkpoint (no model.safetensors)"
+                         + (f"; the run's checkpoint is {Path(checkpoint) / 'checkpoint'}" if run_dir else ""))
     model_id = checkpoint_hash(checkpoint)
     cfg = CaptionerConfig(**json.loads((Path(checkpoint) / "config.json").read_text()))
     kept = pc.and_(pc.equal(table["status"], "kept"), pc.is_valid(table["clip_id"]))

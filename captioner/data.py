@@ -28,8 +28,14 @@ def clips_path(dataset_root) -> str:
 
 
 def read_clips(dataset_root, version: int | None = None) -> tuple[pa.Table, int]:
-    """The clips table at `version` (default latest) -> (arrow table, the version read)."""
-    dt = DeltaTable(clips_path(dataset_root), version=version)
+    """The clips table at `version` (default latest) -> (arrow table, the version read).
+    ValueError when there is no table or no such version (deltalake's own errors are not ValueErrors)."""
+    if not DeltaTable.is_deltatable(clips_path(dataset_root)):
+        raise ValueError(f"no clips table under {dataset_root} (expected {clips_path(dataset_root)})")
+    try:
+        dt = DeltaTable(clips_path(dataset_root), version=version)
+    except Exception as e:  # deltalake raises a generic error for a missing version
+        raise ValueError(f"{dataset_root}: version {version} not found ({e})") from None
     # on the calling thread: a threaded scan through deltalake's filesystem handler can abort the
     # process at exit (see pipeline.store.arrow_table)
     return dt.to_pyarrow_dataset().to_table(use_threads=False), dt.version()

@@ -486,6 +486,12 @@ def train_captioner(dataset_root, version: int | None, out_dir, cfg: TrainConfig
     # before any decoding, and here in the driver: a worker's error would reach the caller wrapped by Ray
     check_resume(_latest_checkpoint(out), cfg)
     if num_workers >= 1:
+        # what prepare refuses, refused here too: in a worker it reaches the caller as a Ray Train
+        # traceback after the cluster started. The version is pinned so every worker reads the same one
+        table, version = read_clips(dataset_root, version)
+        if training_rows(table).num_rows == 0:
+            raise ValueError(f"no kept clips with teacher captions in {dataset_root} version {version}")
+        preset(cfg.preset)
         from ray.train import RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
         use_gpu = torch.cuda.is_available()

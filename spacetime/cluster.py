@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Callable, Optional
 
@@ -126,6 +127,23 @@ def _cli_client(address: str) -> JobSubmissionClient:
         raise typer.Exit(2)
     except AuthenticationError as e:
         _echo_err(f"the Ray job server at {address} refused us: {e}")
+        raise typer.Exit(2)
+
+
+@contextmanager
+def _refused_requests():
+    """A request the job server refuses (an unknown job id, a --job-id already taken) is one error
+    line, exit status 2: Ray's SDK raises it as a RuntimeError("Request failed with status code
+    404: Job ... does not exist."), some with the server's traceback inside, whose last line says why."""
+    try:
+        yield
+    except typer.Exit:  # typer's Exit is a RuntimeError too: ours, already said
+        raise
+    except RuntimeError as e:
+        if not str(e).startswith("Request failed with status code"):
+            raise
+        lines = [line.strip() for line in str(e).splitlines() if line.strip(" .")]
+        _echo_err(f"error: {lines[-1]}")
         raise typer.Exit(2)
 
 
@@ -241,8 +259,9 @@ def submit_command(
     """
     _cli_client(address)  # fail fast, and in one line, on an unreachable cluster
     try:
-        job_id = submit(entrypoint, address=address, wait=False, working_dir=working_dir,
-                        submission_id=submission_id, num_gpus=num_gpus)
+        with _refused_requests():
+            job_id = submit(entrypoint, address=address, wait=False, working_dir=working_dir,
+                            submission_id=submission_id, num_gpus=num_gpus)
     except ValueError as e:
         raise typer.BadParameter(str(e))
     typer.echo(job_id)
@@ -269,7 +288,8 @@ def _ms_to_time(ms: Optional[int]) -> str:
 @jobs_app.command("status")
 def status_command(job_id: JobId, address: Address = DEFAULT_ADDRESS) -> None:
     """Print a job's status, message, entrypoint and start/end times."""
-    info: JobDetails = _cli_client(address).get_job_info(job_id)
+    with _refused_requests():
+        info: JobDetails = _cli_client(address).get_job_info(job_id)
     typer.echo(f"{job_id}: {info.status.value}")
     if info.message:
         typer.echo(f"  message:    {info.message}")
@@ -284,20 +304,25 @@ def logs_command(job_id: JobId, address: Address = DEFAULT_ADDRESS,
     """Print a job's logs (driver stdout and stderr); --follow streams them until the job ends."""
     client = _cli_client(address)
     if not follow:
-        typer.echo(client.get_job_logs(job_id), nl=False)
+        with _refused_requests():
+            typer.echo(client.get_job_logs(job_id), nl=False)
         return
 
     async def stream() -> None:
         async for chunk in client.tail_job_logs(job_id):
             typer.echo(chunk, nl=False)
 
-    asyncio.run(stream())
+    with _refused_requests():
+        client.get_job_info(job_id)  # an unknown id: refused here, not as a websocket handshake error
+        asyncio.run(stream())
 
 
 @jobs_app.command("stop")
 def stop_command(job_id: JobId, address: Address = DEFAULT_ADDRESS) -> None:
     """Ask the cluster to stop a job (SIGTERM to its driver, then SIGKILL)."""
-    if _cli_client(address).stop_job(job_id):
+    with _refused_requests():
+        stopped = _cli_client(address).stop_job(job_id)
+    if stopped:
         typer.echo(f"stopping {job_id}")
     else:
         typer.echo(f"{job_id} had already ended")

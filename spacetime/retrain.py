@@ -184,9 +184,11 @@ def spacetime_cmd(args: list[str], log_file: Path, log: Callable[[str], None]) -
 
     log_file.parent.mkdir(parents=True, exist_ok=True)
     log(f"  $ spacetime {' '.join(args)}")
+    # this checkout first; the caller's own entries kept (a job's working dir, site extras)
+    pythonpath = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")]))
     with log_file.open("w") as f:
         proc = subprocess.run([sys.executable, "-m", "spacetime.cli", *args], stdout=f, stderr=subprocess.STDOUT,
-                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+                              env={**os.environ, "PYTHONPATH": pythonpath})
     text = log_file.read_text()
     if proc.returncode not in (0, 3):  # 3: finished, some inputs rejected (recorded as data)
         raise RuntimeError(f"stage failed (exit {proc.returncode}): spacetime {' '.join(args)}\n{text[-2000:]}")
@@ -224,6 +226,13 @@ def retrain(spec_path: Optional[str], sources: list[str], dataset: str, run_dir:
                 do_curate, lambda o: store.latest_version(root) is not None and store.latest_version(root) >= o["dataset_version"],
                 log)
     version = cur["dataset_version"]
+    # A version number names content only within one table: another dataset root (or a table created
+    # afresh in this one) counts from 0 again. Every stage keyed by a version also names the table (by
+    # its Delta id, which a moved or copied root keeps), or a run dir pointed at another dataset would
+    # reuse the first one's captioner, VAE and latents
+    from deltalake import DeltaTable
+
+    table = DeltaTable(store.clips_path(root)).metadata().id
 
     # -- captioner: the current one if given, else one trained on the teacher captions
     if captioner is None:
@@ -231,7 +240,7 @@ def retrain(spec_path: Optional[str], sources: list[str], dataset: str, run_dir:
 
         cap_cfg = CapConfig(preset=cfg.captioner_preset, steps=cfg.captioner_steps, seed=cfg.seed,
                             eval_every=max(50, cfg.captioner_steps // 4), ckpt_every=max(50, cfg.captioner_steps // 2))
-        cap_in = {"dataset_version": version, "cfg": asdict(cap_cfg)}
+        cap_in = {"dataset_version": version, "table": table, "cfg": asdict(cap_cfg)}
         out = m.run("train_captioner", cap_in,
                     lambda: {"checkpoint": str(train_captioner(root, version, stage_dir(run / "captioner", cap_in),
                                                                cap_cfg, log=log))},
@@ -248,7 +257,7 @@ def retrain(spec_path: Optional[str], sources: list[str], dataset: str, run_dir:
         s = caption_dataset(root, captioner, version=at, log=log)
         return {"dataset_version": s["version"] if s["version"] is not None else at, **s}
 
-    cap = m.run("caption", {"dataset_version": version, "captioner": cap_hash}, do_caption,
+    cap = m.run("caption", {"dataset_version": version, "table": table, "captioner": cap_hash}, do_caption,
                 lambda o: store.latest_version(root) >= o["dataset_version"], log)
     version = cap["dataset_version"]
     logs = run / "logs"
@@ -256,6 +265,7 @@ def retrain(spec_path: Optional[str], sources: list[str], dataset: str, run_dir:
     # -- video compression network, trained on this version's kept clips
     vae_dir = run / "vae"
     vae_in, vae_args = train_vae_stage(cfg, root, version, vae_dir)
+    vae_in["table"] = table
 
     def do_vae():
         import shutil
@@ -293,14 +303,19 @@ def retrain(spec_path: Optional[str], sources: list[str], dataset: str, run_dir:
 
         return {"latents_version": DeltaTable(str(Path(root) / "latents")).version()}
 
-    lat_in = {"dataset_version": version, "vae": vae["vae_sha"], "text": cfg.text_encoder, "short_sides": cfg.short_sides}
+    lat_in = {"dataset_version": version, "table": table, "vae": vae["vae_sha"], "text": cfg.text_encoder,
+              "short_sides": cfg.short_sides}
     if cfg.text_weights:  # keyed by the weights' content, and only when given: earlier runs' keys still match
         lat_in["text_weights"] = file_hash(cfg.text_weights)
     def text_sha():  # which embeddings the DiT trains on, when the table holds several encoders'
         from generator.precompute import TextEncoder
         return TextEncoder(cfg.text_encoder, cfg.text_weights).sha
 
-    lat = m.run("precompute", lat_in, lambda: {**do_precompute(), "text_encoder_sha": text_sha()}, lambda o: True, log)
+    def latents_exist(o):  # a latents table deleted since (or never in this root) is precomputed again
+        return DeltaTable.is_deltatable(str(Path(root) / "latents")) and \
+            DeltaTable(str(Path(root) / "latents")).version() >= o["latents_version"]
+
+    lat = m.run("precompute", lat_in, lambda: {**do_precompute(), "text_encoder_sha": text_sha()}, latents_exist, log)
 
     # -- the DiT: fine-tuned from the previous checkpoint when given
     dit_dir = run / "dit"
@@ -317,7 +332,7 @@ def retrain(spec_path: Optional[str], sources: list[str], dataset: str, run_dir:
 
     dit_inputs, dit_args = train_dit_stage(cfg, root, lat["latents_version"], dit_dir, vae["sha256"], from_checkpoint,
                                            lat.get("text_encoder_sha") or text_sha())
-    dit = m.run("train", {**dit_inputs, "from": prev}, do_train,
+    dit = m.run("train", {**dit_inputs, "table": table, "from": prev}, do_train,
                 lambda o: (Path(o["checkpoint"]) / "latest.json").is_file(), log)
 
     # -- a fixed prompt set, sampled with a fixed seed: comparable before/after a retrain

@@ -412,6 +412,42 @@ def test_train_captioner_refuses_a_bad_phrase_file(dataset, tmp_path):
     assert not (tmp_path / "run").exists()            # refused before any work
 
 
+def test_cli_refuses_bad_versions_methods_ground_truths_and_checkpoint_dirs_in_one_line(dataset, tmp_path):
+    from typer.testing import CliRunner
+    from spacetime.cli import app
+    root = str(dataset[0])
+    run = tmp_path / "run"  # what `train-captioner --out` fills: the checkpoint is run/checkpoint
+    (run / "checkpoint").mkdir(parents=True)
+    (run / "checkpoint" / "model.safetensors").write_bytes(b"")
+    captions_json = tmp_path / "captions.json"  # beside ground_truth.json in the demo footage dir: a list
+    captions_json.write_text('[{"source": "video_000.mp4", "start_frame": 0, "end_frame": 10, "short": "a"}]')
+    for args, said in [
+        (["eval-captioner", "--dataset", root, "--ground-truth", str(captions_json), "--out", str(tmp_path / "e.json")],
+         "not a demo ground_truth.json"),
+        (["caption", "--dataset", root, "--checkpoint", str(run)], f"checkpoint is {run / 'checkpoint'}"),
+        (["caption", "--dataset", root, "--checkpoint", str(run / "checkpoint"), "--method", "foo"], "unknown decoding"),
+        (["caption", "--dataset", root, "--checkpoint", str(run / "checkpoint"), "--version", "99"], "version 99 not found"),
+        (["train-captioner", "--dataset", root, "--version", "99", "--out", str(tmp_path / "t")], "version 99 not found"),
+        (["eval-captioner", "--dataset", root, "--version", "99", "--out", str(tmp_path / "e.json")], "version 99 not found"),
+        (["upsample", "a red car", "--upsampler", str(run), "--dataset", str(tmp_path / "none")], "no clips table"),
+    ]:
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 2 and said in r.output, (args, r.output, r.exception)
+
+
+def test_ray_train_refuses_a_missing_version_before_starting_workers(dataset, tmp_path, monkeypatch):
+    import ray.train.torch
+
+    def no_workers(*a, **kw):
+        raise AssertionError("Ray Train started on a version that does not exist")
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", no_workers)
+    with pytest.raises(ValueError, match="version 99 not found"):
+        train_captioner(dataset[0], 99, tmp_path / "run", TINY, num_workers=1, log=lambda *_: None)
+    with pytest.raises(ValueError, match="unknown captioner preset"):
+        train_captioner(dataset[0], None, tmp_path / "run", TrainConfig(preset="huge"), num_workers=1, log=lambda *_: None)
+
+
 def test_corrupt_checkpoint_is_refused(tmp_path):
     model, tok = _untrained()
     ckpt = save_captioner(model, tok, tmp_path / "ck")

@@ -225,3 +225,15 @@ def test_cli_says_when_the_cluster_is_unreachable():
     closed = "http://127.0.0.1:9"  # discard port: nothing listens
     result = CliRunner().invoke(cli(), ["jobs", "list", "--address", closed])
     assert result.exit_code == 2 and "cannot reach" in result.stderr
+
+
+def test_cli_requests_the_job_server_refuses_are_one_line_errors(head, job_dir):
+    """An unknown job id or a --job-id already taken: one error line and exit status 2, not a traceback."""
+    runner, app, addr = CliRunner(), cli(), ["--address", head.address]
+    for cmd in (["jobs", "status"], ["jobs", "logs"], ["jobs", "logs", "--follow"], ["jobs", "stop"]):
+        r = runner.invoke(app, [*cmd, "raysubmit_nope", *addr])
+        assert r.exit_code == 2 and "raysubmit_nope does not exist" in r.stderr, (cmd, r.output, r.exception)
+    submit_taken = ["submit", *addr, "--job-id", "taken", "--working-dir", str(job_dir), "--", "python", "-c", "1"]
+    assert runner.invoke(app, submit_taken).exit_code == 0
+    again = runner.invoke(app, submit_taken)
+    assert again.exit_code == 2 and "taken already exists" in again.stderr, (again.output, again.exception)

@@ -85,6 +85,82 @@ def test_dit_stage_passes_grad_accum_and_compile(tmp_path):
     assert r.exit_code == 2 and "no latents table" in r.output, r.output
 
 
+class _StopAtTrain(Exception):
+    pass
+
+
+def _stub_retrain_stages(monkeypatch, ran):
+    """retrain's stages up to the DiT as stubs that record what ran: curate writes a one-row clips
+    table, the captioner / VAE / latents write placeholder outputs, the DiT stage stops the run."""
+    import pyarrow as pa
+    from deltalake import DeltaTable, write_deltalake
+
+    import captioner.caption
+    import captioner.train
+    import generator.precompute
+    import pipeline.graph
+    import spacetime.retrain as rt
+    from pipeline.schema import CLIPS_SCHEMA
+
+    def curate(sources, root, spec, **kw):
+        ran.append(("curate", root))
+        if not DeltaTable.is_deltatable(f"{root}/clips"):
+            row = {"clip_id": "c0", "status": "kept", "source_uri": root}
+            write_deltalake(f"{root}/clips", pa.Table.from_pylist([row], schema=CLIPS_SCHEMA))
+        return pipeline.graph.CurateResult(None, {}, 0, 0, 0)
+
+    def train_captioner(root, version, out, cfg, log=print):
+        ran.append(("train_captioner", root))
+        (Path(out) / "checkpoint").mkdir(parents=True, exist_ok=True)
+        (Path(out) / "checkpoint" / "model.safetensors").write_text(root)
+        return Path(out) / "checkpoint"
+
+    def spacetime_cmd(args, log_file, log):
+        root = args[args.index("--dataset") + 1]
+        ran.append((args[0], root))
+        if args[0] == "train-vae":
+            out = Path(args[args.index("--out") + 1])
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "vae.safetensors").write_text(root)
+            (out / "vae.json").write_text('{"sha256": "v"}')
+        elif args[0] == "precompute":
+            write_deltalake(f"{root}/latents", pa.table({"clip_id": ["c0"]}), mode="append")
+        else:
+            raise _StopAtTrain
+
+    monkeypatch.setattr(pipeline.graph, "curate", curate)
+    monkeypatch.setattr(captioner.train, "train_captioner", train_captioner)
+    monkeypatch.setattr(captioner.caption, "caption_dataset", lambda root, ckpt, version, log: {"version": None})
+    monkeypatch.setattr(rt, "spacetime_cmd", spacetime_cmd)
+    monkeypatch.setattr(generator.precompute, "TextEncoder", lambda *a: type("T", (), {"sha": "t"}))
+
+
+def test_retrain_never_reuses_another_datasets_stages(tmp_path, monkeypatch):
+    """One run dir, two dataset roots whose tables are at the same version numbers: the second gets
+    its own captioner, VAE and latents (version numbers restart in every table), and a latents table
+    deleted since its stage ran is precomputed again."""
+    import shutil
+
+    ran = []
+    _stub_retrain_stages(monkeypatch, ran)
+    (tmp_path / "raw").mkdir()
+
+    def run(root):
+        del ran[:]
+        with pytest.raises(_StopAtTrain):
+            retrain(None, [str(tmp_path / "raw")], str(root), str(tmp_path / "run"), cfg=RetrainConfig.tiny(),
+                    log=lambda s: None)
+        return [name for name, _ in ran]
+
+    stages = ["curate", "train_captioner", "train-vae", "precompute", "train"]
+    assert run(tmp_path / "a") == stages
+    assert run(tmp_path / "a") == ["train"]                   # the same inputs: all reused
+    assert run(tmp_path / "b") == stages                     # another dataset: nothing of a's reused
+    assert all(root == str(tmp_path / "b") for _, root in ran)
+    shutil.rmtree(tmp_path / "b" / "latents")
+    assert run(tmp_path / "b") == ["precompute", "train"]
+
+
 def test_stage_dir_keeps_an_interrupted_run_of_the_same_inputs_only(tmp_path):
     from spacetime.retrain import stage_dir
 
@@ -172,3 +248,46 @@ def test_retrain_cli_checks_its_text_encoder_weights(tmp_path):
                                  "--run", str(tmp_path / "run"), "--text-weights", str(tmp_path / "none.bin")])
     assert r.exit_code == 2 and "text encoder weights not found" in r.output, r.output
     assert not (tmp_path / "run").exists()
+
+
+def test_retrain_cli_checks_its_input_files_before_any_stage(tmp_path):
+    from typer.testing import CliRunner
+
+    from spacetime.cli import app
+    (tmp_path / "cap_run" / "checkpoint").mkdir(parents=True)  # a train-captioner --out, not its checkpoint
+    base = ["retrain", "--sources", str(tmp_path), "--dataset", str(tmp_path / "ds"), "--run", str(tmp_path / "run")]
+    for extra, said in [(["--captions", str(tmp_path / "no_captions.json")], "captions file not found"),
+                        (["--captioner", str(tmp_path / "cap_run")], "not a captioner checkpoint"),
+                        (["--from-checkpoint", str(tmp_path / "no_dit")], "not a DiT run dir"),
+                        (["--vae", str(tmp_path / "no_vae.safetensors")], "VAE not found")]:
+        r = CliRunner().invoke(app, [*base, *extra])
+        assert r.exit_code == 2 and said in r.output, (extra, r.output, r.exception)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "ds").exists()
+
+
+def test_scale_study_cli_on_a_dataset_without_latents_is_an_error_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from spacetime.cli import app
+    r = CliRunner().invoke(app, ["scale-study", "--dataset", str(tmp_path / "ds"), "--out", str(tmp_path / "ss")])
+    assert r.exit_code == 2 and "no latents table" in r.output, (r.output, r.exception)
+
+
+def test_scale_study_cli_takes_a_dataset_of_latents_over_512_tokens(tmp_path):
+    import pyarrow as pa
+    from deltalake import write_deltalake
+    from typer.testing import CliRunner
+
+    from generator.precompute import LATENTS_SCHEMA, tensor_to_bytes
+    from spacetime.cli import app
+    # 8 latents of 2 x 32 x 48 -> 768 tokens with (1, 2, 2) patches: more than the default 512
+    rows = [{"clip_id": f"c{i}", "bucket": {"frames": 2, "height": 32, "width": 48}, "vae_sha": "v", "text_encoder_sha": "t",
+             "latent": tensor_to_bytes(torch.randn(4, 2, 32, 48), "latent"),
+             "text_embedding": tensor_to_bytes(torch.randn(3, 8), "text")} for i in range(8)]
+    write_deltalake(str(tmp_path / "ds" / "latents"), pa.Table.from_pylist(rows, schema=LATENTS_SCHEMA))
+    args = ["scale-study", "--dataset", str(tmp_path / "ds"), "--out", str(tmp_path / "ss"), "--segments", "2",
+            "--token-budget", "2048"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2 and "tokens > max_tokens 512" in r.output, (r.output, r.exception)
+    r = CliRunner().invoke(app, [*args, "--max-tokens", "1024"])
+    assert r.exit_code == 0 and (tmp_path / "ss" / "scaling.csv").is_file(), (r.output, r.exception)
