@@ -354,9 +354,13 @@ def _stage_source(root: str, staged: dict, rows: list[dict]) -> None:
         mine = rows[0]["source_uri"]
         keep, dup = (rows, other) if mine < other else (None, mine)
         if keep is not None:  # this path wins: the staged one becomes the duplicate
-            old = staged.pop(key)
-            _stage_source(root, staged, [{**_dup_row(other, mine, key), "_n": 1}])
-            del old
+            staged.pop(key)
+            # so do copies staged earlier as duplicates of it: they name this path now, which keeps the clips
+            # (a third copy finishing before the smallest path pointed at a row that has none)
+            earlier = [t["source_uri"][0].as_py() for k, t in staged.items()
+                       if k.startswith("dup-") and t["source_sha256"][0].as_py() == key]
+            for uri in [other] + earlier:
+                _stage_source(root, staged, [{**_dup_row(uri, mine, key), "_n": 1}])
         else:
             rows = [{**_dup_row(dup, other, key), "_n": 1}]
             key = rows[0]["_key"]

@@ -247,6 +247,24 @@ def test_vacuum_refuses_to_break_a_tagged_version(tmp_path):
     assert len(store.vacuum(tmp_path, 0, dry_run=False)) == 1  # version 1 is untagged
 
 
+def test_identical_copies_all_name_the_path_that_keeps_the_clips(tmp_path):
+    """Byte-identical files in one run: the smallest path keeps the clips, the others point at it,
+    whatever order they finish in (b, c, a used to leave c naming b, which had become a duplicate)."""
+    from pipeline.graph import ROW_TEMPLATE, _stage_source
+
+    def clip_rows(uri):
+        return [{**ROW_TEMPLATE, "clip_id": "cid0", "source_uri": uri, "source_sha256": "s" * 64, "_key": "s" * 64,
+                 "status": "kept", "start_frame": 0, "end_frame": 10}]
+    staged = {}
+    for uri in ("/v/b.mp4", "/v/c.mp4", "/v/a.mp4"):
+        _stage_source(str(tmp_path), staged, clip_rows(uri))
+    rows = [r for t in store.load_staged(tmp_path).values() for r in t.to_pylist()]
+    assert sorted(r["source_uri"] for r in rows if r["clip_id"]) == ["/v/a.mp4"]
+    dups = {r["source_uri"]: r["reason"] for r in rows if not r["clip_id"]}
+    assert set(dups) == {"/v/b.mp4", "/v/c.mp4"}
+    assert all(reason.startswith("identical content to /v/a.mp4 ") for reason in dups.values()), dups
+
+
 def test_gc_reads_each_data_file_once(tmp_path, monkeypatch):
     """GC needs the clip_uri of every version: it reads each data file once, not each version's rows."""
     import time
