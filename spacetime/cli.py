@@ -576,7 +576,8 @@ def datasets_log(root: Path = typer.Argument(..., help="dataset root")):
 
 
 @datasets_app.command("show")
-def datasets_show(root: Path = typer.Argument(...), version: Optional[int] = typer.Option(None, "--version"),
+def datasets_show(root: Path = typer.Argument(...),
+                  version: Optional[str] = typer.Option(None, "--version", help="version number or tag (default latest)"),
                   limit: int = typer.Option(20, help="rows to print"),
                   status: Optional[str] = typer.Option(None, help="only rows with this status")):
     """Print a version's lineage, counts and first rows (Delta time travel)."""
@@ -586,6 +587,7 @@ def datasets_show(root: Path = typer.Argument(...), version: Optional[int] = typ
 
     _need_table(root)
     try:
+        version = store.resolve_ref(root, version) if version is not None else None
         t = store.read_clips(root, version)
     except ValueError as e:
         fail(str(e))
@@ -604,14 +606,15 @@ def datasets_show(root: Path = typer.Argument(...), version: Optional[int] = typ
 
 
 @datasets_app.command("diff")
-def datasets_diff(root: Path = typer.Argument(...), a: int = typer.Argument(..., help="from version"),
-                  b: int = typer.Argument(..., help="to version"),
+def datasets_diff(root: Path = typer.Argument(...), a: str = typer.Argument(..., help="from version (number or tag)"),
+                  b: str = typer.Argument(..., help="to version (number or tag)"),
                   as_json: bool = typer.Option(False, "--json", help="print the full diff as JSON")):
     """Clips added/removed, status and caption changes between two versions."""
     from pipeline import store
 
     _need_table(root)
     try:
+        a, b = store.resolve_ref(root, a), store.resolve_ref(root, b)
         d = store.diff(root, a, b)
     except ValueError as e:
         fail(str(e))

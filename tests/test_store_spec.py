@@ -265,6 +265,22 @@ def test_identical_copies_all_name_the_path_that_keeps_the_clips(tmp_path):
     assert all(reason.startswith("identical content to /v/a.mp4 ") for reason in dups.values()), dups
 
 
+def test_show_and_diff_take_tags(tmp_path):
+    from typer.testing import CliRunner
+
+    from spacetime.cli import app
+
+    store.commit(tmp_path, _rows(1), "append", {"operation": "curate"})
+    store.commit(tmp_path, _rows(1, start=1), "append", {"operation": "curate"})
+    store.tag(tmp_path, "first", 0)
+    r = CliRunner().invoke(app, ["datasets", "diff", str(tmp_path), "first", "1"])
+    assert r.exit_code == 0 and "version 0 -> 1: +1 clips" in r.output, r.output
+    r = CliRunner().invoke(app, ["datasets", "show", str(tmp_path), "--version", "first"])
+    assert r.exit_code == 0 and "version 0: 1 rows" in r.output, r.output
+    r = CliRunner().invoke(app, ["datasets", "show", str(tmp_path), "--version", "nope"])
+    assert r.exit_code == 2 and "unknown tag 'nope'" in r.output, r.output
+
+
 def test_gc_reads_each_data_file_once(tmp_path, monkeypatch):
     """GC needs the clip_uri of every version: it reads each data file once, not each version's rows."""
     import time
