@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import unquote
 
-VIDEO_EXTS = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp"}
+VIDEO_EXTS = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp",
+              ".mts", ".m2ts", ".mxf", ".ogv", ".vob"}  # (AVCHD cameras, broadcast MXF, Theora, DVD)
 MANIFEST_EXTS = {".txt", ".manifest", ".lst"}
 
 

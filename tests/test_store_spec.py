@@ -370,8 +370,10 @@ def test_a_glob_matching_directories_walks_them(tmp_path):
         (tmp_path / day).mkdir()
         (tmp_path / day / "a.mp4").write_bytes(b"x")
         (tmp_path / day / "notes.json").write_bytes(b"{}")
+    (tmp_path / "day2" / "CLIP0001.MTS").write_bytes(b"x")  # a camera's AVCHD file is footage too
     got = [s.uri for s in expand_sources([str(tmp_path / "day*")])]
-    assert got == [str(tmp_path / "day1" / "a.mp4"), str(tmp_path / "day2" / "a.mp4")]
+    assert got == [str(tmp_path / "day1" / "a.mp4"), str(tmp_path / "day2" / "CLIP0001.MTS"),
+                   str(tmp_path / "day2" / "a.mp4")]
 
 
 def test_datasets_commands_refuse_bad_output_and_retention_in_one_line(tmp_path):
