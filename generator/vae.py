@@ -17,6 +17,7 @@ Only torch + einops + safetensors at import: this file runs on a bare GPU box.
 """
 import json
 import math
+import os
 from dataclasses import asdict, dataclass
 
 import torch
@@ -429,9 +430,17 @@ def load_state_strict(module: nn.Module, state: dict, what: str, load: bool = Tr
 
 
 def save_with_config(module: nn.Module, path: str):
-    """Weights + the module's dataclass config (`module.cfg`) to one safetensors file."""
+    """Weights + the module's dataclass config (`module.cfg`) to one safetensors file, written beside
+    it and renamed into place: a kill or a full disk never leaves a torn file under the real name
+    (a resumed train-vae re-saves over the previous one)."""
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    save_file(state, path, metadata={"config": json.dumps(asdict(module.cfg))})
+    tmp = f"{path}.partial.{os.getpid()}"
+    try:
+        save_file(state, tmp, metadata={"config": json.dumps(asdict(module.cfg))})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def load_with_config(path: str, build, cfg, device="cpu", what: str = "model"):

@@ -395,3 +395,24 @@ def test_shapes_there_and_back_videos_loop_and_leave_one_way_data_unchanged():
     assert 8 <= len(backs) <= 32
     plain = make_dataset(12, frames=9, size=32, seed=0)
     assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(plain, make_dataset(12, frames=9, size=32, seed=0, back=0.0)))
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    """A save that dies half-way (kill, full disk) leaves the previous file whole and no temp file."""
+    import generator.vae as vae_mod
+    from generator.vae import VAE, VAEConfig, load_vae, save_vae
+
+    torch.manual_seed(0)
+    cfg = VAEConfig(channels=(8, 8, 8), time_downsample=2, latent_channels=4)
+    path = tmp_path / "vae.safetensors"
+    save_vae(VAE(cfg), str(path))
+    before = path.read_bytes()
+
+    def torn(state, file, metadata=None):
+        open(file, "wb").write(b"half a header")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(vae_mod, "save_file", torn)
+    with pytest.raises(OSError):
+        save_vae(VAE(cfg), str(path))
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["vae.safetensors"]
+    load_vae(str(path))
