@@ -298,6 +298,12 @@ def _partial(path: Path) -> Path:
     return path.with_name(f".{path.name}.partial")
 
 
+def check_fps(fps: float, name: str = "fps") -> None:
+    """libx264 takes 0 as its default 24 fps (a file whose sidecar lies) and refuses < 0 (and NaN)."""
+    if not fps > 0:
+        raise ValueError(f"{name} must be > 0, got {fps}")
+
+
 def write_video(video, path, fps: float = 24.0) -> Path:
     """Write (3, T, H, W) in [-1, 1] to `path`: .mp4 (H.264 via PyAV's libx264, yuv420p) or .png
     (T must be 1). Written to a hidden temp file and renamed into place."""
@@ -307,8 +313,7 @@ def write_video(video, path, fps: float = 24.0) -> Path:
     suffix = path.suffix.lower()
     if suffix not in (".mp4", ".png"):
         raise ValueError(f"output must end in .mp4 or .png, got {path.name!r}")
-    if not fps > 0:  # libx264 takes 0 as its default 24 fps (a file that lies) and refuses < 0 (and NaN)
-        raise ValueError(f"fps must be > 0, got {fps}")
+    check_fps(fps)
     frames = to_uint8(video)
     if suffix == ".png" and len(frames) != 1:
         raise ValueError(f"a .png holds one frame, the video has {len(frames)}: write .mp4")

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from generator.sample import (MAX_SIDE, decode_latent, embed_text, encode_video, fit_size, generate_latent,
-                              grid_multiples, write_video)
+from generator.sample import (MAX_SIDE, check_fps, decode_latent, embed_text, encode_video, fit_size,
+                              generate_latent, grid_multiples, write_video)
 
 DIRECTIONS = ("forward", "backward")
 
@@ -330,8 +330,7 @@ def run_task(task: str, model, vae, text, inputs=(), out=None, frames: int = 17,
     if out is not None and Path(out).suffix.lower() == ".png" and (
             task in ("animate", "extend", "loop", "transition") or task == "edit" and len(as_frames(inputs[0], 1 + f)) > f):
         raise ValueError(f"task {task} makes a video here: write .mp4, not {Path(out).name!r}")
-    if not fps > 0:
-        raise ValueError(f"fps must be > 0, got {fps}")
+    check_fps(fps)
     if task != "image" and model.cfg.patch[0] > 1:  # their held / added latent frames are counted one by one
         raise ValueError(f"task {task} needs a DiT with temporal patch 1, this one's patch is {tuple(model.cfg.patch)}")
     res_px = int(round(math.sqrt(height * width)))

@@ -319,13 +319,22 @@ def prefixed(tensors: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
+def _file_meta(path: str) -> dict:
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        return json.loads((f.metadata() or {}).get("train", "{}"))
+
+
+def checkpoint_meta(ckpt_dir: str) -> dict:
+    """The JSON metadata (step, config, data position, ...) of the checkpoint latest.json names
+    (sha256-checked), without loading its tensors."""
+    return _file_meta(checkpoint_file(ckpt_dir))
+
+
 def read_checkpoint_file(ckpt_dir: str) -> tuple[dict, dict]:
     """(tensors, meta) of the checkpoint latest.json names (sha256-checked)."""
-    from safetensors import safe_open
     path = checkpoint_file(ckpt_dir)
-    with safe_open(path, "pt") as f:
-        meta = json.loads(f.metadata()["train"])
-    return load_file(path), meta
+    return load_file(path), _file_meta(path)
 
 
 def optimizer_tensors(osd: dict, prefix: str) -> dict:
@@ -368,6 +377,7 @@ def load_checkpoint(ckpt_dir: str, model, ema, opt, gen, data, device, rank: int
 
 # what a resume must keep for the loss curve to be the uninterrupted one: the model, the data order
 # and packing, the noise/time distributions (steps, LR and the budget may change)
+RUNTIME_ONLY = ("attention", "grad_checkpointing")  # DiTConfig fields that change how it computes, not what
 EXACT_RESUME = ("dit", "seed", "max_tokens", "grad_accum", "base_tokens", "logit_mean", "logit_std", "cfg_dropout",
                 "cond_ratios")
 
@@ -378,7 +388,8 @@ def check_resume_config(saved: dict, cfg, fields=EXACT_RESUME) -> None:
     saved, now = json.loads(json.dumps(saved)), json.loads(json.dumps(asdict(cfg), default=str))
     for c in (saved, now):  # how attention is computed and what backward recomputes may change
         c = c.get("dit") or {}
-        c.pop("attention", None), c.pop("grad_checkpointing", None)
+        for k in RUNTIME_ONLY:
+            c.pop(k, None)
     diff = [f"{k}: {saved[k]} -> {now[k]}" for k in fields if k in saved and saved[k] != now[k]]
     if diff:
         raise ValueError(f"resuming {cfg.ckpt_dir} with other settings would not continue it exactly ("

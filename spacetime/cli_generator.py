@@ -352,26 +352,19 @@ def train_cmd(
     if init_from is not None and not (init_from / "latest.json").is_file():
         _fail(f"--init-from {init_from}: no finished run there (latest.json missing)")
     if init_from is not None and not has_ckpt:  # another model is refused here, before run.json is written
-        from safetensors import safe_open
-
-        from generator.train import checkpoint_file
+        from generator.train import RUNTIME_ONLY, checkpoint_meta
         try:
-            with safe_open(checkpoint_file(str(init_from)), "pt") as f:
-                was = json.loads((f.metadata() or {}).get("train", "{}")).get("config", {}).get("dit", {})
+            was = checkpoint_meta(str(init_from)).get("config", {}).get("dit", {})
         except CheckpointError as e:
             _fail(str(e))
         now = json.loads(json.dumps(asdict(dit)))
-        diff = [f"{k}: {was[k]} -> {v}" for k, v in now.items()
-                if k not in ("attention", "grad_checkpointing") and k in was and was[k] != v]
+        diff = [f"{k}: {was[k]} -> {v}" for k, v in now.items() if k not in RUNTIME_ONLY and k in was and was[k] != v]
         if diff:
             _fail(f"--init-from {init_from} is another model ({'; '.join(diff)}): pass its --preset and --patch")
     if resume and has_ckpt:  # refused here, before run.json is rewritten with the refused settings
-        from safetensors import safe_open
-
-        from generator.train import check_resume_config, checkpoint_file
+        from generator.train import check_resume_config, checkpoint_meta
         try:
-            with safe_open(checkpoint_file(str(out)), "pt") as f:
-                saved = json.loads((f.metadata() or {}).get("train", "{}"))
+            saved = checkpoint_meta(str(out))
             check_resume_config(saved.get("config", {}), cfg)
             if "data" in saved:  # the data position: another table version, row count or --window-rows too
                 data.load_state_dict(saved["data"])  # (train() loads it again, with this rank's)

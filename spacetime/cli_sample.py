@@ -144,12 +144,11 @@ def sample_cmd(prompt: Optional[str] = typer.Option(None, "--prompt", help="what
                text_weights: Optional[Path] = typer.Option(None, "--text-weights", help=TEXT_WEIGHTS_HELP)):
     """Text-to-video or text-to-image with a trained DiT + VAE: one --prompt into --out, or a --prompts
     file into --out-dir. Prompts are upsampled first (--no-upsample to skip)."""
-    from generator.sample import sample_batch, write_video
+    from generator.sample import check_fps, sample_batch, write_video
     try:
         if (prompt is None) == (prompts is None):
             raise ValueError("give one of --prompt (with --out) or --prompts (with --out-dir)")
-        if not fps > 0:  # refused before sampling, not by the writer after it
-            raise ValueError(f"--fps must be > 0, got {fps}")
+        check_fps(fps, "--fps")  # refused before sampling, not by the writer after it
         if prompt is not None:
             if out is None or out_dir is not None:
                 raise ValueError("--prompt writes one file: give --out (not --out-dir)")
@@ -215,6 +214,7 @@ def generate_cmd(task: str = typer.Option(..., "--task", help="|".join(TASKS)),
                  text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help=TEXT_ENCODER_HELP),
                  text_weights: Optional[Path] = typer.Option(None, "--text-weights", help=TEXT_WEIGHTS_HELP)):
     """Animate an image, extend a video forward/backward, loop, edit (SDEdit) or join two videos."""
+    from generator.sample import check_fps
     from generator.tasks import INPUTS, run_task
     inputs = list(inputs or [])
     try:
@@ -225,8 +225,7 @@ def generate_cmd(task: str = typer.Option(..., "--task", help="|".join(TASKS)),
             raise ValueError(f"task {task} takes {lo if lo == hi else f'{lo} to {hi}'} --input, got {len(inputs)}")
         if out.suffix.lower() not in (".mp4", ".png"):
             raise ValueError(f"--out must end in .mp4 or .png, got {out.name!r}")
-        if not fps > 0:  # refused before sampling, not by the writer after it
-            raise ValueError(f"--fps must be > 0, got {fps}")
+        check_fps(fps, "--fps")  # refused before sampling, not by the writer after it
         for p in inputs:
             if not p.is_file():
                 raise ValueError(f"input {p} not found")

@@ -91,11 +91,8 @@ def scale_study(out_dir: str | Path, train_pairs: Optional[list] = None, val_pai
 
 def _checkpoint_flops(ckpt_dir: Path) -> float:
     """Training FLOPs so far, as the training loop counted them (in the checkpoint's metadata)."""
-    from safetensors import safe_open
-
-    latest = json.loads((ckpt_dir / "latest.json").read_text())
-    with safe_open(str(ckpt_dir / latest["file"]), "pt") as f:
-        return float(json.loads(f.metadata()["train"])["flops"])
+    from generator.train import checkpoint_meta
+    return float(checkpoint_meta(str(ckpt_dir))["flops"])
 
 
 def _write(out: Path, curves: dict, sizes) -> None:
