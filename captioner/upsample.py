@@ -47,12 +47,18 @@ def check_prompt(prompt: str, max_chars: int = MAX_PROMPT_CHARS) -> str:
 
 
 def upsample(prompt: str, upsampler=None, seed: int = 0) -> str:
-    """Upsampled prompt; with upsampler None the (validated) prompt itself, and a warning."""
+    """Upsampled prompt; with upsampler None, or a backend that returns nothing, the (validated) prompt
+    itself, and a warning."""
     prompt = check_prompt(prompt)
     if upsampler is None:
         warnings.warn("no prompt upsampler available: using the prompt as written", stacklevel=2)
         return prompt
-    return upsampler(prompt, seed=seed)
+    text = upsampler(prompt, seed=seed).strip()
+    if not text:  # a T5 that knows none of the words can answer <eos> at once: an empty prompt was sampled
+        warnings.warn(f"the prompt upsampler returned nothing for {prompt!r}: using the prompt as written",
+                      stacklevel=2)
+        return prompt
+    return text
 
 
 def caption_pairs(dataset_root, version: int | None = None) -> list[tuple[str, str]]:

@@ -19,6 +19,8 @@ Masks are over latent frames, 0-based, one bool per frame. With a temporal patch
 covers p_t frames: training draws masks over patch-grid time steps, so whole tokens are clean; a
 token given to `token_mask` is clean only when all its frames are.
 """
+import math
+
 import torch
 
 STRATEGIES = ("none", "first", "last", "ends", "random")
@@ -37,8 +39,10 @@ def check_ratios(ratios: dict) -> dict:
     unknown = sorted(set(ratios) - set(STRATEGIES))
     if unknown:
         raise ValueError(f"unknown conditioning strategies {unknown}; expected some of {STRATEGIES}")
-    if any(float(w) < 0 for w in ratios.values()) or sum(float(w) for w in ratios.values()) <= 0:
-        raise ValueError(f"conditioning ratios must be >= 0 with a positive sum, got {ratios}")
+    # not (w >= 0) also refuses NaN, which passed both checks and made every probability NaN (the
+    # sampler's multinomial then failed mid-training); inf made them NaN too
+    if any(not 0 <= float(w) < math.inf for w in ratios.values()) or sum(float(w) for w in ratios.values()) <= 0:
+        raise ValueError(f"conditioning ratios must be finite, >= 0 with a positive sum, got {ratios}")
     total = sum(float(w) for w in ratios.values())
     return {s: float(ratios.get(s, 0.0)) / total for s in STRATEGIES}
 

@@ -80,6 +80,8 @@ def load_model(path, device="cpu"):
         base_tokens = int(train_cfg["base_tokens"])
     elif "config" in meta:
         from generator.dit import load_dit
+        if not set(json.loads(meta["config"])) <= set(DiTConfig.__dataclass_fields__):  # a VAE file, say
+            raise ValueError(f"checkpoint {p} is not a DiT: its config is another model's (a VAE? that goes to --vae)")
         model, base_tokens = load_dit(str(p), device=device), RectifiedFlow().base_tokens
     else:
         raise ValueError(f"checkpoint {p} carries no model config (neither a training checkpoint nor save_dit)")
@@ -204,6 +206,10 @@ def generate_latents(model: DiT, texts, shapes, seeds, *, steps: int = 50, cfg_s
         raise ValueError(f"need one shape and one seed per text: {B} texts, {len(shapes)} shapes, {len(seeds)} seeds")
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
+    if steps < 1:  # 0 steps returned the noise as the sample
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not math.isfinite(cfg_scale):  # NaN / inf make every pixel NaN
+        raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale}")
     device = next(model.parameters()).device
     zeros = [torch.zeros(*s, device=device) for s in shapes]
     p = pack(zeros, model.cfg.patch)
@@ -299,9 +305,10 @@ def _partial(path: Path) -> Path:
 
 
 def check_fps(fps: float, name: str = "fps") -> None:
-    """libx264 takes 0 as its default 24 fps (a file whose sidecar lies) and refuses < 0 (and NaN)."""
-    if not fps > 0:
-        raise ValueError(f"{name} must be > 0, got {fps}")
+    """libx264 takes 0 as its default 24 fps (a file whose sidecar lies) and refuses < 0 (and NaN); an
+    infinite rate has no frame duration."""
+    if not fps > 0 or math.isinf(fps):
+        raise ValueError(f"{name} must be > 0 and finite, got {fps}")
 
 
 def write_video(video, path, fps: float = 24.0) -> Path:

@@ -19,10 +19,12 @@ decoded after the generated frames, exact when decoded in context).
 
 Inputs are file paths (read with PyAV, any image or video it decodes, display rotation honoured)
 or tensors (T, 3, H, W) / (3, H, W) in [-1, 1]. They are resized to cover the output size with
-the aspect ratio kept, then centre-cropped. The output size comes from the first input: about
+the aspect ratio kept, then centre-cropped, frame by frame as they are decoded; only the frames a task
+uses are decoded (a transition seeks to A's tail). The output size comes from the first input: about
 `resolution`^2 pixels at its aspect ratio, on the patch grid. Bad input raises one ValueError.
 """
 import math
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,49 +57,109 @@ def _rotate_upright(a: torch.Tensor, rotation_ccw: float) -> torch.Tensor:
     return torch.rot90(a, k=(-cw // 90) % 4, dims=(0, 1))  # rot90 turns counter-clockwise
 
 
-def read_frames(path, max_frames: int | None = None) -> torch.Tensor:
-    """Decode an image or video file -> (T, 3, H, W) float in [-1, 1], upright. ValueError when the
-    file is missing or nothing decodes."""
+def _upright(frame) -> torch.Tensor:  # a decoded av.VideoFrame -> (H, W, 3) uint8, upright
+    return _rotate_upright(torch.from_numpy(frame.to_ndarray(format="rgb24")), frame.rotation or 0)
+
+
+def _seek_tail(c, stream, n: int):
+    """The last n frames of `stream`, decoded from a keyframe shortly before them rather than from the
+    start: seek about 2n frames before the end (then 8n, 32n, ... while that gives fewer than n frames
+    from the first keyframe on) and decode to the end. None when the file gives no duration or frame
+    rate, cannot seek, or the tail reaches back to the start (then the caller decodes it whole)."""
+    import av
+
+    rate, tb = stream.average_rate or stream.guessed_rate, stream.time_base
+    duration = (float(stream.duration * tb) if stream.duration else c.duration / 1e6 if c.duration else None)
+    if not rate or not tb or not duration:
+        return None
+    back = 2 * n
+    while back / rate < duration:
+        try:
+            c.seek(int((stream.start_time or 0) + (duration - back / rate) / tb), stream=stream, backward=True)
+        except av.error.FFmpegError:  # not seekable: decode it whole
+            return None
+        tail, keyed = deque(maxlen=n), False
+        for frame in c.decode(stream):
+            keyed = keyed or frame.key_frame  # frames before the first keyframe may miss their references
+            if keyed:
+                tail.append(frame)
+        if len(tail) == n:
+            return list(tail)
+        back *= 4
+    return None
+
+
+def read_frames(path, max_frames: int | None = None, last: int | None = None, fit=None) -> torch.Tensor:
+    """Decode an image or video file -> (T, 3, H, W) float in [-1, 1], upright: its first `max_frames`
+    frames, or its last `last` frames (decoded from a keyframe before them, not from the start, where
+    the file can seek), or all of them. fit: (h, w) of the first frame -> (H, W): each frame is
+    resize_cover'ed to it as it is decoded, so memory holds output-size frames (a 140-frame 1080p input
+    held 7.8 GB at full size). ValueError when the file is missing or nothing decodes."""
     import av
 
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"input {path} not found")
+    size = None
+
+    def convert(frame) -> torch.Tensor:  # -> (3, H, W) float in [-1, 1]
+        nonlocal size
+        x = _upright(frame).permute(2, 0, 1).float() / 127.5 - 1.0
+        if fit is None:
+            return x
+        size = size or fit(x.shape[1], x.shape[2])
+        return resize_cover(x[None], *size)[0]
+
+    def decode(c) -> list:  # from the start; with `last`, only the tail is kept
+        frames = deque(maxlen=last)
+        for frame in c.decode(video=0):
+            frames.append(convert(frame))
+            if max_frames is not None and len(frames) >= max_frames:
+                break
+        return list(frames)
+
     frames, streams = [], 1
     try:
         with av.open(str(path)) as c:
             streams = len(c.streams.video)
-            for frame in (c.decode(video=0) if streams else ()):
-                a = torch.from_numpy(frame.to_ndarray(format="rgb24"))
-                frames.append(_rotate_upright(a, frame.rotation or 0))
-                if max_frames is not None and len(frames) >= max_frames:
-                    break
+            tail = _seek_tail(c, c.streams.video[0], last) if streams and last is not None else None
+            if tail is not None:
+                frames = [convert(frame) for frame in tail]
+            elif streams and last is None:
+                frames = decode(c)
+        if streams and last is not None and tail is None:  # from the start of a fresh open (after any seek)
+            with av.open(str(path)) as c:
+                frames = decode(c)
     except (av.error.FFmpegError, OSError) as e:  # a file PyAV cannot read is bad input
         raise ValueError(f"cannot read input {path}: {e}") from e
     if not streams:
         raise ValueError(f"input {path} has no video or image stream")
     if not frames:
         raise ValueError(f"input {path} has no decodable frames")
-    return torch.stack(frames).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return torch.stack(frames)
 
 
-def as_frames(x, max_frames: int | None = None) -> torch.Tensor:
-    """A path, (3, H, W) image or (T, 3, H, W) video tensor in [-1, 1] -> (T, 3, H, W) float."""
+def as_frames(x, max_frames: int | None = None, last: int | None = None, fit=None) -> torch.Tensor:
+    """A path, (3, H, W) image or (T, 3, H, W) video tensor in [-1, 1] -> (T, 3, H, W) float: its first
+    max_frames frames, its last `last` frames, or all; resize_cover'ed to fit(h, w) when given."""
     if isinstance(x, (str, Path)):
-        return read_frames(x, max_frames)
+        return read_frames(x, max_frames, last, fit)
     if not torch.is_tensor(x) or x.ndim not in (3, 4) or x.shape[-3] != 3 or min(x.shape) < 1:
         raise ValueError(f"input must be a file path or a (T, 3, H, W) / (3, H, W) tensor, got "
                          f"{type(x).__name__} {tuple(x.shape) if torch.is_tensor(x) else ''}")
-    x = x[None] if x.ndim == 3 else x
-    return x[:max_frames].float()
+    x = (x[None] if x.ndim == 3 else x)[:max_frames][-last if last else None:].float()
+    return x if fit is None else resize_cover(x, *fit(*x.shape[-2:]))
 
 
 def grid_size(h: int, w: int, resolution: int, multiples) -> tuple[int, int]:
     """(H, W) of about resolution^2 pixels with the aspect ratio h:w, sides on the grid multiples
-    (mh, mw) and at most MAX_SIDE."""
+    (mh, mw) and at most MAX_SIDE (both scaled down together: capping the long side alone turned a
+    16:9 input asked at 4000x4000 into a 2048x2048 crop)."""
     mh, mw = multiples
     H = math.sqrt(resolution * resolution * h / w)
     W = H * w / h
+    shrink = min(1.0, MAX_SIDE / max(H, W))
+    H, W = H * shrink, W * shrink
     return (min(MAX_SIDE // mh * mh, max(mh, round(H / mh) * mh)),
             min(MAX_SIDE // mw * mw, max(mw, round(W / mw) * mw)))
 
@@ -141,13 +203,12 @@ def decode_later(vae, z, lead) -> torch.Tensor:
 # Tasks
 # --------------------------------------------------------------------------------------------
 
-def _setup(model, vae, text, text_encoder, first, resolution, max_frames=None):
+def _setup(model, vae, text, text_encoder, first, resolution, max_frames=None, last=None):
     """(embedding, first input frames resized, (H, W)) for a task whose size comes from `first`."""
     emb = embed_text(text, text_encoder, model.cfg.text_dim)
     _, mh, mw = grid_multiples(vae, model.cfg.patch)
-    x = as_frames(first, max_frames)
-    H, W = grid_size(x.shape[2], x.shape[3], resolution, (mh, mw))
-    return emb, resize_cover(x, H, W), (H, W)
+    x = as_frames(first, max_frames, last, fit=lambda h, w: grid_size(h, w, resolution, (mh, mw)))
+    return emb, x, tuple(x.shape[-2:])
 
 
 def _frames(vae, model, frames: int, H: int, W: int, max_frames: int):
@@ -277,8 +338,9 @@ def transition(model, vae, video_a, video_b, text, frames: int = 33, context: in
     if context < 1:
         raise ValueError(f"context must be >= 1 frame group, got {context}")
     f = vae.cfg.time_factor
-    emb, a, (H, W) = _setup(model, vae, text, text_encoder, video_a, resolution)
-    b = resize_cover(as_frames(video_b, f * context), H, W)
+    # only A's tail is given: decoded from a keyframe before it, not the whole (long) video
+    emb, a, (H, W) = _setup(model, vae, text, text_encoder, video_a, resolution, last=1 + f * context)
+    b = as_frames(video_b, f * context, fit=lambda h, w: (H, W))
     if len(a) < 1 + f * context or len(b) < f * context:
         raise ValueError(f"transition with context {context} needs >= {1 + f * context} frames of A and "
                          f">= {f * context} of B, got {len(a)} and {len(b)}")

@@ -6,6 +6,7 @@ made it: prompt, upsampled prompt, seed, task, sizes, sampler settings and the c
 Bad input is a one-line error and exit status 2; nothing is left half-written.
 """
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import List, Optional
@@ -107,11 +108,26 @@ def _upsample(prompts: list[str], upsampler: Optional[Path], seed: int) -> list[
     return texts
 
 
+def _check_settings(prompt: Optional[str], cfg: float, fps: float) -> None:
+    """Refuse, before anything loads, a blank --prompt (the words encoder failed on it with a traceback),
+    a --cfg that is not a number (NaN made a blank video and a sidecar that is not JSON) and a bad --fps."""
+    from generator.sample import check_fps
+    if prompt is not None and not prompt.strip():
+        raise ValueError("--prompt is empty: describe the video you want")
+    if not math.isfinite(cfg):
+        raise ValueError(f"--cfg must be a finite number, got {cfg}")
+    check_fps(fps, "--fps")  # refused before sampling, not by the writer after it
+
+
 def read_prompts(path: Path) -> list[str]:
-    """One prompt per line; blank lines and lines starting with '#' are skipped."""
+    """One prompt per line (UTF-8, a byte-order mark allowed); blank lines and lines starting with '#' are skipped."""
     if not path.is_file():
         raise ValueError(f"prompts file {path} not found")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    try:  # utf-8-sig: an editor's BOM made the first line a prompt (a '# comment' sampled as one)
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompts file {path} is not UTF-8 text: {e}") from None
+    prompts = [line.strip() for line in text.splitlines()]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:
         raise ValueError(f"prompts file {path} holds no prompts")
@@ -144,11 +160,11 @@ def sample_cmd(prompt: Optional[str] = typer.Option(None, "--prompt", help="what
                text_weights: Optional[Path] = typer.Option(None, "--text-weights", help=TEXT_WEIGHTS_HELP)):
     """Text-to-video or text-to-image with a trained DiT + VAE: one --prompt into --out, or a --prompts
     file into --out-dir. Prompts are upsampled first (--no-upsample to skip)."""
-    from generator.sample import check_fps, sample_batch, write_video
+    from generator.sample import sample_batch, write_video
     try:
         if (prompt is None) == (prompts is None):
             raise ValueError("give one of --prompt (with --out) or --prompts (with --out-dir)")
-        check_fps(fps, "--fps")  # refused before sampling, not by the writer after it
+        _check_settings(prompt, cfg, fps)
         if prompt is not None:
             if out is None or out_dir is not None:
                 raise ValueError("--prompt writes one file: give --out (not --out-dir)")
@@ -214,7 +230,6 @@ def generate_cmd(task: str = typer.Option(..., "--task", help="|".join(TASKS)),
                  text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help=TEXT_ENCODER_HELP),
                  text_weights: Optional[Path] = typer.Option(None, "--text-weights", help=TEXT_WEIGHTS_HELP)):
     """Animate an image, extend a video forward/backward, loop, edit (SDEdit) or join two videos."""
-    from generator.sample import check_fps
     from generator.tasks import INPUTS, run_task
     inputs = list(inputs or [])
     try:
@@ -225,7 +240,7 @@ def generate_cmd(task: str = typer.Option(..., "--task", help="|".join(TASKS)),
             raise ValueError(f"task {task} takes {lo if lo == hi else f'{lo} to {hi}'} --input, got {len(inputs)}")
         if out.suffix.lower() not in (".mp4", ".png"):
             raise ValueError(f"--out must end in .mp4 or .png, got {out.name!r}")
-        check_fps(fps, "--fps")  # refused before sampling, not by the writer after it
+        _check_settings(prompt, cfg, fps)
         for p in inputs:
             if not p.is_file():
                 raise ValueError(f"input {p} not found")
@@ -248,6 +263,10 @@ def generate_cmd(task: str = typer.Option(..., "--task", help="|".join(TASKS)),
     record = {"task": task, "prompt": prompt, "upsampled_prompt": None if no_upsample else text,
               "upsampler": None if no_upsample or upsampler is None else str(upsampler), "seed": seed,
               "inputs": [str(p) for p in inputs], "frames": T, "height": H, "width": W, "steps": steps, "cfg": cfg,
+              # what was asked: the output's size follows the input's aspect and the asked area, and edit keeps
+              # up to --max-frames input frames, so the output's frames x height x width alone does not reproduce it
+              "requested_frames": frames, "requested_height": height, "requested_width": width,
+              "max_frames": max_frames,
               "method": method, "fps": fps, "text_encoder": text_encoder,
               "text_weights": str(text_weights) if text_weights else None, "trained_cond_mix": mix, **info}
     if task == "extend":

@@ -105,7 +105,8 @@ def test_ratio_validation_and_none_draws_nothing():
     # the CLI's --cond-mix: a named mix or name=weight pairs, normalised; errors name the problem
     assert parse_ratios("tasks") == check_ratios(TASK_MIX) and parse_ratios("t2v")["none"] == 1.0
     assert parse_ratios("none=1, last=3") == {"none": 0.25, "first": 0.0, "last": 0.75, "ends": 0.0, "random": 0.0}
-    for bad, msg in (("most", "one of"), ("none=x", "one of"), ("sideways=1", "unknown")):
+    for bad, msg in (("most", "one of"), ("none=x", "one of"), ("sideways=1", "unknown"),
+                     ("none=nan", "finite"), ("none=1,first=nan", "finite"), ("none=inf,first=1", "finite")):
         with pytest.raises(ValueError, match=msg):
             parse_ratios(bad)
     g = torch.Generator().manual_seed(3)
@@ -189,6 +190,17 @@ def test_t2v_t2i_sizes_seeds_and_rounding(model, vae):
     assert fit_size(vae, model.cfg.patch, 1, 2048, 2048) == (1, 2048, 2048)
     with pytest.raises(ValueError, match="no text_encoder"):
         sample(model, vae, "x", frames=1, height=16, width=16)
+
+
+def test_sampler_refuses_zero_steps_and_a_guidance_scale_that_is_not_a_number(model, vae):
+    """steps=0 returned the noise as the sample; cfg_scale NaN / inf made every pixel NaN."""
+    for kw, msg in ((dict(steps=0), "steps must be >= 1"), (dict(cfg_scale=float("nan")), "finite"),
+                    (dict(cfg_scale=float("inf")), "finite")):
+        with pytest.raises(ValueError, match=msg):
+            sample(model, vae, "a red circle", frames=1, height=16, width=16, **{**KW, **kw})
+    for g in (0.0, 1.0, -1.0):  # unconditional, conditional only, and guidance away from the text all sample
+        img = sample(model, vae, "a red circle", frames=1, height=16, width=16, **{**KW, "cfg_scale": g})
+        assert img.isfinite().all()
 
 
 def test_big_frames_decode_tile_by_tile(vae):
@@ -347,6 +359,86 @@ def test_inputs_read_with_rotation_and_resized_to_grid(model, vae, tmp_path):
     assert back.shape == (9, 3, H, W)
 
 
+def _write_mp4(path, T, H=16, W=32, **options):
+    """T frames of seeded noise with a per-frame stripe, H.264 with the given encoder options."""
+    rng = np.random.default_rng(0)
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=Fraction(24))
+        s.width, s.height, s.pix_fmt = W, H, "yuv420p"
+        s.codec_context.options = options
+        for i in range(T):
+            a = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
+            a[:, :4] = i * 3 % 256
+            for pkt in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                c.mux(pkt)
+        for pkt in s.encode():
+            c.mux(pkt)
+
+
+def test_inputs_are_resized_as_they_are_decoded(tmp_path):
+    """Inputs were held at full size as floats before resizing (edit of a 140-frame 1080p video peaked at
+    7.8 GB, 0.95 GB now): each frame is now resized as it is decoded, to the size its first frame asks for
+    (upright), with the same pixels as resizing the whole."""
+    path = tmp_path / "v.mp4"
+    _write_mp4(path, 12, H=20, W=36)
+    asked = []
+
+    def fit(h, w):
+        asked.append((h, w))
+        return 8, 16
+
+    x = tasks.read_frames(path, fit=fit)
+    assert asked == [(20, 36)] and x.shape == (12, 3, 8, 16)
+    assert torch.equal(x, tasks.resize_cover(tasks.read_frames(path), 8, 16))
+    assert torch.equal(tasks.read_frames(path, last=5, fit=fit), x[-5:])
+
+
+def test_a_size_over_the_limit_keeps_the_inputs_aspect():
+    """Each side was capped at MAX_SIDE on its own: a 16:9 input asked at 4000x4000 came out a 2048x2048
+    centre crop; both sides now scale down together."""
+    assert tasks.grid_size(90, 160, 4000, (8, 8)) == (1152, 2048)
+    assert tasks.grid_size(160, 90, 4000, (16, 16)) == (2048, 1152)
+    assert tasks.grid_size(90, 160, 256, (8, 8)) == (192, 344)  # within the limit: as before
+
+
+def test_transition_decodes_only_the_tail_of_a(model, vae, tmp_path, monkeypatch):
+    """A transition gives only A's last 1 + f frames: they are decoded from a keyframe shortly before
+    them (seek), not after the whole of A, with the same frames and the same result."""
+    a, b = tmp_path / "a.mp4", tmp_path / "b.mp4"
+    _write_mp4(a, 120, g="8", bf="2")  # B-frames, a keyframe every 8 frames
+    _write_mp4(b, 9)
+    full = tasks.read_frames(a)
+    for n in (1, 5, 9, 60, 119, 120, 500):
+        assert torch.equal(tasks.read_frames(a, last=n), full[-n:]), n
+    decoded = []
+    real_open = av.open
+
+    class Counting:  # PyAV's container, counting the frames it decodes
+        def __init__(self, c):
+            self.c = c
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.c.__exit__(*exc)
+
+        def __getattr__(self, name):
+            return getattr(self.c, name)
+
+        def decode(self, *args, **kw):
+            for frame in self.c.decode(*args, **kw):
+                decoded.append(self.c.name)
+                yield frame
+
+    monkeypatch.setattr(av, "open", lambda *args, **kw: Counting(real_open(*args, **kw)))
+    r = tasks.transition(model, vae, str(a), str(b), "a cat", frames=17, resolution=24, **KW)
+    assert decoded.count(str(a)) <= 20, decoded.count(str(a))  # was all 120
+    monkeypatch.undo()
+    whole = tasks.transition(model, vae, full, str(b), "a cat", frames=17, resolution=24, **KW)
+    assert torch.equal(r.video, whole.video) and torch.equal(r.given[0][1], whole.given[0][1])
+
+
 # ------------------------------------------------------------------ checkpoints and CLI
 
 @pytest.fixture(scope="module")
@@ -366,6 +458,8 @@ def test_load_model_from_training_dir(checkpoints):
     model, base_tokens = load_model(run)
     assert base_tokens == 32 and model.cfg.text_dim == TEXT_DIM and not model.training
     assert trained_cond_ratios(run) == TASK_MIX  # the mix travels in the checkpoint's metadata
+    with pytest.raises(ValueError, match="is not a DiT"):  # the VAE given as --checkpoint: was a KeyError
+        load_model(checkpoints[1])
 
 
 def test_cli_sample_and_generate_write_sidecars(checkpoints, tmp_path):
@@ -416,6 +510,18 @@ def test_cli_sample_and_generate_write_sidecars(checkpoints, tmp_path):
                             str(img), "--out", str(bad), *common])
     assert r.exit_code == 2 and "takes 2 --input" in r.output
     assert not bad.exists() and not (tmp_path / "never.mp4.json").exists()
+
+
+def test_prompts_file_with_a_bom_crlf_and_unicode(tmp_path):
+    """A prompts file saved with a byte-order mark (Windows editors) made its first line, a '# comment'
+    behind the mark, a prompt that was sampled; CRLF line ends and unicode prompts read as written."""
+    from spacetime.cli_sample import read_prompts
+    listed = tmp_path / "prompts.txt"
+    listed.write_bytes("\ufeff# eval set\r\na red circle\r\n\r\n  # indented\r\nun café bleu ✓\r\n".encode("utf-8"))
+    assert read_prompts(listed) == ["a red circle", "un café bleu ✓"]
+    listed.write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="not UTF-8"):
+        read_prompts(listed)
 
 
 def test_cli_sample_prompts_file_packs_batches_that_match_single_prompts(checkpoints, tmp_path):
@@ -486,6 +592,56 @@ def test_cli_refuses_fps_that_is_not_positive(checkpoints, tmp_path):
             r = CliRunner().invoke(app, [*cmd, *common, "--fps", fps])
             assert r.exit_code == 2 and "--fps must be > 0" in r.output, r.output
     assert os.listdir(tmp_path) == []
+
+
+def test_cli_refuses_a_blank_prompt_and_cfg_or_fps_that_are_not_finite(checkpoints, tmp_path):
+    """A blank --prompt failed in the words encoder with a traceback; --cfg nan wrote a blank video and a
+    sidecar with a bare NaN (not JSON); --fps inf failed with a traceback after sampling. Each is now one
+    error line before anything loads."""
+    from spacetime.cli_sample import register
+    app = typer.Typer()
+    register(app)
+    run, vae_path = checkpoints
+    common = ["--checkpoint", str(run), "--vae", str(vae_path), "--steps", "1", "--frames", "5", "--height",
+              "16", "--width", "16", "--out", str(tmp_path / "x.mp4")]
+    for cmd in (["sample"], ["generate", "--task", "loop"]):
+        for args, msg in ((["--prompt", "  "], "--prompt is empty"),
+                          (["--prompt", "", "--no-upsample"], "--prompt is empty"),
+                          (["--prompt", "x", "--no-upsample", "--cfg", "nan"], "--cfg must be a finite number"),
+                          (["--prompt", "x", "--no-upsample", "--fps", "inf"], "--fps must be > 0 and finite")):
+            r = CliRunner().invoke(app, [*cmd, *args, *common])
+            assert r.exit_code == 2 and msg in r.output, r.output
+    assert os.listdir(tmp_path) == []
+
+
+def test_generate_sidecar_records_what_was_asked(checkpoints, tmp_path):
+    """The output's size follows the input's aspect and the asked area: a wide input asked at 16x16 comes
+    out 8x24, and asking 8x24 gives 8x16. The sidecar recorded only the output's size, so it could not
+    reproduce the run; it now records the asked --frames/--height/--width and --max-frames too."""
+    from spacetime.cli_sample import register
+    app = typer.Typer()
+    register(app)
+    run, vae_path = checkpoints
+    wide = tmp_path / "wide.png"
+    write_video(video(1, 17, 33).permute(1, 0, 2, 3), wide)
+    out = tmp_path / "a.mp4"
+    r = CliRunner().invoke(app, ["generate", "--task", "animate", "--prompt", "a red circle", "--no-upsample",
+                                 "--input", str(wide), "--frames", "5", "--height", "16", "--width", "16", "--out",
+                                 str(out), "--checkpoint", str(run), "--vae", str(vae_path), "--steps", "1"])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "a.mp4.json").read_text())
+    assert (meta["frames"], meta["height"], meta["width"]) == (5, 8, 24)
+    assert (meta["requested_frames"], meta["requested_height"], meta["requested_width"], meta["max_frames"]) == (
+        5, 16, 16, 129)
+    from generator.sample import load_codec
+    model, codec = load_model(run)[0], load_codec(vae_path)
+
+    def redo(h, w):
+        return tasks.run_task("animate", model, codec, "a red circle", [str(wide)], frames=5, height=h, width=w,
+                              steps=1, text_encoder=encoder).video.shape[2:]
+
+    assert redo(meta["requested_height"], meta["requested_width"]) == (8, 24)
+    assert redo(meta["height"], meta["width"]) == (8, 16)  # the output's size is not what was asked
 
 
 def test_cli_refuses_an_upsampler_dir_that_is_missing(checkpoints, tmp_path):

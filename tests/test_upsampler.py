@@ -10,7 +10,7 @@ from deltalake import write_deltalake
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from captioner.metrics import attribute_accuracy, caption_scores
-from captioner.model import build_tokenizer
+from captioner.model import EOS, SPECIAL_TOKENS, build_tokenizer
 from captioner.upsample import (LLMUpsampler, T5Upsampler, UpsamplerConfig, caption_pairs, few_shot_examples,
                                 load_upsampler, train_upsampler, upsample)
 
@@ -63,6 +63,19 @@ def test_bad_prompts_raise():
     for bad in ["", "   ", None, "x" * 5000]:
         with pytest.raises(ValueError):
             upsample(bad)
+
+
+def test_an_upsampler_that_returns_nothing_keeps_the_prompt(tmp_path):
+    """A T5 upsampler that knows none of the prompt's words can answer <eos> at once: the empty string
+    was then sampled (the words encoder failed on it with a traceback) and recorded as the upsampled
+    prompt. The prompt is kept, with a warning."""
+    cfg = UpsamplerConfig(d_model=16, d_ff=32, num_layers=1, num_heads=2, max_len=16, steps=2, batch_size=4)
+    t5 = T5Upsampler(train_upsampler(ALL[:4], tmp_path / "t5", cfg, log=lambda *_: None))
+    eos = SPECIAL_TOKENS.index(EOS)  # as such a T5 does: <eos> first
+    t5.model.generation_config.suppress_tokens = [i for i in range(t5.model.config.vocab_size) if i != eos]
+    assert t5("a red car") == ""
+    with pytest.warns(UserWarning, match="returned nothing"):
+        assert upsample("  a red car ", t5) == "a red car"
 
 
 def test_llm_backend_on_a_local_dir_with_dataset_examples(tmp_path):
