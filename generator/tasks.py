@@ -89,6 +89,21 @@ def _seek_tail(c, stream, n: int):
     return None
 
 
+def input_fps(path) -> float | None:
+    """A video file's frame rate; None for an image (PyAV's image demuxers report a nominal 25) or a file
+    that gives no usable rate. The output of a task on a video plays at the input's own speed."""
+    import av
+
+    try:
+        with av.open(str(path)) as c:
+            if not c.streams.video or c.format.name == "image2" or c.format.name.endswith("_pipe"):
+                return None
+            rate = c.streams.video[0].average_rate or c.streams.video[0].guessed_rate
+    except (av.error.FFmpegError, OSError):  # unreadable: the task itself names the problem
+        return None
+    return float(rate) if rate and 0 < float(rate) < math.inf else None
+
+
 def read_frames(path, max_frames: int | None = None, last: int | None = None, fit=None) -> torch.Tensor:
     """Decode an image or video file -> (T, 3, H, W) float in [-1, 1], upright: its first `max_frames`
     frames, or its last `last` frames (decoded from a keyframe before them, not from the start, where

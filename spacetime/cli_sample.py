@@ -225,7 +225,8 @@ def generate_cmd(task: str = typer.Option(..., "--task", help="|".join(TASKS)),
                  steps: int = typer.Option(50, "--steps", min=1),
                  cfg: float = typer.Option(4.0, "--cfg"),
                  method: str = typer.Option("euler", "--method"),
-                 fps: float = typer.Option(24.0, "--fps"),
+                 fps: Optional[float] = typer.Option(None, "--fps", help="output frame rate [default: the first "
+                                                     "input video's, else 24]"),
                  max_frames: int = typer.Option(129, "--max-frames", help="longest video the model supports"),
                  text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help=TEXT_ENCODER_HELP),
                  text_weights: Optional[Path] = typer.Option(None, "--text-weights", help=TEXT_WEIGHTS_HELP)):
@@ -240,10 +241,13 @@ def generate_cmd(task: str = typer.Option(..., "--task", help="|".join(TASKS)),
             raise ValueError(f"task {task} takes {lo if lo == hi else f'{lo} to {hi}'} --input, got {len(inputs)}")
         if out.suffix.lower() not in (".mp4", ".png"):
             raise ValueError(f"--out must end in .mp4 or .png, got {out.name!r}")
-        _check_settings(prompt, cfg, fps)
         for p in inputs:
             if not p.is_file():
                 raise ValueError(f"input {p} not found")
+        if fps is None:  # a 30 fps video extended at 24 fps would play its own frames slowed down
+            from generator.tasks import input_fps
+            fps = (input_fps(inputs[0]) if inputs else None) or 24.0
+        _check_settings(prompt, cfg, fps)
         text = prompt if no_upsample else _upsample([prompt], upsampler, seed)[0]
         model, codec, base_tokens, info = _load(checkpoint, vae)
         from generator.sample import trained_cond_ratios

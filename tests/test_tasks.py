@@ -359,11 +359,11 @@ def test_inputs_read_with_rotation_and_resized_to_grid(model, vae, tmp_path):
     assert back.shape == (9, 3, H, W)
 
 
-def _write_mp4(path, T, H=16, W=32, **options):
-    """T frames of seeded noise with a per-frame stripe, H.264 with the given encoder options."""
+def _write_mp4(path, T, H=16, W=32, rate=24, **options):
+    """T frames of seeded noise with a per-frame stripe, H.264 at `rate` fps with the given encoder options."""
     rng = np.random.default_rng(0)
     with av.open(str(path), "w") as c:
-        s = c.add_stream("libx264", rate=Fraction(24))
+        s = c.add_stream("libx264", rate=Fraction(rate))
         s.width, s.height, s.pix_fmt = W, H, "yuv420p"
         s.codec_context.options = options
         for i in range(T):
@@ -685,3 +685,27 @@ def test_cli_refuses_a_text_encoder_the_dit_did_not_train_on(checkpoints, tmp_pa
                                                "text_weights": None}))
     assert _text_encoder(None, 512, None, mine)[1] == "open_clip:ViT-B-32"
     assert _text_encoder(None, 8, None, run)[1] == "words"
+
+
+def test_generate_plays_at_the_input_videos_frame_rate_by_default(checkpoints, tmp_path):
+    """--fps defaulted to 24 for every task: a 30 fps video extended or edited came back slowed down, its
+    own frames included. Without --fps the output now takes the first input video's rate (an image: 24)."""
+    from spacetime.cli_sample import register
+    app = typer.Typer()
+    register(app)
+    run, vae_path = checkpoints
+    clip, still = tmp_path / "in30.mp4", tmp_path / "still.png"
+    _write_mp4(clip, 9, rate=30)
+    write_video(video(1, 16, 32).permute(1, 0, 2, 3), still)
+    assert tasks.input_fps(clip) == 30.0 and tasks.input_fps(still) is None
+    common = ["--prompt", "a red circle", "--no-upsample", "--checkpoint", str(run), "--vae", str(vae_path),
+              "--steps", "1", "--frames", "13", "--height", "16", "--width", "16"]
+    for task, given, extra, want in (("extend", clip, [], 30.0), ("animate", still, [], 24.0),
+                                     ("extend", clip, ["--fps", "12"], 12.0)):
+        out = tmp_path / f"{task}{len(extra)}.mp4"
+        r = CliRunner().invoke(app, ["generate", "--task", task, "--input", str(given), "--out", str(out),
+                                     *common, *extra])
+        assert r.exit_code == 0, r.output
+        with av.open(str(out)) as c:
+            assert float(c.streams.video[0].average_rate) == want
+        assert json.loads(out.with_name(out.name + ".json").read_text())["fps"] == want
