@@ -90,15 +90,20 @@ def _sidecar(out: Path, record: dict) -> Path:
     return write_json(record, out.with_name(out.name + ".json"))
 
 
-def _upsample(prompts: list[str], upsampler: Optional[Path], seed: int) -> list[str]:
-    """Each prompt expanded by the upsampler (loaded once); as written, with one warning, without one."""
-    from captioner.upsample import load_upsampler, upsample
+def _upsample(prompts: list[str], upsampler: Optional[Path], seed: int, examples_from: Optional[Path] = None) -> list[str]:
+    """Each prompt expanded by the upsampler (loaded once); as written, with one warning, without one.
+    examples_from: a dataset root whose (short, dense) captions an LLM upsampler is shown as few-shot
+    examples, as `spacetime upsample --dataset` does (a T5 upsampler learned the style in training)."""
+    from captioner.upsample import few_shot_examples, load_upsampler, upsample
     if upsampler is not None and not upsampler.is_dir():  # asked for by name: not silently skipped (the
         # sidecar then named it as the upsampler of prompts it never saw)
         raise ValueError(f"--upsampler {upsampler} not found (--no-upsample to use the prompts as written)")
+    if examples_from is not None and upsampler is None:
+        raise ValueError("--upsample-dataset gives an LLM upsampler its examples: give --upsampler too")
+    examples = few_shot_examples(str(examples_from)) if examples_from is not None else ()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        backend = load_upsampler(upsampler)
+        backend = load_upsampler(upsampler, examples)
         texts = [upsample(p, backend, seed=seed) for p in prompts] if backend is not None else list(prompts)
     for w in caught:
         typer.echo(f"warning: {w.message}" + (" (--upsampler DIR to expand them, --no-upsample to say so)"
@@ -151,6 +156,8 @@ def sample_cmd(prompt: Optional[str] = typer.Option(None, "--prompt", help="what
                                                      "it); default 8 with CUDA, 1 on CPU (no faster batched there)"),
                no_upsample: bool = typer.Option(False, "--no-upsample", help="use the prompts as written"),
                upsampler: Optional[Path] = typer.Option(None, "--upsampler", help="prompt upsampler dir (T5 or local LLM)"),
+               upsample_dataset: Optional[Path] = typer.Option(
+                   None, "--upsample-dataset", help="dataset root: its captions are a local LLM upsampler's few-shot examples"),
                seed: int = typer.Option(0, "--seed"),
                steps: int = typer.Option(50, "--steps", min=1),
                cfg: float = typer.Option(4.0, "--cfg", help="classifier-free guidance scale"),
@@ -175,7 +182,7 @@ def sample_cmd(prompt: Optional[str] = typer.Option(None, "--prompt", help="what
             if out_dir is None or out is not None:
                 raise ValueError("--prompts writes one file per prompt: give --out-dir (not --out)")
             asked = read_prompts(prompts)
-        texts = list(asked) if no_upsample else _upsample(asked, upsampler, seed)
+        texts = list(asked) if no_upsample else _upsample(asked, upsampler, seed, upsample_dataset)
         model, codec, base_tokens, info = _load(checkpoint, vae)
         encode, text_encoder, text_weights = _text_encoder(text_encoder, model.cfg.text_dim, text_weights, checkpoint)
         from generator.sample import fit_size
@@ -200,6 +207,8 @@ def sample_cmd(prompt: Optional[str] = typer.Option(None, "--prompt", help="what
                 _sidecar(paths[i], {"task": "sample", "prompt": asked[i],
                                     "upsampled_prompt": None if no_upsample else texts[i],
                                     "upsampler": None if no_upsample or upsampler is None else str(upsampler),
+                                    "upsample_dataset": None if no_upsample or upsample_dataset is None
+                                    else str(upsample_dataset),
                                     "seed": seed, "frames": T, "height": H, "width": W, "steps": steps, "cfg": cfg,
                                     "method": method, "fps": fps, "text_encoder": text_encoder,
                                     "text_weights": str(text_weights) if text_weights else None, **info})
@@ -221,6 +230,8 @@ def generate_cmd(task: str = typer.Option(..., "--task", help="|".join(TASKS)),
                  strength: float = typer.Option(0.5, "--strength", help="edit: noise level in (0, 1]"),
                  no_upsample: bool = typer.Option(False, "--no-upsample", help="use the prompt as written"),
                  upsampler: Optional[Path] = typer.Option(None, "--upsampler", help="prompt upsampler dir (T5 or local LLM)"),
+                 upsample_dataset: Optional[Path] = typer.Option(
+                     None, "--upsample-dataset", help="dataset root: its captions are a local LLM upsampler's few-shot examples"),
                  seed: int = typer.Option(0, "--seed"),
                  steps: int = typer.Option(50, "--steps", min=1),
                  cfg: float = typer.Option(4.0, "--cfg"),
@@ -248,7 +259,7 @@ def generate_cmd(task: str = typer.Option(..., "--task", help="|".join(TASKS)),
             from generator.tasks import input_fps
             fps = (input_fps(inputs[0]) if inputs else None) or 24.0
         _check_settings(prompt, cfg, fps)
-        text = prompt if no_upsample else _upsample([prompt], upsampler, seed)[0]
+        text = prompt if no_upsample else _upsample([prompt], upsampler, seed, upsample_dataset)[0]
         model, codec, base_tokens, info = _load(checkpoint, vae)
         from generator.sample import trained_cond_ratios
         mix = trained_cond_ratios(checkpoint)
@@ -265,7 +276,8 @@ def generate_cmd(task: str = typer.Option(..., "--task", help="|".join(TASKS)),
         _fail(str(e))
     _, T, H, W = res.video.shape
     record = {"task": task, "prompt": prompt, "upsampled_prompt": None if no_upsample else text,
-              "upsampler": None if no_upsample or upsampler is None else str(upsampler), "seed": seed,
+              "upsampler": None if no_upsample or upsampler is None else str(upsampler),
+              "upsample_dataset": None if no_upsample or upsample_dataset is None else str(upsample_dataset), "seed": seed,
               "inputs": [str(p) for p in inputs], "frames": T, "height": H, "width": W, "steps": steps, "cfg": cfg,
               # what was asked: the output's size follows the input's aspect and the asked area, and edit keeps
               # up to --max-frames input frames, so the output's frames x height x width alone does not reproduce it

@@ -709,3 +709,28 @@ def test_generate_plays_at_the_input_videos_frame_rate_by_default(checkpoints, t
         with av.open(str(out)) as c:
             assert float(c.streams.video[0].average_rate) == want
         assert json.loads(out.with_name(out.name + ".json").read_text())["fps"] == want
+
+
+def test_upsample_dataset_gives_an_llm_upsampler_the_datasets_examples(tmp_path, monkeypatch):
+    """sample/generate loaded an LLM upsampler with no few-shot examples (only `spacetime upsample
+    --dataset` passed them), so it never saw the dataset's dense style. --upsample-dataset passes them."""
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    import captioner.upsample as up
+    from spacetime.cli_sample import _upsample
+    rows = [{"clip_id": str(i), "status": "kept", "caption_short": f"short {i}", "caption_dense": f"dense {i}",
+             "caption_teacher_short": None, "caption_teacher_dense": None} for i in range(4)]
+    write_deltalake(str(tmp_path / "ds" / "clips"), pa.Table.from_pylist(rows))
+    (tmp_path / "llm").mkdir()
+    seen = []
+
+    def fake_load(path, examples=()):
+        seen.append(list(examples))
+        return lambda prompt, seed=0: f"{prompt}, in detail"
+    monkeypatch.setattr(up, "load_upsampler", fake_load)
+    assert _upsample(["a cat"], tmp_path / "llm", 0, tmp_path / "ds") == ["a cat, in detail"]
+    assert len(seen[0]) == 3 and all(s.startswith("short") and d.startswith("dense") for s, d in seen[0])
+    assert _upsample(["a cat"], tmp_path / "llm", 0) and seen[1] == []
+    with pytest.raises(ValueError, match="give --upsampler"):
+        _upsample(["a cat"], None, 0, tmp_path / "ds")
