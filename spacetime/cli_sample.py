@@ -274,11 +274,12 @@ def generate_cmd(task: str = typer.Option(..., "--task", help="|".join(TASKS)),
                        base_tokens=base_tokens)
     except (ValueError, OSError) as e:
         _fail(str(e))
+    from generator.sample import sha256_file  # the inputs' content: a path alone may since hold another file
     _, T, H, W = res.video.shape
     record = {"task": task, "prompt": prompt, "upsampled_prompt": None if no_upsample else text,
               "upsampler": None if no_upsample or upsampler is None else str(upsampler),
               "upsample_dataset": None if no_upsample or upsample_dataset is None else str(upsample_dataset), "seed": seed,
-              "inputs": [str(p) for p in inputs], "frames": T, "height": H, "width": W, "steps": steps, "cfg": cfg,
+              "inputs": [str(p) for p in inputs], "input_sha256": [sha256_file(p) for p in inputs], "frames": T, "height": H, "width": W, "steps": steps, "cfg": cfg,
               # what was asked: the output's size follows the input's aspect and the asked area, and edit keeps
               # up to --max-frames input frames, so the output's frames x height x width alone does not reproduce it
               "requested_frames": frames, "requested_height": height, "requested_width": width,

@@ -633,6 +633,7 @@ def test_generate_sidecar_records_what_was_asked(checkpoints, tmp_path):
     assert (meta["frames"], meta["height"], meta["width"]) == (5, 8, 24)
     assert (meta["requested_frames"], meta["requested_height"], meta["requested_width"], meta["max_frames"]) == (
         5, 16, 16, 129)
+    assert meta["input_sha256"] == [sha256_file(wide)]
     from generator.sample import load_codec
     model, codec = load_model(run)[0], load_codec(vae_path)
 
