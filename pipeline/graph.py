@@ -11,8 +11,9 @@ hashing, before decoding). A run killed at any point leaves only staged sources 
 the rerun reuses them and commits exactly the clip set of an uninterrupted run.
 
 Retry: a source rejected for a reason that may pass (`store.transient`: timeouts, a failed analysis
-or transcode) counts as done like any other, unless `retry_rejected` is given; either way a newer
-result for its path replaces that rejection in the commit that adds it (`store.commit`).
+or transcode), or with some clips whose transcode failed, counts as done like any other, unless
+`retry_rejected` is given; either way a newer result for its path (or clip) replaces that rejection
+in the commit that adds it (`store.commit`).
 """
 import hashlib
 import json
@@ -201,10 +202,13 @@ class Done:
     COLUMNS = ["source_sha256", "source_uri", "clip_id", "source_size", "source_mtime_ns", "status", "reason"]
 
     def add(self, t: pa.Table, retry_rejected: bool = False) -> None:
-        """retry_rejected: transient rejections don't count, so a source that has only those is
-        curated again (one with any other row for its content and path is still done)."""
+        """retry_rejected: a source (content and path) with any transient rejection is not done, so
+        it is curated again: one that only failed, or one some of whose clips failed to transcode
+        (its other clips are committed already and are not written again; `store.not_committed`)."""
         if retry_rejected:
-            t = t.filter(pa.array([not f for f in store.transient_mask(t)], pa.bool_()))
+            pairs = list(zip(t["source_sha256"].to_pylist(), t["source_uri"].to_pylist()))
+            retry = {p for p, f in zip(pairs, store.transient_mask(t)) if f}
+            t = t.filter(pa.array([p not in retry for p in pairs], pa.bool_()))
         for sha, uri, cid in zip(*(t[c].to_pylist() for c in ("source_sha256", "source_uri", "clip_id"))):
             self.pairs.add((sha, uri))
             if sha and cid:
@@ -387,8 +391,9 @@ def curate(source_args: list[str], root: str, spec: DatasetSpec, captions: Optio
     A source already committed or staged under the same path, whose size and mtime are those it
     had when it was hashed, is skipped on the driver: a re-run or resume over finished sources
     starts no Ray work at all. rehash=True sends every source to the workers to be hashed again.
-    retry_rejected=True curates again the sources whose only rows are transient rejections
-    (`store.transient`); their new rows replace those rejections in this run's commit."""
+    retry_rejected=True curates again the sources with transient rejections (`store.transient`):
+    whole-source failures and single clips that failed to transcode; their new rows replace those
+    rejections in this run's commit."""
     started = time.time()
     if captions:
         read_captions(captions)  # a bad file fails now, not after the whole run at its commit
@@ -408,13 +413,13 @@ def _curate(source_args, root, spec, captions, progress, ray_address, run: RunIn
             retry_rejected=False) -> CurateResult:
     import ray
 
-    sources: list[Source] = expand_sources(source_args)
+    sources: list[Source] = expand_sources(source_args, exclude=root)
     version = store.latest_version(root)  # _finish decides against this same version
     committed = store.read_clips(root, version, columns=Done.COLUMNS)
     staged = store.load_staged(root)
-    if retry_rejected:  # a killed run's staged transient rejections of these sources are retried, not committed
+    if retry_rejected:  # a killed run's staged sources with transient rejections are retried, not committed
         listed = {display_uri(s.uri) for s in sources}
-        staged = {k: t for k, t in staged.items() if not (all(store.transient_mask(store.conform(t)))
+        staged = {k: t for k, t in staged.items() if not (any(store.transient_mask(store.conform(t)))
                                                           and set(t["source_uri"].to_pylist()) <= listed)}
     done = Done()
     for t in [committed, *staged.values()]:
@@ -541,6 +546,10 @@ def rebuild(root: str, version: int, out_root: str, progress=None) -> dict:
     """Re-curate every source that versions <= `version` were curated from, with each commit's own
     recorded spec, into a fresh root; compare the clip sets. Returns {"same", "missing", "extra", ...}."""
     root = str(Path(root).resolve())
+    if store.table_exists(out_root):  # its clips would count as rebuilt: `--out` the root itself said "identical"
+        raise ValueError(f"{out_root} already holds a clips table: rebuild into a fresh root")
+    # read first: a version that does not exist (or was vacuumed) failed only after curating every source
+    want = set(store.read_clips(root, version, columns=["clip_id"])["clip_id"].drop_null().to_pylist())
     curates = [h for h in store.history(root) if h.get("operation") == "curate" and h["version"] <= version]
     if not curates:
         raise ValueError(f"{root}: no curate commits up to version {version}")
@@ -548,7 +557,6 @@ def rebuild(root: str, version: int, out_root: str, progress=None) -> dict:
         if "spec" not in h or "source_args" not in h:
             raise ValueError(f"{root} version {h['version']} does not record its spec and sources (older code)")
         curate(h["source_args"], out_root, DatasetSpec.model_validate(h["spec"]), h.get("captions_imported"), progress)
-    want = set(store.read_clips(root, version, columns=["clip_id"])["clip_id"].drop_null().to_pylist())
     got = set(store.read_clips(out_root, columns=["clip_id"])["clip_id"].drop_null().to_pylist())
     return {"same": want == got, "clips": len(want), "missing": sorted(want - got), "extra": sorted(got - want),
             "rebuilt_version": store.latest_version(out_root)}
@@ -591,17 +599,28 @@ def aesthetic_labels_from_ground_truth(table: pa.Table, gt: dict) -> tuple[list,
     return ids, labels
 
 
-def refilter(root: str, spec: DatasetSpec) -> tuple[int, dict]:
+def _rows_of(t: pa.Table, columns: list[str]) -> list[str]:
+    """The rows of `t`'s `columns` (null where it has no such column) as sorted text, a NaN score
+    equal to itself: to tell whether two tables hold the same rows."""
+    cols = (t[c].to_pylist() if c in t.column_names else [None] * t.num_rows for c in columns)
+    return sorted(repr(r) for r in zip(*cols))
+
+
+def refilter(root: str, spec: DatasetSpec) -> tuple[Optional[int], dict]:
     """Re-decide every clip's status from cached scores under new thresholds; one overwrite commit.
+    Returns (new version, counts by status); version None when every decision came out as the latest
+    version has it (same spec too): like a curate with nothing new, that commits nothing.
 
     No video is opened: statuses are a pure function of the stored score columns and embeddings.
     """
     root = str(Path(root).resolve())
     check_weights(spec, ("aesthetic_weights",))  # the head runs here, on the cached embeddings
-    table = store.read_clips(root)
+    # the version first, then its rows: read the other way round, a commit landing in between became
+    # the expected parent of an overwrite computed without its rows, which silently dropped them
+    parent = store.latest_version(root)
+    table = store.read_clips(root, parent)
     if table.num_rows == 0:
         raise ValueError(f"no clips table under {root}")
-    parent = store.latest_version(root)
     is_clip = pc.invert(pc.is_null(table["clip_id"]))
     clips = table.filter(is_clip)
     transcode_failed = pc.fill_null(pc.starts_with(clips["reason"], "transcode failed"), False)
@@ -618,6 +637,9 @@ def refilter(root: str, spec: DatasetSpec) -> tuple[int, dict]:
     out = pa.concat_tables([decided, clips.filter(transcode_failed), table.filter(pc.invert(is_clip))],
                            promote_options="permissive")
     out = out.sort_by([("source_uri", "ascending"), ("start_frame", "ascending")])
+    decisions = ["clip_id", "status", "reason", "dup_of", "aesthetic", "spec_hash"]
+    if _rows_of(out, decisions) == _rows_of(table, decisions):
+        return None, store.status_counts(table)
     version = store.commit(root, out, "overwrite", {"operation": "refilter", "spec_hash": spec.spec_hash(),
                                                    "spec_name": spec.name, "refiltered_from": parent,
                                                    # the report draws these thresholds for this version

@@ -5,6 +5,9 @@ A source argument is a video file, a directory (searched recursively for video e
 per line, relative paths resolved under the manifest's directory). Manifest paths that escape
 their root (`..`, absolute paths elsewhere, symlinks pointing out) are not followed: they come back
 as rejected entries with a reason, so they still appear as rows in the table.
+
+A directory or glob that holds the dataset root being curated into (`exclude`) does not reach into
+it: its media/ clips are the dataset's output, and a rerun would have curated them as new sources.
 """
 import glob
 import os
@@ -54,11 +57,13 @@ def _read_manifest(manifest: Path) -> list[Source]:
     return out
 
 
-def _walk(directory: Path) -> list[Source]:
+def _walk(directory: Path, exclude: Optional[Path] = None) -> list[Source]:
     out = []
     # followlinks=False: a symlink loop in a directory tree can't trap the walk; a symlinked file
     # that points outside the directory is not followed either.
-    for dirpath, _, files in os.walk(directory, followlinks=False):
+    for dirpath, dirs, files in os.walk(directory, followlinks=False):
+        if exclude is not None:
+            dirs[:] = [d for d in dirs if Path(dirpath, d).resolve() != exclude]
         for name in files:
             if Path(name).suffix.lower() in VIDEO_EXTS:
                 path = Path(os.path.abspath(dirpath)) / name
@@ -67,22 +72,25 @@ def _walk(directory: Path) -> list[Source]:
     return out
 
 
-def expand_sources(args: list[str]) -> list[Source]:
-    """Each argument -> Sources; sorted and de-duplicated by uri so runs are deterministic."""
+def expand_sources(args: list[str], exclude: Optional[str | Path] = None) -> list[Source]:
+    """Each argument -> Sources; sorted and de-duplicated by uri so runs are deterministic.
+    `exclude`: the dataset root curated into, which directories and globs do not reach into."""
+    exclude = Path(exclude).resolve() if exclude is not None else None
     found: list[Source] = []
     for arg in args:
         p = Path(arg)
         if p.is_dir():
-            found += _walk(p)
+            found += _walk(p, exclude)
         elif p.suffix.lower() in MANIFEST_EXTS and p.is_file():
             found += _read_manifest(p)
         elif any(ch in arg for ch in "*?[") and not os.path.lexists(arg):  # "Title [id].mp4" is a file
-            matches = sorted(glob.glob(arg, recursive=True))
+            matches = [m for m in sorted(glob.glob(arg, recursive=True))
+                       if exclude is None or not _within(Path(m), exclude)]
             if not matches:
                 found.append(Source(arg, "glob matched no files"))
             for m in matches:
                 if os.path.isdir(m):  # walked like a directory argument: "footage/day*" names its videos
-                    found += _walk(Path(m))
+                    found += _walk(Path(m), exclude)
                 elif os.path.isfile(m):
                     found.append(Source(os.path.abspath(m)))
         else:

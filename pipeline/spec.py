@@ -15,7 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # a NaN threshold passes every clip (each comparison is false) and an infinite max_seconds
+    # fails every source's clip plan: neither is a setting anyone means
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class AnalysisSpec(_Strict):
@@ -114,6 +116,24 @@ class SpecError(ValueError):
     """A spec that does not validate; the message names each bad field."""
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping: YAML keeps the last one, so a
+    second `filters:` section silently discarded every threshold of the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                k = self.construct_object(key)
+                if k in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {k!r}", key.start_mark)
+                seen.add(k)
+        return super().construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_mapping)
+
+
 def load_spec(path: Optional[str | Path] = None) -> DatasetSpec:
     """Read and validate a YAML spec; None gives the built-in defaults (= datasets/demo.yaml)."""
     if path is None:
@@ -122,9 +142,11 @@ def load_spec(path: Optional[str | Path] = None) -> DatasetSpec:
     if not path.is_file():
         raise SpecError(f"spec file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise SpecError(f"{path}: not valid YAML: {e}") from None
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    except yaml.YAMLError as e:  # its text spans lines (context, then the problem): one line
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise SpecError(f"{path}: not valid YAML: {where}{getattr(e, 'problem', None) or e}") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
     try:

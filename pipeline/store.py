@@ -246,7 +246,9 @@ _DELTA_KEYS = {"timestamp", "operation", "operationParameters", "engineInfo", "o
 
 
 def history(root: str | Path) -> list[dict]:
-    """Versions oldest-first: {version, timestamp, operation, mode, rows_added, **lineage}."""
+    """Versions oldest-first: {version, timestamp, operation, mode, rows_added, **lineage}. A commit
+    that records no lineage (the "VACUUM START"/"VACUUM END" pair `vacuum` adds, another tool's
+    write) has Delta's own operation name."""
     if not table_exists(root):
         return []
     out = []
@@ -263,14 +265,16 @@ def history(root: str | Path) -> list[dict]:
             except json.JSONDecodeError:
                 lineage.setdefault(key, v)
         metrics = h.get("operationMetrics") or {}  # an append's, or a superseding merge's
-        out.append({"version": h["version"], "timestamp": h.get("timestamp"),
+        out.append({"version": h["version"], "timestamp": h.get("timestamp"), "operation": h.get("operation"),
                     "mode": (h.get("operationParameters") or {}).get("mode"),
                     "rows_added": metrics.get("num_added_rows", metrics.get("num_target_rows_inserted")), **lineage})
     return sorted(out, key=lambda r: r["version"])
 
 
 def diff(root: str | Path, a: int, b: int) -> dict:
-    """What changed from version a to b: clips added/removed, status changes, caption changes."""
+    """What changed from version a to b: clips added/removed, status changes, caption changes, and the
+    sources with rejected rows that b has and a had not (`rejected_sources_added`) or a had and b has
+    not (`rejected_sources_removed`: a retry that replaced a failure, a restore)."""
     cols = ["clip_id", "status", "reason", "caption_short", "caption_dense", "source_uri"]
     ta, tb = (read_clips(root, v) for v in (a, b))
     rows_a = {r["clip_id"]: r for r in ta.select([c for c in cols if c in ta.column_names]).to_pylist() if r["clip_id"]}
@@ -284,7 +288,8 @@ def diff(root: str | Path, a: int, b: int) -> dict:
     return {"from": a, "to": b,
             "added": sorted(rows_b.keys() - rows_a.keys()), "removed": sorted(rows_a.keys() - rows_b.keys()),
             "status_changed": status_changed, "caption_changed": caption_changed,
-            "rejected_sources_added": sorted(set(rej(tb)) - set(rej(ta)))}
+            "rejected_sources_added": sorted(set(rej(tb)) - set(rej(ta))),
+            "rejected_sources_removed": sorted(set(rej(ta)) - set(rej(tb)))}
 
 
 # --- resume staging -------------------------------------------------------------------------
@@ -514,6 +519,7 @@ def tag(root: str | Path, name: str, version: Optional[int] = None) -> int:
     v = latest if version is None else version
     if latest is None or v is None or not 0 <= v <= latest:
         raise ValueError(f"version {version} does not exist (latest is {latest})")
+    read_clips(root, v, columns=["clip_id"])  # a vacuumed version: ValueError, not a tag nothing can read
     tags = read_tags(root)
     if name in tags and tags[name] != v:
         raise ValueError(f"tag {name!r} already names version {tags[name]}")

@@ -71,6 +71,8 @@ def footage(out: Path = typer.Option(..., "--out", help="directory to write the 
     """Generate the embedded demo footage: Ken-Burns moves over real photos, cuts, fades, text, defects."""
     from pipeline.synthetic import generate_footage, write_captions_file
 
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is not a directory")
     bar = _progress_bar(videos, "footage")
     gt = generate_footage(out, seed=seed, videos=videos, progress=lambda i, n: bar(i, n, f"video {i}/{n}"))
     caps = write_captions_file(gt, Path(out) / "captions.json")
@@ -100,7 +102,8 @@ def curate(sources: List[str] = typer.Argument(..., help="video files, directori
                                        help="hash every source again, even those whose size and mtime say unchanged"),
            retry_rejected: bool = typer.Option(False, "--retry-rejected",
                                                help="curate again the sources rejected only for reasons that may pass "
-                                                    "(timeouts, a failed analysis or transcode); new rows replace them")):
+                                                    "(timeouts, a failed analysis or transcode) and the clips whose "
+                                                    "transcode failed; new rows replace them")):
     """Split sources into clips, score, filter and dedup them, and commit a new version of the clips table.
 
     Re-running on the same sources adds nothing; a killed run resumes where it stopped. Finished
@@ -117,7 +120,7 @@ def curate(sources: List[str] = typer.Argument(..., help="video files, directori
 
     if dataset.exists() and not dataset.is_dir():
         fail(f"--dataset {dataset} is not a directory")
-    n = len(expand_sources(list(sources)))
+    n = len(expand_sources(list(sources), exclude=dataset))
     if n == 0:
         fail("no video sources found in: " + " ".join(sources))
     typer.echo(f"curating {n} source(s) into {dataset} (spec {s.name}, hash {s.spec_hash()})", err=True)
@@ -144,7 +147,9 @@ def curate(sources: List[str] = typer.Argument(..., help="video files, directori
 @app.command("filter")
 def refilter_cmd(dataset: Path = typer.Option(..., "--dataset"),
                  spec: Optional[Path] = typer.Option(None, "--spec", help="spec with the new thresholds")):
-    """Re-apply filter thresholds and dedup from cached scores (no decoding) as a new version."""
+    """Re-apply filter thresholds and dedup from cached scores (no decoding) as a new version
+    (none when no decision changes)."""
+    from pipeline import store
     from pipeline.graph import refilter
 
     s = _load_spec(spec)
@@ -152,7 +157,11 @@ def refilter_cmd(dataset: Path = typer.Option(..., "--dataset"),
         version, counts = refilter(str(dataset), s)
     except ValueError as e:
         fail(str(e))
-    typer.echo(f"committed version {version} (refilter, spec hash {s.spec_hash()})")
+    if version is None:
+        typer.echo(f"nothing changed: version {store.latest_version(dataset)} already has these decisions "
+                   f"(spec hash {s.spec_hash()}); table unchanged")
+    else:
+        typer.echo(f"committed version {version} (refilter, spec hash {s.spec_hash()})")
     _print_counts(counts, "rows by status")
 
 
@@ -205,10 +214,17 @@ def train_aesthetic_cmd(dataset: Path = typer.Option(..., "--dataset", help="dat
     if not labels.is_file():
         fail(f"labels file not found: {labels}")
     t = store.read_clips(dataset)
-    raw = json.loads(labels.read_text())
+    try:
+        raw = json.loads(labels.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        fail(f"cannot read labels file {labels}: {e}")
     if isinstance(raw, dict) and "videos" in raw:
         ids, ys = aesthetic_labels_from_ground_truth(t, raw)
     elif isinstance(raw, dict):
+        bad = next((f"{k}: {v!r}" for k, v in raw.items() if not isinstance(v, (int, float)) or not np.isfinite(v)),
+                   None)
+        if bad:
+            fail(f"{labels}: scores must be finite numbers (1 good, 0 low quality); got {bad[:200]}")
         ids, ys = list(raw), [float(v) for v in raw.values()]
     else:
         fail("labels must be a JSON object {clip_id: score} or a ground_truth.json")
@@ -545,9 +561,9 @@ def datasets_list(directory: Path = typer.Argument(Path("."), help="directory to
     found = 0
     for log_dir in sorted(directory.rglob("clips/_delta_log")):
         root = log_dir.parent.parent
-        h = store.history(root)
-        counts = h[-1].get("counts", {}) if h else {}
-        typer.echo(f"{root}  version {h[-1]['version'] if h else '?'}  " + " ".join(f"{k}={v}" for k, v in counts.items()))
+        # counted, not read from the latest commit's lineage: a vacuum's commits record none
+        counts = store.status_counts(store.read_clips(root, columns=["status"]))
+        typer.echo(f"{root}  version {store.latest_version(root)}  " + " ".join(f"{k}={v}" for k, v in counts.items()))
         found += 1
     if not found:
         typer.echo(f"no datasets under {directory}")
@@ -578,7 +594,7 @@ def datasets_log(root: Path = typer.Argument(..., help="dataset root")):
 @datasets_app.command("show")
 def datasets_show(root: Path = typer.Argument(...),
                   version: Optional[str] = typer.Option(None, "--version", help="version number or tag (default latest)"),
-                  limit: int = typer.Option(20, help="rows to print"),
+                  limit: int = typer.Option(20, min=0, help="rows to print"),
                   status: Optional[str] = typer.Option(None, help="only rows with this status")):
     """Print a version's lineage, counts and first rows (Delta time travel)."""
     import pyarrow.compute as pc
@@ -586,6 +602,8 @@ def datasets_show(root: Path = typer.Argument(...),
     from pipeline import store
 
     _need_table(root)
+    if status is not None and status not in store.STATUSES:  # a typo printed no rows, as if none had it
+        fail(f"--status {status}: expected one of {', '.join(store.STATUSES)}")
     try:
         version = store.resolve_ref(root, version) if version is not None else None
         t = store.read_clips(root, version)
@@ -623,7 +641,7 @@ def datasets_diff(root: Path = typer.Argument(...), a: str = typer.Argument(...,
         return
     typer.echo(f"version {a} -> {b}: +{len(d['added'])} clips, -{len(d['removed'])} clips, "
                f"{len(d['status_changed'])} status changes, {len(d['caption_changed'])} caption changes, "
-               f"+{len(d['rejected_sources_added'])} rejected sources")
+               f"+{len(d['rejected_sources_added'])} -{len(d['rejected_sources_removed'])} rejected sources")
     for cid, (sa, sb) in list(d["status_changed"].items())[:20]:
         typer.echo(f"  {cid[:8]} {sa} -> {sb}")
 

@@ -91,12 +91,13 @@ def stage_dir(path: Path, inputs: dict) -> Path:
     return path
 
 
-def sources_fingerprint(source_args: list[str]) -> list:
-    """(path, size, mtime) of every source: a cheap stand-in for content hashes to decide reuse."""
+def sources_fingerprint(source_args: list[str], root: Optional[str] = None) -> list:
+    """(path, size, mtime) of every source (not the clips of dataset `root`, which curate skips too):
+    a cheap stand-in for content hashes to decide reuse."""
     from pipeline.sources import expand_sources
 
     out = []
-    for s in expand_sources(source_args):
+    for s in expand_sources(source_args, exclude=root):
         try:
             st = os.stat(s.uri)
             out.append((s.uri, st.st_size, st.st_mtime_ns))
@@ -221,7 +222,7 @@ def retrain(spec_path: Optional[str], sources: list[str], dataset: str, run_dir:
 
     # Curating the same sources with the same spec adds nothing (clip ids derive from content), so the
     # key is the sources and the spec; another writer's later versions don't invalidate this stage.
-    cur = m.run("curate", {"spec": spec.spec_hash(), "sources": sources_fingerprint(sources), "dataset": root,
+    cur = m.run("curate", {"spec": spec.spec_hash(), "sources": sources_fingerprint(sources, root), "dataset": root,
                            "captions": file_hash(captions) if captions else None},
                 do_curate, lambda o: store.latest_version(root) is not None and store.latest_version(root) >= o["dataset_version"],
                 log)

@@ -338,6 +338,45 @@ def test_a_rerun_with_nothing_to_do_reads_only_what_it_needs(tmp_path, monkeypat
     assert read and all(c is not None and not {"thumbnail", "embedding"} & set(c) for c in read), read
 
 
+def test_a_dataset_root_inside_the_sources_is_not_curated_again(tmp_path, monkeypatch):
+    """`spacetime curate footage --dataset footage/ds`: the rerun walked into footage/ds/media and
+    curated the dataset's own clips as new sources (6 new rows from one video's 4 clips). A directory
+    or glob source now skips the root it curates into; the rerun does nothing."""
+    import ray.data
+    from typer.testing import CliRunner
+
+    from spacetime.cli import app
+
+    root, row = _committed_source(tmp_path)
+    clip = root / "media" / "c0" / "c0.mp4"
+    clip.parent.mkdir(parents=True)
+    clip.write_bytes(b"a clip of v.mp4")
+    monkeypatch.setattr(ray.data, "from_items", _no_work)
+    for source in (str(tmp_path), str(tmp_path / "**" / "*.mp4")):
+        r = CliRunner().invoke(app, ["curate", source, "--dataset", str(root)])
+        assert r.exit_code == 0 and "nothing new: all 1 source(s)" in r.output, r.output
+    assert store.latest_version(root) == 0
+
+
+def test_rebuild_checks_the_version_and_the_out_root_before_any_work(tmp_path, monkeypatch):
+    """`datasets rebuild --version 5` of a table at version 0 curated every source into --out, then
+    failed; `--out` the table's own root "rebuilt" nothing and compared the table with itself."""
+    import pyarrow as pa
+    from typer.testing import CliRunner
+
+    import pipeline.graph as graph
+    from spacetime.cli import app
+
+    root = tmp_path / "ds"
+    store.commit(root, pa.Table.from_pylist([{"clip_id": "c0", "source_uri": "/v.mp4", "status": "kept"}]), "append",
+                 {"operation": "curate", "spec": DatasetSpec().model_dump(mode="json"), "source_args": ["/v.mp4"]})
+    monkeypatch.setattr(graph, "curate", _no_work)
+    for version, out, says in ((5, tmp_path / "new", "version 5 not found"), (0, root, "rebuild into a fresh root")):
+        r = CliRunner().invoke(app, ["datasets", "rebuild", str(root), "--version", str(version), "--out", str(out)])
+        assert r.exit_code == 2 and says in r.output and r.exception.__class__ is SystemExit, r.output
+    assert not (tmp_path / "new").exists()
+
+
 def test_a_resume_after_its_commit_says_nothing_was_written(tmp_path):
     """Killed between its commit and clearing its staging: the rerun finds every staged row in the
     table, makes no version and says so (it printed "committed version 0 ...: 1 new rows")."""
@@ -409,6 +448,52 @@ def test_a_timed_out_source_is_retried_only_when_asked_and_its_new_rows_replace_
     assert done.version is None and done.skipped == 2  # nothing transient left: nothing retried
 
 
+LOSE_LAST_OUTPUT = """#!/bin/bash
+# the real ffmpeg, then the last of several outputs is lost: one clip's transcode fails, the rest land
+"$REAL_FFMPEG" "$@"; rc=$?
+outs=(); for a in "$@"; do [[ "$a" == *.partial.* ]] && outs+=("$a"); done
+(( ${#outs[@]} > 1 )) && rm -f "${outs[-1]}"
+exit $rc
+"""
+
+
+def test_retry_rejected_redoes_the_failed_clips_of_an_otherwise_good_source(ray_session, footage, tmp_path,
+                                                                            monkeypatch):
+    """One clip whose transcode failed is a rejected row with its clip_id beside the source's good
+    clips. That source counted as done, so `--retry-rejected` never cut the clip again. Now it does:
+    one commit adds the clip and removes its failure; the committed clips are not written again."""
+    import imageio_ffmpeg
+
+    from benchmarks.reliability import start_curate
+
+    src, gt, _ = footage
+    (tmp_path / "a").mkdir()
+    video = shutil.copy(src / gt["videos"][0]["file"], tmp_path / "a")
+    wrapper = tmp_path / "ffmpeg"
+    wrapper.write_text(LOSE_LAST_OUTPUT)
+    wrapper.chmod(0o755)
+    root, log = tmp_path / "ds", tmp_path / "run.log"
+    monkeypatch.setenv("REAL_FFMPEG", imageio_ffmpeg.get_ffmpeg_exe())
+    monkeypatch.setenv("IMAGEIO_FFMPEG_EXE", str(wrapper))  # its own Ray: the workers inherit it
+    assert start_curate([video], root, log).wait(timeout=600) == 3, log.read_text()[-3000:]
+    monkeypatch.delenv("IMAGEIO_FFMPEG_EXE")
+    before = store.read_clips(root).to_pylist()
+    (failed,) = [r for r in before if r["status"] == "rejected"]
+    assert failed["clip_id"] and failed["reason"] == "transcode failed: ffmpeg wrote no output"
+    assert len(before) > 1 and not failed["clip_uri"]
+
+    assert curate([video], str(root), DatasetSpec()).version is None  # a plain rerun leaves it
+    res = curate([video], str(root), DatasetSpec(), retry_rejected=True)
+    assert res.version == 1 and res.new_rows == 1 and not res.rejected
+    after = {r["clip_id"]: r for r in store.read_clips(root).to_pylist()}
+    assert len(after) == len(before) and set(after) == {r["clip_id"] for r in before}
+    redone = after[failed["clip_id"]]
+    assert redone["status"] != "rejected" and Path(redone["clip_uri"]).is_file()
+    h = store.history(root)[-1]
+    assert h["rows_added"] == 1 and h["superseded_sources"] == 1 and h["counts"]["rejected"] == 0
+    assert curate([video], str(root), DatasetSpec(), retry_rejected=True).version is None
+
+
 def _source_rows(uri, status, reason=None, ids=(None,), sha="s"):
     import pyarrow as pa
 
@@ -437,6 +522,8 @@ def test_a_newer_result_for_a_path_supersedes_its_transient_rejections(tmp_path)
     assert rows == {("/a.mp4", "a0", "kept"), ("/b.mp4", "b0", "kept"), ("/b.mp4", "b1", "kept"),
                     ("/c.mp4", None, "rejected"), ("/c.mp4", "c0", "kept")}
     assert store.history(root)[-1]["counts"]["rejected"] == 1
+    d = store.diff(root, 2, 3)  # the failures it replaced are in the diff, not only the clips it added
+    assert d["rejected_sources_removed"] == ["/a.mp4", "/b.mp4"] and d["rejected_sources_added"] == []
 
 
 def test_a_retry_replaces_exactly_what_it_redid(tmp_path):
@@ -514,6 +601,22 @@ def test_filter_with_missing_aesthetic_weights_is_one_error_line(tmp_path):
     assert store.latest_version(root) == 0
 
 
+@pytest.mark.parametrize("text, says", [("{not json", "cannot read labels file"),
+                                         ('{"c0": "good"}', "scores must be finite numbers"),
+                                         ('{"c0": NaN}', "scores must be finite numbers")])
+def test_train_aesthetic_with_bad_labels_is_one_error_line(tmp_path, text, says):
+    """A labels file that is not JSON, or whose scores are not numbers, ended in a traceback."""
+    from typer.testing import CliRunner
+
+    from spacetime.cli import app
+
+    root, _ = _committed_source(tmp_path)
+    (tmp_path / "labels.json").write_text(text)
+    r = CliRunner().invoke(app, ["train-aesthetic", "--dataset", str(root), "--labels", str(tmp_path / "labels.json"),
+                                 "--out", str(tmp_path / "head.safetensors")])
+    assert r.exit_code == 2 and says in r.output and r.exception.__class__ is SystemExit, r.output
+
+
 def test_rows_record_the_spec_and_code_that_decided_them(tmp_path):
     """DESIGN.md's clips contract has spec_hash and code_version columns: a curate commit and a
     refilter fill them for the rows they decide (they were always null)."""
@@ -532,6 +635,46 @@ def test_rows_record_the_spec_and_code_that_decided_them(tmp_path):
     strict = DatasetSpec.model_validate({"filters": {"max_blur": 0.1}})
     version, _ = refilter(str(root), strict)
     assert set(store.read_clips(root, version)["spec_hash"].to_pylist()) == {strict.spec_hash()}
+
+
+def test_a_filter_that_changes_no_decision_commits_nothing(tmp_path):
+    """`spacetime filter` with the spec that decided the latest version wrote a new version identical to
+    it (a curate with nothing new writes none). Now it says so and commits nothing."""
+    from typer.testing import CliRunner
+
+    from spacetime.cli import app
+
+    root, _ = _committed_source(tmp_path)
+    assert refilter(str(root), DatasetSpec())[0] == 1  # stamps the spec that decided the row: a change
+    version, counts = refilter(str(root), DatasetSpec())
+    assert version is None and counts == store.status_counts(store.read_clips(root))
+    r = CliRunner().invoke(app, ["filter", "--dataset", str(root)])
+    assert r.exit_code == 0 and "nothing changed: version 1" in r.output, r.output
+    (tmp_path / "spec.yaml").write_text("filters:\n  min_motion: 0.5\n")  # same status, another spec
+    r = CliRunner().invoke(app, ["filter", "--dataset", str(root), "--spec", str(tmp_path / "spec.yaml")])
+    assert r.exit_code == 0 and "committed version 2" in r.output, r.output
+    assert store.latest_version(root) == 2
+
+
+def test_a_filter_never_drops_rows_a_concurrent_writer_committed(tmp_path, monkeypatch):
+    """`filter` read the table, then took the latest version as the parent its overwrite expected: a
+    curate committing in between became that parent, and the overwrite (computed without its rows)
+    deleted them. Now the table moved under the refilter, which says so and writes nothing."""
+    import pyarrow as pa
+
+    root, row = _committed_source(tmp_path)
+    real = store.read_clips
+
+    def read_while_another_run_commits(*a, **k):
+        t = real(*a, **k)
+        if store.latest_version(root) == 0:
+            store.commit(root, pa.Table.from_pylist([{**row, "clip_id": "c1", "source_uri": "/w.mp4"}]), "append",
+                         {"operation": "curate"})
+        return t
+    monkeypatch.setattr(store, "read_clips", read_while_another_run_commits)
+    with pytest.raises(store.TableMoved):
+        refilter(str(root), DatasetSpec())
+    assert store.latest_version(root) == 1 and "c1" in real(root)["clip_id"].to_pylist()
 
 
 def test_a_retry_that_fails_again_is_still_reported_rejected(tmp_path, monkeypatch):

@@ -20,6 +20,9 @@ def test_demo_spec_is_the_default():
     ("filters:\n  max_blurr: 0.5\n", "filters.max_blurr"),
     ("clips:\n  mode: copy\n", "clips.mode"),
     ("clips:\n  min_seconds: 5\n  max_seconds: 2\n", "clips"),
+    # NaN passed every clip through the threshold (each comparison is false); .inf failed every source's clip plan
+    ("filters:\n  max_blur: .nan\n", "filters.max_blur"),
+    ("clips:\n  max_seconds: .inf\n", "clips.max_seconds"),
 ])
 def test_spec_errors_name_the_field(tmp_path, text, field):
     p = tmp_path / "bad.yaml"
@@ -33,8 +36,24 @@ def test_spec_missing_and_not_yaml(tmp_path):
     with pytest.raises(SpecError, match="not found"):
         load_spec(tmp_path / "nope.yaml")
     (tmp_path / "x.yaml").write_text("a: [1,")
-    with pytest.raises(SpecError, match="not valid YAML"):
+    with pytest.raises(SpecError, match="not valid YAML: line 1, column 7: expected") as e:
         load_spec(tmp_path / "x.yaml")
+    assert "\n" not in str(e.value)  # pyyaml's own text spans five lines
+
+
+@pytest.mark.parametrize("text, key", [
+    ("filters:\n  max_blur: 0.5\nclips:\n  crf: 23\nfilters:\n  min_motion: 0.2\n", "'filters'"),
+    ("filters:\n  max_blur: 0.5\n  max_blur: 0.9\n", "'max_blur'"),
+])
+def test_a_key_given_twice_is_an_error_not_the_last_one_winning(tmp_path, text, key):
+    """YAML loaders keep the last of two equal keys: the first `filters:` section's max_blur 0.5 was
+    silently dropped. Merge keys (`<<: *base`) still override as YAML says."""
+    p = tmp_path / "spec.yaml"
+    p.write_text(text)
+    with pytest.raises(SpecError, match=f"duplicate key {key}"):
+        load_spec(p)
+    p.write_text("filters:\n  <<: {max_blur: 0.5, min_motion: 0.1}\n  max_blur: 0.4\n")
+    assert (load_spec(p).filters.max_blur, load_spec(p).filters.min_motion) == (0.4, 0.1)
 
 
 def test_manifest_paths_cannot_escape_root(tmp_path):
@@ -221,8 +240,30 @@ def test_gc_and_diff_after_a_vacuum(tmp_path):
     assert kept.is_file()
     with pytest.raises(ValueError, match="version 0 can no longer be read.*vacuum"):
         store.diff(tmp_path, 0, 1)
+    with pytest.raises(ValueError, match="version 0 can no longer be read"):  # it was tagged all the same
+        store.tag(tmp_path, "old", 0)
+    assert store.read_tags(tmp_path) == {}
     r = CliRunner().invoke(app, ["datasets", "diff", str(tmp_path), "0", "1"])
     assert r.exit_code == 2 and "can no longer be read" in r.output and r.exception.__class__ is SystemExit
+
+
+def test_list_log_and_show_after_a_vacuum(tmp_path):
+    """`vacuum --apply` logs two commits of its own ("VACUUM START", "VACUUM END") with no lineage:
+    `datasets list` then printed the latest version with no counts at all, and `log`/`show` called
+    them operation None. The counts are the table's; the operation is Delta's own name."""
+    from typer.testing import CliRunner
+
+    from spacetime.cli import app
+
+    root = tmp_path / "ds"
+    store.commit(root, _rows(2), "append", {"operation": "curate"})
+    store.commit(root, _rows(1, "filtered", start=2), "overwrite", {"operation": "refilter"}, expect_version=0)
+    store.vacuum(root, 0, dry_run=False)
+    assert [h["operation"] for h in store.history(root)] == ["curate", "refilter", "VACUUM START", "VACUUM END"]
+    r = CliRunner().invoke(app, ["datasets", "list", str(tmp_path)])
+    assert r.exit_code == 0 and "version 3  kept=0 filtered=1 duplicate=0 rejected=0" in r.output, r.output
+    r = CliRunner().invoke(app, ["datasets", "show", str(root)])
+    assert r.exit_code == 0 and "version 3: 1 rows; operation VACUUM END" in r.output, r.output
 
 
 def test_vacuum_refuses_to_break_a_tagged_version(tmp_path):
@@ -279,6 +320,10 @@ def test_show_and_diff_take_tags(tmp_path):
     assert r.exit_code == 0 and "version 0: 1 rows" in r.output, r.output
     r = CliRunner().invoke(app, ["datasets", "show", str(tmp_path), "--version", "nope"])
     assert r.exit_code == 2 and "unknown tag 'nope'" in r.output, r.output
+    r = CliRunner().invoke(app, ["datasets", "show", str(tmp_path), "--status", "keep"])  # printed no rows
+    assert r.exit_code == 2 and "--status keep: expected one of kept, filtered" in r.output, r.output
+    r = CliRunner().invoke(app, ["datasets", "show", str(tmp_path), "--limit", "-1"])  # printed no rows either
+    assert r.exit_code == 2 and "--limit" in r.output, r.output
 
 
 def test_gc_reads_each_data_file_once(tmp_path, monkeypatch):

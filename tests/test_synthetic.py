@@ -245,3 +245,14 @@ def test_captions_file(corpus, tmp_path):
         assert r["source"].startswith("/") and r["source"].endswith(".mp4")
     out = S.write_captions_file(gt_path, tmp_path / "captions.json")
     assert json.loads(out.read_text()) == rows
+
+
+def test_footage_out_a_file_is_one_error_line(tmp_path):
+    """`spacetime footage --out FILE` ended in a FileExistsError traceback from mkdir."""
+    from typer.testing import CliRunner
+
+    from spacetime.cli import app
+
+    (tmp_path / "taken").write_bytes(b"")
+    r = CliRunner().invoke(app, ["footage", "--out", str(tmp_path / "taken"), "--videos", "1"])
+    assert r.exit_code == 2 and "is not a directory" in r.output and r.exception.__class__ is SystemExit, r.output
