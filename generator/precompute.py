@@ -5,7 +5,7 @@
 One Ray Data job over the KEPT clips of `<root>/clips` at version N (read with `deltalake` directly:
 generator/ never imports pipeline/):
 
-    kept rows not yet in `latents` (key: clip_id + vae_sha + text_encoder_sha)
+    kept rows not yet in `latents` (key: clip_id + vae_sha + text_encoder_sha), or there with another caption
       -> map(decode_row)             PyAV; the clip's frames, resized to its bucket (aspect kept)
       -> map_batches(VAEEncoder)      actor: vae.to_dit(latent mean), chunked in time
       -> map_batches(TextEncoder)     actor: per-token caption embeddings (L, D)
@@ -17,7 +17,9 @@ rounded down to a multiple of the VAE's space factor x patch so the latent cuts 
 A clip that cannot be read becomes an entry in `PrecomputeResult.errors` and a line of the error log
 `<table>_errors.jsonl` with the reason; the run goes on. Rows already present are skipped, so a
 rerun (or a killed run) resumes; clips logged as unreadable with the same encoders are skipped too
-unless `retry_errors` (decoding is deterministic: the same file fails the same way).
+unless `retry_errors` (decoding is deterministic: the same file fails the same way). Each row records
+the settings that shaped it (buckets, patch, max aspect, dtype): a rerun under other settings is
+refused rather than silently keeping the old rows, and `replace` re-encodes them in one commit.
 
 Ray, deltalake and PyAV are imported inside the functions that use them, so the encoders and
 the byte helpers (TextEncoder, tensor_from_bytes) import on a box with torch alone.
@@ -58,6 +60,9 @@ LATENTS_SCHEMA = pa.schema([
     ("vae_sha", pa.string()),
     ("text_encoder_sha", pa.string()),
     ("clips_version", pa.int64()),
+    # JSON of what shaped the row: frame_buckets, short_sides, patch, max_aspect, dtype (null: written
+    # before it was recorded)
+    ("settings", pa.string()),
 ])
 
 
@@ -164,18 +169,27 @@ def decode_clip(uri: str, n_frames: int | None, frame_buckets=FRAME_BUCKETS, sho
     return np.stack(out[:keep]), offset
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """Whether `e` is a failed allocation (CUDA or host): a matter of the machine and what else ran on
+    it, not of the clip, so the clip is left for the next run instead of logged as unreadable."""
+    return isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or (
+        isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+
+
 def decode_row(row: dict, frame_buckets=FRAME_BUCKETS, short_sides=SHORT_SIDES, multiple: int = 16,
                max_aspect: float = 2.0) -> dict:
     """Ray Data map stage: one clips row -> the same row plus `frames` (raw uint8 bytes), `shape`
-    (T, H, W) and `error` ("" when fine). Errors are data: a bad clip comes back with its reason."""
+    (T, H, W), `error` ("" when fine) and `retry` (the error was running out of memory: not the
+    clip's fault). Errors are data: a bad clip comes back with its reason."""
     out = {k: row[k] for k in ("clip_id", "clip_uri", "caption", "fps")}
     try:
         n = row.get("n_frames")
         video, offset = decode_clip(row["clip_uri"], int(n) if n and n > 0 else None, frame_buckets, short_sides,
                                     multiple, max_aspect)
-        out.update(frames=video.tobytes(), shape=list(video.shape[:3]), frame_offset=offset, error="")
+        out.update(frames=video.tobytes(), shape=list(video.shape[:3]), frame_offset=offset, error="", retry=False)
     except Exception as e:  # noqa: BLE001 - any failure of one clip is recorded, the run goes on
-        out.update(frames=b"", shape=[0, 0, 0], frame_offset=0, error=f"{type(e).__name__}: {e}"[:500])
+        out.update(frames=b"", shape=[0, 0, 0], frame_offset=0, error=f"{type(e).__name__}: {e}"[:500],
+                   retry=out_of_memory(e))
     return out
 
 
@@ -214,7 +228,7 @@ class VAEEncoder:
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["clip_id"])
-        latents, buckets, errors = [], [], list(batch["error"])
+        latents, buckets, errors, retry = [], [], list(batch["error"]), list(batch["retry"])
         for i in range(n):
             if errors[i]:
                 latents.append(b"")
@@ -227,12 +241,14 @@ class VAEEncoder:
                 latents.append(tensor_to_bytes(z, "latent", self.dtype))
                 buckets.append(list(z.shape[1:]))
             except Exception as e:  # noqa: BLE001
-                errors[i] = f"vae: {type(e).__name__}: {e}"[:500]
+                errors[i], retry[i] = f"vae: {type(e).__name__}: {e}"[:500], out_of_memory(e)
+                if retry[i] and self.device.type == "cuda":
+                    torch.cuda.empty_cache()  # the next clips get what this one held
                 latents.append(b"")
                 buckets.append([0, 0, 0])
         out = {k: v for k, v in batch.items() if k != "frames"}  # the pixels stop here
         out.update(latent=np.array(latents, dtype=object), bucket_thw=np.array(buckets, dtype=np.int64),
-                   error=np.array(errors, dtype=object))
+                   error=np.array(errors, dtype=object), retry=np.array(retry, dtype=bool))
         return out
 
 
@@ -328,9 +344,11 @@ class TextEmbedStage:
 class PrecomputeResult:
     version: int | None           # latents table version written (None: nothing new to write)
     written: int                  # rows committed this run
-    skipped: int                  # kept clips already in the table with these encoders
+    skipped: int                  # kept clips already in the table with these encoders and captions
     errors: list = field(default_factory=list)  # {clip_id, clip_uri, reason}, this run's
+    retry: list = field(default_factory=list)   # the same, for clips out of memory: not logged, retried next run
     known_errors: int = 0         # clips skipped because the error log already names them
+    gpu: bool | None = None       # whether the encoders ran on GPU (None: nothing to encode)
     vae_sha: str = ""
     text_encoder_sha: str = ""
     clips_version: int = 0
@@ -355,24 +373,45 @@ def arrow_table(dt, columns: list[str] | None = None) -> pa.Table:
     return dt.to_pyarrow_dataset().to_table(columns=columns, use_threads=False)
 
 
-def _keys(dt) -> set:
-    t = arrow_table(dt, list(KEY))
-    return set(zip(*(t[c].to_pylist() for c in KEY)))
+def _what(t: pa.Table) -> list:
+    """(settings JSON, caption) of each row of `t`: what a row was made from besides its key (None
+    where a table has no such column: settings were not recorded before)."""
+    cols = [t[c].to_pylist() if c in t.column_names else [None] * t.num_rows for c in ("settings", "caption")]
+    return list(zip(*cols))
 
 
-def existing_keys(path: str) -> set:
-    """(clip_id, vae_sha, text_encoder_sha) already in the latents table at `path` (latest version)."""
+def _made(dt) -> dict:
+    """{(clip_id, vae_sha, text_encoder_sha): (settings JSON, caption)} of snapshot `dt`."""
+    names = {f.name for f in dt.schema().fields}
+    t = arrow_table(dt, list(KEY) + [c for c in ("settings", "caption") if c in names])
+    return dict(zip(zip(*(t[c].to_pylist() for c in KEY)), _what(t)))
+
+
+def existing_rows(path: str) -> dict:
+    """{(clip_id, vae_sha, text_encoder_sha): (settings JSON or None, caption)} of the latents table at
+    `path` (latest version)."""
     from deltalake import DeltaTable
 
-    return _keys(DeltaTable(path)) if DeltaTable.is_deltatable(path) else set()
+    return _made(DeltaTable(path)) if DeltaTable.is_deltatable(path) else {}
+
+
+def settings_diff(old: str | None, new: str) -> str:
+    """'key: old -> new; ...' between two rows' settings JSON ('settings not recorded' for None)."""
+    if old is None:
+        return "settings not recorded"
+    a, b = json.loads(old), json.loads(new)
+    return "; ".join(f"{k}: {a.get(k)} -> {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
 
 
 ROW_GROUP_ROWS = 256  # latents rows per Parquet row group (a row is ~0.1-1 MB of latent + text bytes)
 
 
-def append_new(path: str, table: pa.Table, lineage: dict, retries: int = 8) -> tuple[int | None, int]:
+def append_new(path: str, table: pa.Table, lineage: dict, retries: int = 8,
+               replace: bool = False) -> tuple[int | None, int]:
     """Append the rows of `table` whose (clip_id, vae_sha, text_encoder_sha) the latents table does not
-    hold yet, as ONE commit -> (new version or None if nothing was new, rows written).
+    hold yet, as ONE commit -> (new version or None if nothing was new, rows written). Rows it holds
+    for another caption (a recaptioned clips version) are rewritten with these in the same commit (a
+    Delta merge), and with `replace` so are rows made under other `settings`.
 
     The check and the commit use one snapshot with Delta's silent retry off: when two precompute
     runs over one dataset race, the loser re-reads the winner's rows and writes only what is still
@@ -385,22 +424,32 @@ def append_new(path: str, table: pa.Table, lineage: dict, retries: int = 8) -> t
     # small row groups: LatentBatches reads and caches the table a row group at a time
     writer = WriterProperties(max_row_group_size=ROW_GROUP_ROWS)
     keys = list(zip(*(table[c].to_pylist() for c in KEY)))
+    what = _what(table)
     for attempt in range(retries + 1):
         snapshot = DeltaTable(path) if DeltaTable.is_deltatable(path) else None
-        new = table
+        new, replaced = table, 0
         if snapshot is not None:
-            have = _keys(snapshot)
-            new = table.filter(pa.array([k not in have for k in keys], pa.bool_()))
+            have = _made(snapshot)
+            stale = lambda k, w: have[k][1] != w[1] or (replace and have[k][0] != w[0])
+            new = table.filter(pa.array([k not in have or stale(k, w) for k, w in zip(keys, what)], pa.bool_()))
             if new.num_rows == 0:
                 return None, 0
-        info = {**lineage, "rows_written": new.num_rows}
+            replaced = sum(k in have for k in zip(*(new[c].to_pylist() for c in KEY)))
+        info = {**lineage, "rows_written": new.num_rows, "rows_replaced": replaced}
         props = CommitProperties(custom_metadata={LINEAGE_KEY: json.dumps(info)}, max_commit_retries=0)
         try:
             if snapshot is None:  # creating it: a writer that created it meanwhile makes this fail
                 write_deltalake(path, new, mode="error", commit_properties=props, writer_properties=writer)
                 return 0, new.num_rows
             base = snapshot.version()  # write_deltalake moves the DeltaTable it is given on to its commit
-            write_deltalake(snapshot, new, mode="append", commit_properties=props, writer_properties=writer)
+            if replaced:  # old rows out, new rows in: one merge, so a reader never sees a clip twice or not at all
+                on = " AND ".join(f"t.{c} = s.{c}" for c in KEY)
+                (snapshot.merge(new, on, source_alias="s", target_alias="t", merge_schema=True,
+                                writer_properties=writer, commit_properties=props)
+                 .when_matched_update_all().when_not_matched_insert_all().execute())
+            else:  # schema_mode merge: a table from before the settings column gains it
+                write_deltalake(snapshot, new, mode="append", schema_mode="merge", commit_properties=props,
+                                writer_properties=writer)
             return base + 1, new.num_rows  # no commit retries: the commit is the one after the snapshot
         except (CommitFailedError, DeltaError) as e:
             lost_race = isinstance(e, CommitFailedError) or (snapshot is None and DeltaTable.is_deltatable(path))
@@ -467,7 +516,8 @@ def precompute(dataset_root, version: int, vae_path: str, text_encoder: str = "o
                text_weights: str | None = None, out: str | None = None, *, short_sides=SHORT_SIDES,
                frame_buckets=FRAME_BUCKETS, patch=(1, 2, 2), max_aspect: float = 2.0, max_clips: int | None = None,
                concurrency: int = 1, use_gpu: bool | None = None, batch_size: int = 8,
-               retry_errors: bool = False, progress=None, dtype: str = "float32") -> PrecomputeResult:
+               retry_errors: bool = False, progress=None, dtype: str = "float32",
+               replace: bool = False) -> PrecomputeResult:
     """Encode the kept clips of clips-table `version` into the latents table; ONE commit per run.
 
     out: the latents table path (default <root>/latents). short_sides / frame_buckets: the bucket
@@ -475,8 +525,13 @@ def precompute(dataset_root, version: int, vae_path: str, text_encoder: str = "o
     the DiT patch (t, h, w) the sizes must divide into. max_clips: encode at most this many new
     clips this run (the rest on the next run): bounds the driver's memory, since the run's rows
     are committed together. retry_errors: also retry clips the error log names. dtype: what the
-    latents and text embeddings are stored as (STORE_DTYPES; readers get float32). concurrency:
-    actors per encoder. use_gpu: None = when CUDA is present. progress(done, total): called as
+    latents and text embeddings are stored as (STORE_DTYPES; readers get float32). Clips that already
+    have rows for these encoders made under other settings (buckets, patch, max_aspect, dtype) are a
+    ValueError naming both, unless `replace`: then they are encoded again and their rows rewritten in
+    this run's one commit (rows from before settings were recorded count as the same settings, but
+    `replace` rewrites them too). A clip whose row holds another caption (a recaptioned version) is
+    encoded again and its row replaced in the same commit. concurrency:
+    actors per encoder. use_gpu: None = when the Ray cluster has GPUs. progress(done, total): called as
     rows arrive. Lineage (clips version, vae/text encoder sha,
     counts, errors) goes in the commit info under "spacetime"."""
     import ray
@@ -484,11 +539,12 @@ def precompute(dataset_root, version: int, vae_path: str, text_encoder: str = "o
 
     if dtype not in STORE_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(STORE_DTYPES)}, got {dtype!r}")
+    if len(patch) != 3:  # (t, h) alone failed mid-run; a fourth value was silently dropped
+        raise ValueError(f"patch must be three integers (t, h, w), got {tuple(patch)}")
     if max_clips is not None and max_clips < 1:  # 0 wrote nothing and said so as if all were done; -1 dropped one
         raise ValueError(f"max_clips must be >= 1 (or None: every clip), got {max_clips}")
     root = str(Path(dataset_root).resolve())
     out = out or latents_path(root)
-    use_gpu = torch.cuda.is_available() if use_gpu is None else use_gpu
     vae_sha = sha256_file(vae_path)
     vcfg = load_vae(vae_path).cfg
     multiple = vcfg.space_factor * max(patch[1], patch[2])
@@ -501,14 +557,24 @@ def precompute(dataset_root, version: int, vae_path: str, text_encoder: str = "o
     # what decides whether a readable clip fits a bucket: the error log's entries hold only under the same
     settings = {"frame_buckets": sorted(frame_buckets), "short_sides": sorted(short_sides), "patch": list(patch),
                "max_aspect": max_aspect}
+    row_settings = json.dumps({**settings, "dtype": dtype}, sort_keys=True)  # what shapes a row: stored with it
     encoder = TextEncoder(text_encoder, text_weights)  # in the driver too: its sha decides what to skip
     te_sha = encoder.sha
     del encoder
 
     rows = kept_clips(root, version)
-    done = existing_keys(out)
+    have = existing_rows(out)
+    # clip_id -> (settings, caption) of its row for these encoders
+    made = {r["clip_id"]: have[k] for r in rows if (k := (r["clip_id"], vae_sha, te_sha)) in have}
+    other = [c for c, (s, _) in made.items() if s is not None and s != row_settings]
+    if other and not replace:  # skipping them would leave rows the user did not ask for, silently
+        raise ValueError(f"{len(other)} clip(s) of version {version} already have latents in {out} for this VAE and "
+                         f"text encoder made with other settings ({settings_diff(made[other[0]][0], row_settings)}): "
+                         f"pass those settings to resume, or --replace to encode them again with these (one commit)")
     failed = set() if retry_errors else logged_errors(out, settings)
-    todo = [r for r in rows if (r["clip_id"], vae_sha, te_sha) not in done]
+    # a clip whose caption changed (a recaptioned version) is encoded again: its row must embed this caption
+    todo = [r for r in rows if r["clip_id"] not in made or made[r["clip_id"]][1] != r["caption"]
+            or (replace and made[r["clip_id"]][0] != row_settings)]
     skipped = len(rows) - len(todo)
     known = sum((r["clip_id"], vae_sha, te_sha) in failed for r in todo)
     todo = [r for r in todo if (r["clip_id"], vae_sha, te_sha) not in failed]
@@ -516,13 +582,17 @@ def precompute(dataset_root, version: int, vae_path: str, text_encoder: str = "o
         todo = todo[:max_clips]
     res = PrecomputeResult(version=None, written=0, skipped=skipped, known_errors=known, vae_sha=vae_sha,
                            text_encoder_sha=te_sha, clips_version=version)
-    log.info("precompute: %d kept clips in version %d, %d already encoded, %d logged unreadable, %d to do; %s",
-             len(rows), version, skipped, known, len(todo), "GPU" if use_gpu else "CPU")
+    log.info("precompute: %d kept clips in version %d, %d already encoded, %d logged unreadable, %d to do",
+             len(rows), version, skipped, known, len(todo))
     if not todo:
         return res
 
     if not ray.is_initialized():
         ray.init(ignore_reinit_error=True, log_to_driver=False, include_dashboard=False, logging_level=logging.WARNING)
+    if use_gpu is None:  # the cluster's GPUs, not this process's: a CPU head node drives GPU workers
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    res.gpu = bool(use_gpu)
+    log.info("precompute: encoders on %s", "GPU" if use_gpu else "CPU")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     # Fractional CPUs on CPU-only nodes: the two encoder actors must leave room for the decode tasks,
@@ -543,8 +613,9 @@ def precompute(dataset_root, version: int, vae_path: str, text_encoder: str = "o
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for i in range(len(batch["clip_id"])):
             if batch["error"][i]:
-                res.errors.append({"clip_id": str(batch["clip_id"][i]), "clip_uri": str(batch["clip_uri"][i]),
-                                   "reason": str(batch["error"][i])})
+                (res.retry if batch["retry"][i] else res.errors).append(
+                    {"clip_id": str(batch["clip_id"][i]), "clip_uri": str(batch["clip_uri"][i]),
+                     "reason": str(batch["error"][i])})
                 log.warning("precompute: clip %s skipped: %s", batch["clip_id"][i], batch["error"][i])
                 continue
             t, h, w = (int(v) for v in batch["bucket_thw"][i])
@@ -555,9 +626,9 @@ def precompute(dataset_root, version: int, vae_path: str, text_encoder: str = "o
                          "frame_offset": int(batch["frame_offset"][i]), "fps": float(batch["fps"][i]),
                          "latent": bytes(batch["latent"][i]), "text_embedding": bytes(batch["text_embedding"][i]),
                          "caption": str(batch["caption"][i]), "vae_sha": vae_sha, "text_encoder_sha": te_sha,
-                         "clips_version": int(version)})
+                         "clips_version": int(version), "settings": row_settings})
         if progress is not None:
-            progress(len(good) + len(res.errors), len(todo))
+            progress(len(good) + len(res.errors) + len(res.retry), len(todo))
     if res.errors:  # appended before the commit: a crash after it only means a retry next time
         errors_path(out).parent.mkdir(parents=True, exist_ok=True)
         with open(errors_path(out), "a") as f:
@@ -575,9 +646,10 @@ def precompute(dataset_root, version: int, vae_path: str, text_encoder: str = "o
         lineage = {"stage": "precompute", "clips_version": int(version), "vae_sha": vae_sha, "vae_path": str(vae_path),
                    "text_encoder": text_encoder,
                    "text_weights": str(Path(text_weights).resolve()) if text_weights else None, "text_encoder_sha": te_sha, "dtype": dtype, "rows_written": len(good),
+                   "settings": json.loads(row_settings), "out_of_memory": len(res.retry), "gpu": use_gpu,
                    "skipped": skipped, "errors": len(res.errors), "error_list": res.errors[:50],
                    "buckets": buckets, "committed_at": time.time()}
-        res.version, written = append_new(out, table, lineage)
+        res.version, written = append_new(out, table, lineage, replace=replace)
         if written < len(good):
             log.info("precompute: %d rows were committed meanwhile by another run; not written twice",
                      len(good) - written)

@@ -111,16 +111,23 @@ def grid_multiples(vae: VAE, patch) -> tuple[int, int, int]:
     return f, s * patch[1], s * patch[2]
 
 
+def nearest(n: int, m: int) -> int:
+    """n rounded to the nearest multiple of m, halves up (round() takes halves to even: --frames 3 on a
+    1 + 4k grid became 1 frame while 7 became 9)."""
+    return (n + m // 2) // m * m
+
+
 def fit_size(vae: VAE, patch, frames: int, height: int, width: int, warn: bool = True):
-    """Nearest (frames, height, width) the patch grid allows, warning when it differs from the request.
+    """Nearest (frames, height, width) the patch grid allows (halfway: the longer / larger one), warning
+    when it differs from the request.
     ValueError for non-positive sizes or a side over MAX_SIDE after rounding."""
     if min(frames, height, width) < 1:
         raise ValueError(f"frames, height and width must be positive, got {frames}x{height}x{width}")
     f, mh, mw = grid_multiples(vae, patch)
     pt = patch[0]
-    t = max(1, round((frames - 1) / f) + 1)  # latent frames
+    t = max(1, nearest(frames - 1, f) // f + 1)  # latent frames
     t = math.ceil(t / pt) * pt
-    fit = (1 + f * (t - 1), max(mh, round(height / mh) * mh), max(mw, round(width / mw) * mw))
+    fit = (1 + f * (t - 1), max(mh, nearest(height, mh)), max(mw, nearest(width, mw)))
     if max(fit[1:]) > MAX_SIDE:
         raise ValueError(f"size {fit[1]}x{fit[2]} is over the {MAX_SIDE}-pixel limit per side")
     if warn and fit != (frames, height, width):

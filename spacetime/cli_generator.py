@@ -2,12 +2,13 @@
 
     spacetime train-vae  --dataset ROOT [--version N] --out runs/vae [--steps 500 --frames 9 --size 64]
                          [--perceptual vgg16.safetensors] [--adversarial-weight 0.1 --disc-start 2000] [--workers K]
-    spacetime precompute --dataset ROOT --version N --vae runs/vae [--text-encoder open_clip:ViT-B-32]
+    spacetime precompute --dataset ROOT --version N --vae runs/vae [--text-encoder open_clip:ViT-B-32] [--replace]
     spacetime train      --dataset ROOT --latents-version M --out runs/dit [--preset DiT_XS] [--workers K]
 
 `register(app)` adds them to the main typer app (spacetime/cli.py). Errors are one line on stderr
 with exit status 2 (bad input) or 1 (failure); precompute exits 3 when some kept clips have no latent
-because they could not be read (this run or, per its error log, before).
+because they could not be read (this run or, per its error log, before), and 1 when some ran out of
+memory (those are not logged as unreadable: a rerun retries them).
 The VAE (generator.vae_train) and the DiT (generator.train) train in this process, or over K Ray
 Train TorchTrainer workers (DDP; FSDP as an option for the DiT) with --workers K.
 """
@@ -219,18 +220,19 @@ def precompute_cmd(
         retry_errors: bool = typer.Option(False, "--retry-errors", help="retry clips the error log names as unreadable"),
         dtype: str = typer.Option("float32", "--dtype",
                                   help="float32 | bfloat16 | float16: what latents and text embeddings are stored as "
-                                       "(16-bit halves the table and the trainer's reads; training reads float32)")):
+                                       "(16-bit halves the table and the trainer's reads; training reads float32)"),
+        replace: bool = typer.Option(False, "--replace",
+                                     help="clips already encoded with these encoders under other settings (--dtype, "
+                                          "--short-sides, --frame-buckets, --patch) are encoded again and their rows "
+                                          "rewritten, in this run's one commit; without it such a rerun is refused")):
     """Encode kept clips into VAE latents + caption embeddings: the `latents` table (one commit; reruns skip done rows)."""
-    import torch
-
     from generator.precompute import precompute
 
     root = dataset.resolve()
     vae_path = _vae_file(vae)
     if text_weights is not None and not text_weights.is_file():
         _fail(f"text encoder weights not found: {text_weights}")
-    typer.echo(f"precompute: {root} clips version {version}, VAE {vae_path}, text {text_encoder}, "
-               f"{'GPU' if torch.cuda.is_available() else 'CPU'}")
+    typer.echo(f"precompute: {root} clips version {version}, VAE {vae_path}, text {text_encoder}")
     last = [0.0]
 
     def progress(done, total):
@@ -242,17 +244,24 @@ def precompute_cmd(
                          short_sides=_ints(short_sides, "--short-sides"),
                          frame_buckets=_ints(frame_buckets, "--frame-buckets"), patch=_ints(patch, "--patch"),
                          max_clips=max_clips, concurrency=concurrency, retry_errors=retry_errors, progress=progress,
-                         dtype=dtype)
+                         dtype=dtype, replace=replace)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     except Exception as e:  # noqa: BLE001 - e.g. an unknown open_clip model or a failed Ray job, in one line
         _fail(f"precompute failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}", 1)
     for err in res.errors:
         typer.secho(f"  unreadable: {err['clip_id']} {err['clip_uri']}: {err['reason']}", err=True)
+    for err in res.retry:
+        typer.secho(f"  out of memory (not logged; a rerun retries it): {err['clip_id']} {err['clip_uri']}: "
+                    f"{err['reason']}", err=True)
     where = f"latents version {res.version}" if res.version is not None else "nothing new to write"
     typer.echo(f"precompute: wrote {res.written}, skipped {res.skipped} (already encoded), errors {len(res.errors)}, "
                f"{res.known_errors} skipped as unreadable before (--retry-errors to retry); {where} "
-               f"(vae {res.vae_sha[:12]}, text {res.text_encoder_sha[:12]})")
+               f"(vae {res.vae_sha[:12]}, text {res.text_encoder_sha[:12]})"
+               + ("" if res.gpu is None else f", encoders on {'GPU' if res.gpu else 'CPU'}"))
+    if res.retry:  # the machine failed, not the clips: rerun (smaller buckets or --concurrency 1 if it repeats)
+        _fail(f"{len(res.retry)} clip(s) ran out of memory and were not encoded: rerun precompute to retry them "
+              f"(with --concurrency 1 or smaller --short-sides / --frame-buckets if it happens again)", 1)
     if res.errors or res.known_errors:  # finished, but not every kept clip has a latent
         raise typer.Exit(3)
 
@@ -308,6 +317,9 @@ def train_cmd(
     root = dataset.resolve()
     if strategy not in STRATEGIES:
         _fail(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if resume and init_from is not None:  # a resume continues --out's own weights: --init-from would be ignored
+        _fail(f"--resume continues the run in {out}; --init-from starts a new run from {init_from}'s weights: "
+              f"pass one of them")
     try:
         cond_ratios = parse_ratios(cond_mix)
     except ValueError as e:
@@ -361,6 +373,12 @@ def train_cmd(
         diff = [f"{k}: {was[k]} -> {v}" for k, v in now.items() if k not in RUNTIME_ONLY and k in was and was[k] != v]
         if diff:
             _fail(f"--init-from {init_from} is another model ({'; '.join(diff)}): pass its --preset and --patch")
+        base = json.loads((init_from / "run.json").read_text()) if (init_from / "run.json").is_file() else {}
+        for key, what, flag in (("vae_sha", "VAE", "--vae-sha"),
+                                ("text_encoder_sha", "text encoder", "--text-encoder-sha")):
+            if base.get(key) not in (None, getattr(data, key)):  # same shapes, another latent or caption space
+                _fail(f"--init-from {init_from} was trained with {what} {base[key][:12]}, these latents are of "
+                      f"{getattr(data, key)[:12]}: precompute with that {what} (or pass {flag} {base[key][:12]})")
     if resume and has_ckpt:  # refused here, before run.json is rewritten with the refused settings
         from generator.train import check_resume_config, checkpoint_meta
         try:

@@ -297,9 +297,9 @@ def retrain(spec_path: Optional[str], sources: list[str], dataset: str, run_dir:
     # -- latents + caption embeddings
     text_args = ["--text-encoder", cfg.text_encoder] + (["--text-weights", cfg.text_weights] if cfg.text_weights else [])
 
-    def do_precompute():
+    def do_precompute():  # --replace: rows an earlier run made under other settings would not be this stage's
         spacetime_cmd(["precompute", "--dataset", root, "--version", str(version), "--vae", vae["vae"],
-                       *text_args, "--short-sides", cfg.short_sides], logs / "precompute.log", log)
+                       *text_args, "--short-sides", cfg.short_sides, "--replace"], logs / "precompute.log", log)
         from deltalake import DeltaTable
 
         return {"latents_version": DeltaTable(str(Path(root) / "latents")).version()}

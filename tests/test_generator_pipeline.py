@@ -260,9 +260,125 @@ def test_precompute_error_log_holds_only_under_its_bucket_settings(dataset, vae_
     assert res.written == 0 and res.known_errors == 1 and not res.errors
 
 
-def test_precompute_refuses_max_clips_below_one(app, tmp_path):
+def test_precompute_under_other_settings_is_refused_or_replaced_in_one_commit(app, latents, dataset, vae_dir,
+                                                                             ray_session, tmp_path):
+    """A rerun with another --dtype or bucket setting silently kept the old rows (the skip key was clip +
+    encoders), so a user who changed buckets believed they had new latents. Each row records its settings:
+    such a rerun is one error line naming old and new; the same settings still resume; replace rewrites
+    those clips' rows with the new settings in one commit."""
+    from generator.precompute import precompute
+    r = CliRunner().invoke(app, ["precompute", "--dataset", str(dataset), "--version", "0", "--vae", str(vae_dir),
+                                 *ENCODERS, "--dtype", "bfloat16"])
+    assert r.exit_code == 2 and "dtype: float32 -> bfloat16" in r.output and "--replace" in r.output, r.output
+    vae, out = str(vae_dir / "vae.safetensors"), str(tmp_path / "latents")
+    run = lambda buckets, **kw: precompute(dataset, 0, vae, "open_clip:ViT-S-32-alt", out=out, short_sides=(32,),
+                                           frame_buckets=buckets, **kw)
+    assert run((1, 5, 9, 17), max_clips=2).written == 2                   # clip-a and clip-b
+    with pytest.raises(ValueError, match=r"2 clip\(s\) .* settings \(frame_buckets: \[1, 5, 9, 17\] -> \[1, 5, 9\]\)"):
+        run((1, 5, 9))
+    assert DeltaTable(out).version() == 0
+    res = run((1, 5, 9, 17))                                             # the same settings: a resume
+    assert res.skipped == 2 and res.written == 2 and DeltaTable(out).version() == 1
+    res = run((1, 5, 9), replace=True)
+    assert res.skipped == 0 and res.written == 4
+    dt = DeltaTable(out)
+    assert dt.version() == 2 and json.loads(dt.history(1)[0]["spacetime"])["rows_replaced"] == 4  # one commit
+    rows = {r["clip_id"]: r for r in dt.to_pyarrow_table().to_pylist()}
+    assert sorted(rows) == ["clip-a", "clip-b", "clip-img", "clip-ref"]  # each clip once
+    assert rows["clip-a"]["pixels"]["frames"] == 9 and rows["clip-a"]["bucket"]["frames"] == 3
+    assert all(json.loads(r["settings"])["frame_buckets"] == [1, 5, 9] for r in rows.values())
+    assert run((1, 5, 9)).written == 0                                   # and those now resume
+
+
+def test_append_new_replace_rewrites_rows_of_other_settings_in_a_table_without_the_column(tmp_path):
+    """A latents table written before rows recorded their settings gains the column on append; replace
+    swaps a clip's row in one merge commit; without replace a present clip is never written twice."""
+    from generator.precompute import append_new
+    out = str(tmp_path / "latents")
+    write_deltalake(out, pa.table({"clip_id": ["a", "b"], "vae_sha": ["v"] * 2, "text_encoder_sha": ["t"] * 2}))
+    rows = lambda *ids, s="new": pa.table({"clip_id": list(ids), "vae_sha": ["v"] * len(ids),
+                                           "text_encoder_sha": ["t"] * len(ids), "settings": [s] * len(ids)})
+    assert append_new(out, rows("a", "c"), {}) == (1, 1)                 # c only: a is present
+    assert append_new(out, rows("a", "c"), {}, replace=True) == (2, 1)   # a: unrecorded -> new; c the same
+    t = DeltaTable(out).to_pyarrow_table().sort_by("clip_id")
+    assert t["clip_id"].to_pylist() == ["a", "b", "c"] and t["settings"].to_pylist() == ["new", None, "new"]
+    assert DeltaTable(out).history(1)[0]["operation"] == "MERGE"
+
+
+def test_precompute_out_of_memory_is_not_logged_as_unreadable(app, dataset, vae_dir, ray_session, tmp_path,
+                                                              monkeypatch):
+    """A CUDA out-of-memory in the VAE encode was caught like a bad file and went into the error log, so
+    the clip was skipped as 'unreadable before' by every later run. It is not the clip's fault: the run
+    names it, exits 1, logs nothing for it, and the next run encodes it."""
+    import shutil
+
+    import generator.precompute as pre
+    from generator.precompute import logged_errors
+
+    class OutOfMemory(pre.VAEEncoder):  # a local class: Ray ships it to the actor by value
+        def encode(self, video):
+            if video.shape[0] == 17:  # clip-a, the one 17-frame clip
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return super().encode(video)
+
+    shutil.copytree(dataset / "clips", tmp_path / "clips")  # a root of its own (the clips point at the same media)
+    args = ["precompute", "--dataset", str(tmp_path), "--version", "0", "--vae", str(vae_dir), *ENCODERS]
+    monkeypatch.setattr(pre, "VAEEncoder", OutOfMemory)
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 1 and "out of memory (not logged; a rerun retries it): clip-a" in r.output, r.output
+    assert "wrote 3," in r.output and "1 clip(s) ran out of memory" in r.output, r.output
+    assert {k[0] for k in logged_errors(str(tmp_path / "latents"))} == {"clip-broken"}
+    monkeypatch.undo()
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 3 and "wrote 1, skipped 3" in r.output and "1 skipped as unreadable" in r.output, r.output
+
+
+def test_precompute_of_a_recaptioned_version_embeds_its_captions(app, latents, dataset, vae_dir, tmp_path):
+    """The captioner writes new captions as a new clips version; precompute of that version skipped every
+    clip already encoded (the key is clip + encoders), so the DiT silently trained on the old captions. A
+    clip whose caption changed is encoded again and its row replaced, in the run's one commit."""
+    import shutil
+    for name in ("clips", "latents", "latents_errors.jsonl"):  # a copy of the dataset, latents included
+        (shutil.copytree if (dataset / name).is_dir() else shutil.copy)(dataset / name, tmp_path / name)
+    clips = DeltaTable(str(tmp_path / "clips")).to_pyarrow_table()
+    dense = ["a blue bar" if c == "clip-a" else d for c, d in zip(clips["clip_id"].to_pylist(),
+                                                                   clips["caption_dense"].to_pylist())]
+    write_deltalake(str(tmp_path / "clips"), clips.set_column(clips.schema.get_field_index("caption_dense"),
+                                                              "caption_dense", pa.array(dense, pa.string())),
+                    mode="overwrite")  # version 1: recaptioned
+    r = CliRunner().invoke(app, ["precompute", "--dataset", str(tmp_path), "--version", "1", "--vae", str(vae_dir),
+                                 *ENCODERS])
+    assert r.exit_code == 3 and "wrote 1, skipped 3" in r.output, r.output
+    old = {r["clip_id"]: r for r in DeltaTable(str(dataset / "latents")).to_pyarrow_table().to_pylist()}
+    dt = DeltaTable(str(tmp_path / "latents"))
+    new = {r["clip_id"]: r for r in dt.to_pyarrow_table().to_pylist()}
+    assert dt.version() == 1 and sorted(new) == sorted(old) and dt.to_pyarrow_table().num_rows == 4  # replaced
+    assert new["clip-a"]["caption"] == "a blue bar" and new["clip-a"]["clips_version"] == 1
+    assert new["clip-a"]["text_embedding"] != old["clip-a"]["text_embedding"]
+    assert new["clip-b"] == old["clip-b"]                                 # unchanged captions: the rows as they were
+
+
+def test_precompute_encodes_on_the_clusters_gpus_from_a_cpu_driver(dataset, vae_dir, tmp_path):
+    """use_gpu defaulted to the driver's own CUDA: from a CPU head node (`spacetime submit`) the encoders
+    ran on CPU beside idle GPU workers. It follows the Ray cluster's GPUs: here one declared on this CPU
+    machine (a fresh Ray in a subprocess; 4 logical CPUs: each GPU actor holds one); the actors ask for it
+    and fall back to CPU torch."""
+    import sys
+    from pathlib import Path
+    vae, out = str(vae_dir / "vae.safetensors"), str(tmp_path / "latents")
+    script = (f"import ray\nfrom generator.precompute import precompute\n"
+              f"ray.init(address='local', num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False)\n"
+              f"res = precompute({str(dataset)!r}, 0, {vae!r}, 'open_clip:ViT-S-32-alt', out={out!r}, "
+              f"short_sides=(32,), frame_buckets=(1, 5, 9, 17), max_clips=1)\nprint('RESULT', res.gpu, res.written)")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert "RESULT True 1" in r.stdout, (r.stdout, r.stderr[-2000:])
+    assert json.loads(DeltaTable(out).history(1)[0]["spacetime"])["gpu"] is True
+
+
+def test_precompute_refuses_max_clips_below_one_and_a_patch_not_of_three(app, tmp_path):
     """--max-clips 0 wrote nothing and exited 0 ("nothing new to write") with every clip still to
-    encode; -1 sliced off the last clip."""
+    encode; -1 sliced off the last clip. --patch 1,2 failed mid-run with an IndexError (exit 1)."""
     from generator.precompute import precompute
     for n in (0, -1):
         with pytest.raises(ValueError, match="max_clips must be >= 1"):
@@ -270,6 +386,11 @@ def test_precompute_refuses_max_clips_below_one(app, tmp_path):
         r = CliRunner().invoke(app, ["precompute", "--dataset", str(tmp_path), "--version", "0", "--vae",
                                      str(tmp_path), "--max-clips", str(n)])
         assert r.exit_code == 2 and "--max-clips" in r.output, r.output
+    (tmp_path / "vae.safetensors").write_bytes(b"")  # refused before it is read
+    for patch in ("1,2", "1,2,2,2"):  # two values failed after the VAE loaded (exit 1); four ran on three
+        r = CliRunner().invoke(app, ["precompute", "--dataset", str(tmp_path), "--version", "0", "--vae",
+                                     str(tmp_path / "vae.safetensors"), "--patch", patch])
+        assert r.exit_code == 2 and "patch must be three integers" in r.output, r.output
 
 
 def test_a_torn_error_log_line_does_not_stop_precompute(tmp_path):
@@ -426,7 +547,8 @@ def test_train_resume_on_another_vae_names_it(app, tmp_path):
 
 def test_train_refuses_init_from_another_model_before_writing_run_json(app, tmp_path):
     """--init-from a run of another preset or patch is one error line and leaves --out as it was (it
-    failed inside training, after run.json had recorded a run that never started)."""
+    failed inside training, after run.json had recorded a run that never started). So is a run trained on
+    another VAE's latents of the same shape (it fine-tuned silently in another latent space)."""
     tiny_latents(tmp_path)
     args = ["train", "--dataset", str(tmp_path), "--latents-version", "0", "--max-tokens", "64", "--steps", "1"]
     r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "base"), "--preset", "DiT_T"])
@@ -435,9 +557,30 @@ def test_train_refuses_init_from_another_model_before_writing_run_json(app, tmp_
         r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "ft"), "--init-from", str(tmp_path / "base"), *other])
         assert r.exit_code == 2 and "is another model" in r.output and named in r.output, r.output
         assert not (tmp_path / "ft").exists()
+    tiny_latents(tmp_path, vae="w")  # version 1: latents of another VAE too, the same shapes
+    r = CliRunner().invoke(app, [*args[:4], "1", *args[5:], "--vae-sha", "wwww", "--out", str(tmp_path / "ft"),
+                                 "--init-from", str(tmp_path / "base"), "--preset", "DiT_T"])
+    assert r.exit_code == 2 and "trained with VAE vvvvvvvvvvvv, these latents are of wwwwwwwwwwww" in r.output, r.output
+    assert "--vae-sha vvvvvvvvvvvv" in r.output and not (tmp_path / "ft").exists()  # fine-tuned in another latent space
     r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "ft"), "--init-from", str(tmp_path / "base"),
                                  "--preset", "DiT_T"])
     assert r.exit_code == 0, r.output
+
+
+def test_train_refuses_resume_with_init_from(app, tmp_path):
+    """--resume --init-from X continued --out's checkpoint and silently ignored X (or, with no checkpoint
+    yet, fine-tuned from X): the two are refused together, in one line, before anything is written."""
+    tiny_latents(tmp_path)
+    args = ["train", "--dataset", str(tmp_path), "--latents-version", "0", "--max-tokens", "64", "--steps", "1",
+            "--preset", "DiT_T"]
+    r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "base")])
+    assert r.exit_code == 0, r.output
+    before = (tmp_path / "base" / "run.json").read_bytes()
+    for out in ("base", "ft"):  # a run to resume, and a fresh --out
+        r = CliRunner().invoke(app, [*args, "--steps", "2", "--out", str(tmp_path / out), "--resume",
+                                     "--init-from", str(tmp_path / "base")])
+        assert r.exit_code == 2 and "--resume" in r.output and "pass one of them" in r.output, r.output
+    assert (tmp_path / "base" / "run.json").read_bytes() == before and not (tmp_path / "ft").exists()
 
 
 def test_train_dit_from_the_table_loss_falls(app, latents, dataset, tmp_path):

@@ -203,6 +203,18 @@ def test_sampler_refuses_zero_steps_and_a_guidance_scale_that_is_not_a_number(mo
         assert img.isfinite().all()
 
 
+def test_fit_size_rounds_halves_up(vae):
+    """round() took halves to even: --frames 3 (halfway between 1 and 5) became 1 frame while 7 became 9,
+    and a 12-pixel side became 16 while 20 became 16. Halves now go to the longer clip / larger side."""
+    fit = lambda *a: fit_size(vae, (1, 2, 2), *a, warn=False)
+    assert [fit(n, 16, 16)[0] for n in (2, 3, 7, 11)] == [1, 5, 9, 13]
+    assert [fit(1, h, h)[1:] for h in (12, 20, 28)] == [(16, 16), (24, 24), (32, 32)]
+    assert fit(4, 19, 21) == (5, 16, 24)  # off the halves: still the nearest
+    assert fit_size(vae, (2, 2, 2), 3, 16, 16, warn=False)[0] == 5  # p_t = 2: 2 latent frames
+    with pytest.warns(UserWarning, match="rounded 3 frames x 12x20 to 5 x 16x24"):
+        fit_size(vae, (1, 2, 2), 3, 12, 20)
+
+
 def test_big_frames_decode_tile_by_tile(vae):
     z = torch.randn(4, 1, 136, 144)  # 544 x 576 pixels: past DECODE_TILE, so decoded in blended tiles
     tiled = decode_latent(vae, z)
