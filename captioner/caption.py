@@ -4,14 +4,17 @@
       -> map_batches(decode_frames)                      CPU tasks: PyAV decode + sampling
       -> map_batches(Captioner, concurrency=n)           actor pool, model loaded once per actor
                                                          (one GPU each when CUDA is present)
-      -> caption_short, caption_dense, caption_model (= checkpoint hash), caption_error
+      -> caption_short, caption_dense, caption_model (= checkpoint hash), caption_method (the
+         decoding, decoding_key), caption_error
       -> the whole table rewritten as version N+1 with lineage in the commit metadata
          (custom_metadata: spacetime.operation=caption, caption_model, parent_version, code_version,
           counts = rows by status as every commit records them, caption_counts = this run's tally)
 
 Decoding is its own stage so Ray Data streams it ahead of inference: the actors never wait on
 PyAV. A clip that fails to decode keeps its previous captions and gets `caption_error`.
-Rerunning skips rows whose caption_model already equals this checkpoint's hash.
+Rerunning skips rows already captioned by this checkpoint with this decoding (caption_model and
+caption_method); another --method recaptions them. Rows written before caption_method was recorded
+(null) count as the default decoding's.
 """
 import hashlib
 import json
@@ -75,6 +78,17 @@ def decode_frames(batch: dict, num_frames: int, size: int, fit: str = "crop") ->
     return {"clip_id": batch["clip_id"], "frames": frames, "error": np.array(errors, dtype=object)}
 
 
+DEFAULT_DECODING = ("beam", 3, None)  # caption_dataset's method, num_beams, max_len defaults
+
+
+def decoding_key(method: str = "beam", num_beams: int = 3, max_len: int | None = None) -> str:
+    """The caption_method value: the decoding settings that change the captions, e.g. "beam num_beams=3",
+    "greedy", "top_p p=0.9 temperature=1.0 seed=0"; " max_len=N" when not the model's own."""
+    key = {"greedy": "greedy", "beam": f"beam num_beams={num_beams}",
+           "top_p": "top_p p=0.9 temperature=1.0 seed=0"}[method]  # Captioner leaves top_p at describe's defaults
+    return key + (f" max_len={max_len}" if max_len else "")
+
+
 class Captioner:
     """Ray Data actor: loads the captioner once, captions a batch of decoded clips in both styles."""
 
@@ -122,13 +136,19 @@ def caption_dataset(dataset_root, checkpoint, version: int | None = None, batch_
     model_id = checkpoint_hash(checkpoint)
     cfg = CaptionerConfig(**json.loads((Path(checkpoint) / "config.json").read_text()))
     kept = pc.and_(pc.equal(table["status"], "kept"), pc.is_valid(table["clip_id"]))
-    done = pc.fill_null(pc.equal(table["caption_model"], model_id), False)
+    method_id = decoding_key(method, num_beams, max_len)
+    if "caption_method" in table.column_names:  # null: captioned before it was recorded, by the default
+        was = pc.fill_null(table["caption_method"], decoding_key(*DEFAULT_DECODING))
+    else:
+        was = pa.array([decoding_key(*DEFAULT_DECODING)] * table.num_rows, pa.string())
+    done = pc.fill_null(pc.and_(pc.equal(table["caption_model"], model_id), pc.equal(was, method_id)), False)
     todo = table.filter(pc.and_(kept, pc.invert(done))).select(["clip_id", "clip_uri"])
     skipped = int(pc.sum(pc.and_(kept, done)).as_py() or 0)
-    summary = {"version": None, "parent_version": parent, "caption_model": model_id,
+    summary = {"version": None, "parent_version": parent, "caption_model": model_id, "caption_method": method_id,
                "captioned": 0, "failed": 0, "skipped": skipped}
     if todo.num_rows == 0:
-        log(f"caption: nothing to do at version {parent} ({skipped} clips already captioned by {model_id})")
+        log(f"caption: nothing to do at version {parent} ({skipped} clips already captioned by {model_id}, "
+            f"{method_id})")
         return summary
     use_gpu = torch.cuda.is_available()
     log(f"caption: {todo.num_rows} clips, {concurrency} actor(s) on {'GPU' if use_gpu else 'CPU'}, "
@@ -145,13 +165,14 @@ def caption_dataset(dataset_root, checkpoint, version: int | None = None, batch_
                             num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1)
                .take_all())
     by_id = {r["clip_id"]: r for r in results}
-    new_table = _apply(table, by_id, model_id)
+    new_table = _apply(table, by_id, model_id, method_id)
     summary["captioned"] = sum(1 for r in results if not r["error"])
     summary["failed"] = len(results) - summary["captioned"]
     # delta-rs reserves "operation" (it writes "WRITE"), hence the prefixed key. pipeline.store.history
     # JSON-decodes each value: `counts` must be rows by status, as in every other commit, and the
     # code version is JSON-encoded so a bare commit hash such as "1234567" stays a string
-    meta = {"spacetime.operation": "caption", "caption_model": model_id, "parent_version": str(parent),
+    meta = {"spacetime.operation": "caption", "caption_model": model_id, "caption_method": method_id,
+            "parent_version": str(parent),
             "code_version": json.dumps(code_version()), "counts": json.dumps(status_counts(new_table)),
             "caption_counts": json.dumps({k: summary[k] for k in ("captioned", "failed", "skipped")})}
     # The overwrite is the whole table as read at `parent`: commit it against that snapshot with
@@ -169,10 +190,11 @@ def caption_dataset(dataset_root, checkpoint, version: int | None = None, batch_
     return summary
 
 
-def _apply(table: pa.Table, by_id: dict, model_id: str) -> pa.Table:
+def _apply(table: pa.Table, by_id: dict, model_id: str, method_id: str) -> pa.Table:
     """New caption columns: results where decoding worked; old captions + caption_error where not."""
     cols = {name: table[name].to_pylist() for name in ("caption_short", "caption_dense", "caption_model")}
     errors = table["caption_error"].to_pylist() if "caption_error" in table.column_names else [None] * table.num_rows
+    methods = table["caption_method"].to_pylist() if "caption_method" in table.column_names else [None] * table.num_rows
     for i, cid in enumerate(table["clip_id"].to_pylist()):
         r = by_id.get(cid)
         if r is None:
@@ -181,9 +203,12 @@ def _apply(table: pa.Table, by_id: dict, model_id: str) -> pa.Table:
             errors[i] = r["error"]
         else:
             cols["caption_short"][i], cols["caption_dense"][i] = r["caption_short"], r["caption_dense"]
-            cols["caption_model"][i], errors[i] = model_id, None
+            cols["caption_model"][i], methods[i], errors[i] = model_id, method_id, None
     for name, values in cols.items():
         table = table.set_column(table.column_names.index(name), name, pa.array(values, table.schema.field(name).type))
-    if "caption_error" in table.column_names:
-        return table.set_column(table.column_names.index("caption_error"), "caption_error", pa.array(errors, pa.string()))
-    return table.append_column("caption_error", pa.array(errors, pa.string()))
+    for name, values in (("caption_method", methods), ("caption_error", errors)):
+        if name in table.column_names:
+            table = table.set_column(table.column_names.index(name), name, pa.array(values, pa.string()))
+        else:
+            table = table.append_column(name, pa.array(values, pa.string()))
+    return table

@@ -102,6 +102,8 @@ def read_clip_frames(uri: str, num_frames: int, size: int, fit: str = "crop") ->
     path, start, end = parse_clip_uri(uri)
     try:
         with av.open(path) as container:
+            if not container.streams.video:  # an audio-only file: a reason, not an IndexError that fails the batch
+                raise ValueError(f"cannot decode {uri}: no video stream")
             stream = container.streams.video[0]
             if end is None:
                 end = stream.frames or _count_frames(container, stream)

@@ -127,10 +127,12 @@ def clip_score(videos: list[np.ndarray], captions: list[str], clip) -> float:
 
 
 def evaluate(hyps: dict, refs: dict, truths: dict | None = None, vocab: dict | None = None,
-             videos: dict | None = None, clip=None, out_json=None, name: str = "captioner") -> dict:
+             videos: dict | None = None, clip=None, out_json=None, name: str = "captioner",
+             info: dict | None = None) -> dict:
     """Score one system. hyps {id: caption}; refs {id: [refs]}; truths {id: attribute dict};
-    videos {id: frames} + clip (load_clip) for CLIPScore. Prints a table, writes JSON if asked."""
-    result = {"system": name, "n": len(set(refs) & set(hyps)), **caption_scores(refs, hyps)}
+    videos {id: frames} + clip (load_clip) for CLIPScore; info: fields recorded beside the scores
+    (what was scored). Prints a table, writes JSON if asked."""
+    result = {"system": name, "n": len(set(refs) & set(hyps)), **(info or {}), **caption_scores(refs, hyps)}
     if truths:
         ids = [i for i in hyps if i in truths]
         acc = attribute_accuracy([hyps[i] for i in ids], [truths[i] for i in ids], vocab)

@@ -113,23 +113,22 @@ def build_tokenizer(texts, min_count: int = 1) -> Tokenizer:
     """A lower-cased word-level tokenizer over `texts`; ids 0..4 are SPECIAL_TOKENS.
 
     Words seen fewer than `min_count` times map to <unk>. Built offline: no hub, no BPE merges
-    to learn, and the vocabulary of templated or teacher captions is small.
+    to learn, and the vocabulary of templated or teacher captions is small. Text is NFC-normalised
+    first, so an accent typed as a combining mark (NFD) is the same word as the precomposed one.
     """
+    norm, pre = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()]), pre_tokenizers.Whitespace()
     counts = {}
     for text in texts:
-        for word in _split_words(text):
+        # words split by the tokenizer's own normaliser and pre-tokenizer: Python's lower() and \w
+        # differ from them on odd unicode (final sigma, dotted I, combining marks), and a word counted
+        # under another spelling than the one encoding looks up would always be <unk>
+        for word, _ in pre.pre_tokenize_str(norm.normalize_str(text)):
             counts[word] = counts.get(word, 0) + 1
     words = sorted(w for w, n in counts.items() if n >= min_count and w not in SPECIAL_TOKENS)
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.normalizer, tok.pre_tokenizer = norm, pre
     return tok
-
-
-def _split_words(text: str) -> list[str]:
-    # the same split as pre_tokenizers.Whitespace after lower-casing
-    return re.findall(r"\w+|[^\w\s]+", text.lower())
 
 
 def encode_caption(tok: Tokenizer, text: str, style: str, max_len: int) -> list[int]:

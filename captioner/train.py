@@ -95,6 +95,8 @@ class CaptionData:
 def split_by_source(source_shas, val_fraction: float, seed: int = 0) -> np.ndarray:
     """Bool mask, True = validation. Whole sources go to one side: the ceil(fraction * n_sources)
     sources with the smallest seeded hash (deterministic, independent of row order)."""
+    if not 0 <= val_fraction <= 1:  # a negative one would slice from the end: nearly all held out
+        raise ValueError(f"val_fraction must be in [0, 1], got {val_fraction}")
     sources = sorted(set(source_shas), key=lambda s: hashlib.sha256(f"{seed}:{s}".encode()).hexdigest())
     n_val = math.ceil(val_fraction * len(sources)) if len(sources) > 1 else 0
     val = set(sources[:n_val])
@@ -170,6 +172,10 @@ def prepare(dataset_root, version, out_dir, cfg: TrainConfig):
                                  fit=mcfg.frame_fit)
     train = make_data(train_rows, frames, tok, mcfg.max_text_len, cfg.reverse_swap if cfg.reverse else None)
     val = evenly_spaced(make_data(val_rows, frames, tok, mcfg.max_text_len), cfg.frame_pool)
+    if not len(train):  # nothing to draw batches from: say why here, not as a sampling error in the loop
+        first = next((e for cid, e in errors.items() if cid in {r["clip_id"] for r in train_rows}), None)
+        raise ValueError(f"no training clip of {dataset_root} version {read_version} could be decoded "
+                         f"({len(train_rows)} training clips{f', e.g. {first}' if first else ''})")
     info = {"dataset_root": str(dataset_root), "train_clips": len(train), "val_clips": len(val),
             "decode_errors": errors, "data": data}
     return tok, mcfg, train, val, info
@@ -376,6 +382,31 @@ def _finite_on_every_rank(loss) -> bool:
     return bool(ok.item())
 
 
+def _history_upto(out_dir, step: int) -> None:
+    """Keep the history.jsonl records of steps <= `step`: the steps a killed run took after its last
+    checkpoint are trained and logged again on resume (a line torn by the kill is dropped)."""
+    path = Path(out_dir) / "history.jsonl"
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+
+
+def _append_history(out_dir, records: list) -> None:
+    Path(out_dir).mkdir(parents=True, exist_ok=True)  # before the first checkpoint makes it
+    with open(Path(out_dir) / "history.jsonl", "a") as f:
+        for rec in records:
+            f.write(json.dumps(rec) + "\n")
+
+
 def fit(model, tok, train: CaptionData, val: CaptionData, cfg: TrainConfig, out_dir, device="cpu",
         rank: int = 0, report=None, stop_at: int | None = None, log=print, data: dict | None = None) -> list[dict]:
     """Train `model` (possibly DDP-wrapped) from step 0, or resume from <out_dir>/checkpoint; a
@@ -398,6 +429,9 @@ def fit(model, tok, train: CaptionData, val: CaptionData, cfg: TrainConfig, out_
         check_resume(ckpt, cfg, data)
         step = load_checkpoint(ckpt, raw, opt, gen, rank)["step"]
         log(f"captioner: resumed from {ckpt} at step {step}")
+    if rank == 0:  # history.jsonl is written with each checkpoint, so a killed run's steps up to it survive
+        _history_upto(out_dir, step)
+    flushed = 0  # records of `history` already in history.jsonl
     # word pairs the tokenizer knows, as ids (a caption without them is flipped unchanged)
     swap_ids = [(tok.token_to_id(a), tok.token_to_id(b)) for a, b in cfg.hflip_swap
                 if tok.token_to_id(a) is not None and tok.token_to_id(b) is not None]
@@ -439,14 +473,14 @@ def fit(model, tok, train: CaptionData, val: CaptionData, cfg: TrainConfig, out_
         last = step == cfg.steps or step == stop_at
         if step % cfg.ckpt_every == 0 or last:
             gen_states = gather_generator_states(gen, device)  # every rank joins the gather
-            if rank == 0:
+            if rank == 0:  # the records first: a kill between the two leaves ones a resume drops
+                _append_history(out_dir, history[flushed:])
+                flushed = len(history)
                 save_checkpoint(out_dir, raw, tok, opt, step, gen_states, {"train_config": asdict(cfg), "data": data})
         if step == stop_at:
             break
     if rank == 0:
-        with open(Path(out_dir) / "history.jsonl", "a") as f:
-            for rec in history:
-                f.write(json.dumps(rec) + "\n")
+        _append_history(out_dir, history[flushed:])
     return history
 
 

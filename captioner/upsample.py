@@ -68,8 +68,9 @@ def caption_pairs(dataset_root, version: int | None = None) -> list[tuple[str, s
     pairs = []
     for r in table.select(["caption_short", "caption_dense", "caption_teacher_short",
                            "caption_teacher_dense"]).to_pylist():
-        short = r["caption_short"] or r["caption_teacher_short"]
-        dense = r["caption_dense"] or r["caption_teacher_dense"]
+        # a blank caption (whitespace only) counts as none: trained on, it teaches the T5 to answer nothing
+        short = (r["caption_short"] or "").strip() or (r["caption_teacher_short"] or "").strip()
+        dense = (r["caption_dense"] or "").strip() or (r["caption_teacher_dense"] or "").strip()
         if short and dense:
             pairs.append((short, dense))
     return sorted(set(pairs))
@@ -209,7 +210,8 @@ class T5Upsampler:
         with torch.no_grad():
             out = self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), num_beams=self.num_beams,
                                       do_sample=False, max_new_tokens=self.cfg.max_len)
-        return decode_caption(self.tok, out[0, 1:].tolist())  # drop the decoder start token
+        return decode_caption(self.tok, out[0, 1:].tolist())  # drop the decoder start token (upsample() keeps
+        # the prompt, with a warning, when this is empty)
 
 
 def load_upsampler(path, examples=()):

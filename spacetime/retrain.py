@@ -3,8 +3,9 @@
 Each stage is keyed by a content hash of its inputs (spec hash, source file stats, table versions,
 checkpoint hashes, configs). The run directory's `manifest.json` records, per stage, that key and
 the stage's outputs; a stage whose key matches the manifest and whose outputs still exist is reused,
-so a re-run after a crash picks up at the first stage that did not finish, and a re-run with nothing
-new recomputes nothing. The manifest links dataset versions, checkpoints and scores: it is the run's
+so a re-run after a crash picks up at the first stage that did not finish (the captioner, VAE and DiT
+resume their own last checkpoint when their inputs are unchanged), and a re-run with nothing new
+recomputes nothing. The manifest links dataset versions, checkpoints and scores: it is the run's
 lineage.
 """
 import hashlib
@@ -91,6 +92,26 @@ def stage_dir(path: Path, inputs: dict) -> Path:
     return path
 
 
+def stage_dir_holds(path: Path, inputs: dict) -> bool:
+    """Whether `path` still holds the stage of these inputs: False once a run of other inputs took it
+    (stage_dir rewrote the marker) and was killed before finishing, which leaves that run's state under
+    the paths the manifest names. A dir without a marker (a run dir made before the VAE and DiT had
+    one) is taken as it is."""
+    marker = path.with_name(path.name + ".inputs")
+    return not marker.is_file() or marker.read_text() == _hash(inputs)
+
+
+def resume_flag(ckpt_dir: Path) -> list[str]:
+    """["--resume"] when `ckpt_dir` holds a checkpoint (`latest.json`) an interrupted run of the same
+    inputs left (stage_dir kept it): train-vae and train refuse an existing checkpoint without it."""
+    return ["--resume"] if (ckpt_dir / "latest.json").is_file() else []
+
+
+def ckpt_every(steps: int) -> str:
+    """Checkpoint about ten times a run (not only at its end), so a killed stage loses little."""
+    return str(max(50, steps // 10))
+
+
 def sources_fingerprint(source_args: list[str], root: Optional[str] = None) -> list:
     """(path, size, mtime) of every source (not the clips of dataset `root`, which curate skips too):
     a cheap stand-in for content hashes to decide reuse."""
@@ -145,7 +166,7 @@ def train_vae_stage(cfg: RetrainConfig, root: str, version: int, out: Path) -> t
               "size": cfg.vae_size, "frames": cfg.vae_frames, "seed": cfg.seed}
     args = ["train-vae", "--dataset", root, "--version", str(version), "--out", str(out), "--steps", str(cfg.vae_steps),
             "--channels", cfg.vae_channels, "--size", str(cfg.vae_size), "--frames", str(cfg.vae_frames),
-            "--seed", str(cfg.seed)]
+            "--seed", str(cfg.seed), "--ckpt-every", ckpt_every(cfg.vae_steps)]
     if cfg.vae_perceptual:  # keyed by the weights' content, not their path
         inputs["perceptual"] = file_hash(cfg.vae_perceptual)
         args += ["--perceptual", cfg.vae_perceptual]
@@ -164,7 +185,8 @@ def train_dit_stage(cfg: RetrainConfig, root: str, latents_version: int, out: Pa
     args = ["train", "--dataset", root, "--latents-version", str(latents_version), "--out", str(out),
             "--preset", cfg.dit_preset, "--steps", str(cfg.dit_steps), "--max-tokens", str(cfg.max_tokens),
             "--lr", "1e-3" if cfg.dit_preset == "DiT_T" else "2e-4", "--warmup-steps", "20",
-            "--seed", str(cfg.seed), "--vae-sha", vae_sha, "--cond-mix", cfg.cond_mix]
+            "--seed", str(cfg.seed), "--vae-sha", vae_sha, "--cond-mix", cfg.cond_mix,
+            "--ckpt-every", ckpt_every(cfg.dit_steps)]
     if from_checkpoint:
         args += ["--init-from", str(from_checkpoint)]
     if text_sha:  # the rows are pinned by the latents version + the encoder choice already keyed there
@@ -210,6 +232,10 @@ def retrain(spec_path: Optional[str], sources: list[str], dataset: str, run_dir:
     run.mkdir(parents=True, exist_ok=True)
     from_checkpoint, captioner, vae_path = (None if p is None else str(Path(p).resolve())
                                             for p in (from_checkpoint, captioner, vae_path))
+    if from_checkpoint is not None and Path(from_checkpoint) == run / "dit":
+        # the DiT stage empties run/dit before training into it: the checkpoint to fine-tune would be gone
+        raise ValueError(f"--from-checkpoint {from_checkpoint} is this run's own DiT dir, which the fine-tune "
+                         f"would replace: pass another --run")
     m = Manifest.load(run)
     spec = load_spec(spec_path)
     root = str(Path(dataset).resolve())
@@ -245,7 +271,7 @@ def retrain(spec_path: Optional[str], sources: list[str], dataset: str, run_dir:
         out = m.run("train_captioner", cap_in,
                     lambda: {"checkpoint": str(train_captioner(root, version, stage_dir(run / "captioner", cap_in),
                                                                cap_cfg, log=log))},
-                    lambda o: Path(o["checkpoint"]).is_dir(), log)
+                    lambda o: Path(o["checkpoint"]).is_dir() and stage_dir_holds(run / "captioner", cap_in), log)
         captioner = out["checkpoint"]
     cap_hash = file_hash(captioner)
 
@@ -268,11 +294,9 @@ def retrain(spec_path: Optional[str], sources: list[str], dataset: str, run_dir:
     vae_in, vae_args = train_vae_stage(cfg, root, version, vae_dir)
     vae_in["table"] = table
 
-    def do_vae():
-        import shutil
-
-        shutil.rmtree(vae_dir, ignore_errors=True)  # inputs changed: a fresh run, not a resume of stale state
-        spacetime_cmd(vae_args, logs / "train_vae.log", log)
+    def do_vae():  # an interrupted run of these inputs is resumed; other inputs start afresh
+        stage_dir(vae_dir, vae_in)
+        spacetime_cmd(vae_args + resume_flag(vae_dir / "ckpt"), logs / "train_vae.log", log)
         return {"vae": str(vae_dir / "vae.safetensors"), "vae_sha": file_hash(vae_dir / "vae.safetensors"),
                 **json.loads((vae_dir / "vae.json").read_text())}
 
@@ -292,7 +316,8 @@ def retrain(spec_path: Optional[str], sources: list[str], dataset: str, run_dir:
         vae = {"vae": str(vae_path), "vae_sha": file_hash(vae_path), "sha256": sha256_file(vae_path)}
         log(f"[train_vae] using the given VAE {vae_path}")
     else:
-        vae = m.run("train_vae", vae_in, do_vae, lambda o: Path(o["vae"]).is_file(), log)
+        vae = m.run("train_vae", vae_in, do_vae, lambda o: Path(o["vae"]).is_file() and stage_dir_holds(vae_dir, vae_in),
+                    log)
 
     # -- latents + caption embeddings
     text_args = ["--text-encoder", cfg.text_encoder] + (["--text-weights", cfg.text_weights] if cfg.text_weights else [])
@@ -322,19 +347,18 @@ def retrain(spec_path: Optional[str], sources: list[str], dataset: str, run_dir:
     dit_dir = run / "dit"
     prev = file_hash(Path(from_checkpoint) / "latest.json") if from_checkpoint else None
 
-    def do_train():
-        import shutil
-
-        shutil.rmtree(dit_dir, ignore_errors=True)  # inputs changed: a fresh run, not a resume of stale state
-        spacetime_cmd(dit_args, logs / "train.log", log)
+    def do_train():  # an interrupted run of these inputs is resumed; other inputs start afresh
+        stage_dir(dit_dir, dit_key)
+        spacetime_cmd(dit_args + resume_flag(dit_dir), logs / "train.log", log)
         hist = [json.loads(line) for line in (dit_dir / "history.jsonl").read_text().splitlines() if line.strip()]
         return {"checkpoint": str(dit_dir), "checkpoint_sha": file_hash(dit_dir / "latest.json"),
                 "losses": [h["loss"] for h in hist], "from_checkpoint": from_checkpoint, "from_checkpoint_sha": prev}
 
     dit_inputs, dit_args = train_dit_stage(cfg, root, lat["latents_version"], dit_dir, vae["sha256"], from_checkpoint,
                                            lat.get("text_encoder_sha") or text_sha())
-    dit = m.run("train", {**dit_inputs, "table": table, "from": prev}, do_train,
-                lambda o: (Path(o["checkpoint"]) / "latest.json").is_file(), log)
+    dit_key = {**dit_inputs, "table": table, "from": prev}
+    dit = m.run("train", dit_key, do_train,
+                lambda o: (Path(o["checkpoint"]) / "latest.json").is_file() and stage_dir_holds(dit_dir, dit_key), log)
 
     # -- a fixed prompt set, sampled with a fixed seed: comparable before/after a retrain
     def do_sample():  # one process, one model load for the whole prompt set

@@ -23,7 +23,7 @@ from deltalake import DeltaTable, write_deltalake
 from captioner import decode
 from captioner.data import load_frames, parse_clip_uri, read_clip_frames, sample_indices, to_square
 from captioner.metrics import attribute_accuracy, caption_scores
-from captioner.model import (VideoCaptioner, build_tokenizer, checkpoint_hash, decode_caption,
+from captioner.model import (SPECIAL_TOKENS, VideoCaptioner, build_tokenizer, checkpoint_hash, decode_caption,
                              encode_caption, load_captioner, preset, save_captioner)
 from captioner.train import TrainConfig, prepare, split_by_source, train_captioner
 
@@ -172,6 +172,25 @@ def test_read_frames_ranges_and_rotation(tmp_path):
         read_clip_frames(str(tmp_path / "junk.mp4"), 4, 32)
 
 
+def test_a_clip_file_without_video_is_a_decode_error(tmp_path):
+    """An audio-only file under a clip_uri raised IndexError, which decode_frames and load_frames do not
+    catch: one such clip failed the whole caption run or training instead of becoming its error."""
+    from captioner.caption import decode_frames
+    wav = tmp_path / "audio.wav"
+    with av.open(str(wav), "w") as c:
+        s = c.add_stream("pcm_s16le", rate=8000)
+        f = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+        f.sample_rate = 8000
+        for p in [*s.encode(f), *s.encode()]:
+            c.mux(p)
+    with pytest.raises(ValueError, match="no video stream"):
+        read_clip_frames(str(wav), 4, 32)
+    frames, errors = load_frames(["a"], [str(wav)], 4, 32)
+    assert frames == {} and "no video stream" in errors["a"]
+    out = decode_frames({"clip_id": np.array(["a"]), "clip_uri": np.array([str(wav)])}, 4, 32)
+    assert "no video stream" in out["error"][0] and not out["frames"].any()
+
+
 def test_frame_fits_and_the_frame_cache(tmp_path):
     # a 2:1 frame: red left quarter, green middle, blue right quarter
     img = np.zeros((32, 64, 3), np.uint8)
@@ -256,6 +275,17 @@ def test_split_by_source_has_no_leakage(dataset):
     assert (val == split_by_source([r["source_sha256"] for r in kept], 0.3, seed=0)).all()
 
 
+def test_a_validation_fraction_outside_0_1_is_refused(dataset, tmp_path):
+    """A negative fraction sliced sources[:-k]: nearly every source held out, silently."""
+    from typer.testing import CliRunner
+    from spacetime.cli import app
+    with pytest.raises(ValueError, match="val_fraction"):
+        split_by_source([f"s{i}" for i in range(10)], -0.1)
+    r = CliRunner().invoke(app, ["eval-captioner", "--dataset", str(dataset[0]), "--val-fraction", "-0.1",
+                                 "--out", str(tmp_path / "e.json")])
+    assert r.exit_code == 2 and "val-fraction" in r.output and not (tmp_path / "e.json").exists(), r.output
+
+
 def test_sample_batch_style_mix():
     from captioner.train import CaptionData, sample_batch
     ids = torch.zeros(6, 2, 5, dtype=torch.long)
@@ -337,6 +367,18 @@ def test_tokenizer_roundtrip():
     assert decode_caption(tok, encode_caption(tok, "a purple square", "short", 16)) == "a square"
 
 
+def test_tokenizer_knows_every_word_of_captions_in_odd_unicode():
+    """The vocabulary was counted with Python's lower() and \\w, the encoding with the tokenizer's own
+    normaliser and pre-tokenizer: a final sigma, a dotted capital I or an accent typed as a combining
+    mark made words that were always <unk>, so the captioner could never say them."""
+    from captioner.model import UNK
+    text = "ΟΔΟΣ İstanbul cafe\u0301 東京タワー 🚀 naïve, STRASSE."
+    tok = build_tokenizer([text])
+    assert SPECIAL_TOKENS.index(UNK) not in tok.encode(text).ids, tok.encode(text).tokens
+    assert tok.encode("café").ids == tok.encode("cafe\u0301").ids  # one word however the accent is typed
+    assert decode_caption(tok, encode_caption(tok, "Cafe\u0301 🚀", "short", 16)[1:]) == "café 🚀"
+
+
 def test_decoding_cache_matches_full_forward_and_is_seeded():
     model, tok = _untrained()
     frames = torch.from_numpy(np.stack([square_frames("red", "left", 4, 48)[:, 8:40, 8:40], square_frames("blue", "right", 4, 48)[:, 8:40, 8:40]]))
@@ -410,6 +452,20 @@ def test_train_captioner_refuses_a_bad_phrase_file(dataset, tmp_path):
                                  "--reverse-phrases", str(bad), "--out", str(tmp_path / "run")])
     assert r.exit_code == 2 and "pairs.json" in r.output and "phrase" in r.output, r.output
     assert not (tmp_path / "run").exists()            # refused before any work
+
+
+def test_train_captioner_with_no_readable_training_clip_is_an_error_line(dataset, tmp_path):
+    """Every kept clip's file gone: a one-line error naming the cause, not a multinomial RuntimeError
+    from the batch sampler (exit 1 with a traceback)."""
+    from typer.testing import CliRunner
+    from spacetime.cli import app
+    root = _captioned_copy(dataset[0], tmp_path / "ds")
+    t = DeltaTable(str(root / "clips")).to_pyarrow_table()
+    gone = pa.array([str(tmp_path / "gone.mp4")] * t.num_rows, pa.string())
+    write_deltalake(str(root / "clips"), t.set_column(t.column_names.index("clip_uri"), "clip_uri", gone), mode="overwrite")
+    r = CliRunner().invoke(app, ["train-captioner", "--dataset", str(root), "--out", str(tmp_path / "run"),
+                                 "--preset", "tiny", "--steps", "2"])
+    assert r.exit_code == 2 and "no training clip" in r.output and "gone.mp4" in r.output, (r.output, r.exception)
 
 
 def test_cli_refuses_bad_versions_methods_ground_truths_and_checkpoint_dirs_in_one_line(dataset, tmp_path):
@@ -505,6 +561,26 @@ def test_exact_resume(dataset, tmp_path):
     b, _ = load_captioner(resumed)
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(va, vb), k
+
+
+def test_history_of_a_killed_and_resumed_run_keeps_every_step(dataset, tmp_path):
+    """history.jsonl was written only when fit() returned: a run killed after its step-2 checkpoint lost
+    steps 1-2 for good, and the resumed run's file began at step 3."""
+    cfg = TrainConfig(preset="tiny", steps=4, batch_size=2, warmup_steps=1, val_fraction=0.3, eval_every=100,
+                      ckpt_every=2, log_every=1, seed=1)
+
+    def killed_at_step_3(line):
+        if line.startswith("captioner: step=3 "):
+            raise KeyboardInterrupt  # a kill after the step-2 checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        train_captioner(dataset[0], None, tmp_path / "run", cfg, log=killed_at_step_3)
+    def steps():
+        return [json.loads(line)["step"] for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert (tmp_path / "run" / "history.jsonl").is_file() and steps() == [1, 2]
+    with open(tmp_path / "run" / "history.jsonl", "a") as f:
+        f.write('{"step": 3, "loss"')  # and a record torn by it
+    train_captioner(dataset[0], None, tmp_path / "run", cfg, log=lambda *_: None)
+    assert steps() == [1, 2, 3, 4]
 
 
 QUICK = TrainConfig(preset="tiny", steps=2, batch_size=2, warmup_steps=1, val_fraction=0.3, eval_every=100,
@@ -761,3 +837,53 @@ def test_caption_never_drops_rows_a_concurrent_writer_committed(trained, dataset
     # an older version cannot be captioned in place: its overwrite would drop the newer rows
     with pytest.raises(ValueError, match=re.escape(f"datasets checkout {root} {base} --restore")):
         cap.caption_dataset(root, ckpt, version=base, log=lambda *_: None)
+
+
+def test_caption_with_another_method_recaptions_and_the_same_one_skips(dataset, ray_session, tmp_path):
+    """The skip key is the checkpoint and the decoding: `caption --method greedy` after a beam search run
+    captions again (it was a silent no-op); rows written before caption_method was recorded count as
+    the default decoding's, so upgrading recaptions nothing."""
+    from captioner.caption import caption_dataset, decoding_key
+    model, tok = _untrained()
+    ckpt = save_captioner(model, tok, tmp_path / "ck")
+    root = _captioned_copy(dataset[0], tmp_path / "ds", ckpt)  # captioned by ckpt, no caption_method column
+    n_kept = sum(r.get("status") == "kept" for r in dataset[1])
+    quiet = lambda *_: None  # noqa: E731
+    legacy = caption_dataset(root, ckpt, log=quiet)
+    assert legacy["version"] is None and legacy["skipped"] == n_kept
+    greedy = caption_dataset(root, ckpt, batch_size=32, method="greedy", log=quiet)
+    assert greedy["captioned"] == n_kept and greedy["caption_method"] == "greedy" == decoding_key("greedy")
+    rows = DeltaTable(str(root / "clips")).to_pyarrow_table().to_pylist()
+    kept = {(r["caption_model"], r["caption_method"]) for r in rows if r["status"] == "kept"}
+    assert kept == {(checkpoint_hash(ckpt), "greedy")}
+    assert all(r["caption_method"] is None for r in rows if r["status"] != "kept")
+    assert DeltaTable(str(root / "clips")).history(1)[0]["caption_method"] == "greedy"
+    again = caption_dataset(root, ckpt, method="greedy", log=quiet)
+    assert again["version"] is None and again["skipped"] == n_kept
+    assert caption_dataset(root, ckpt, method="beam", num_beams=2, max_len=5, log=quiet)["captioned"] == n_kept
+    assert decoding_key("beam", 2, 5) == "beam num_beams=2 max_len=5"
+
+
+def test_eval_captioner_records_a_fallback_to_training_clips(dataset, tmp_path):
+    """With no held-out clip captioned, eval-captioner scores training clips: eval_captioner.json and
+    the printed output say so (held_out false), where before the JSON looked like a held-out score."""
+    from typer.testing import CliRunner
+
+    from spacetime.cli import app
+    model, tok = _untrained()
+    root = _captioned_copy(dataset[0], tmp_path / "ds", save_captioner(model, tok, tmp_path / "ck"))
+    args = ["eval-captioner", "--dataset", str(root), "--out", str(tmp_path / "eval.json")]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0 and json.loads((tmp_path / "eval.json").read_text())["held_out"] is True, r.output
+    t = DeltaTable(str(root / "clips")).to_pyarrow_table()
+    pool = [r for r in t.to_pylist() if r["status"] == "kept"]
+    shas = [r["source_sha256"] for r in pool]
+    held = {s for s, h in zip(shas, split_by_source(shas, 0.1)) if h}
+    dense = [None if r["source_sha256"] in held else r["caption_dense"] for r in t.to_pylist()]
+    write_deltalake(str(root / "clips"), t.set_column(t.column_names.index("caption_dense"), "caption_dense",
+                                                      pa.array(dense, pa.string())), mode="overwrite")
+    r = CliRunner().invoke(app, args)
+    scores = json.loads((tmp_path / "eval.json").read_text())
+    assert r.exit_code == 0 and scores["held_out"] is False and scores["n"] == len(pool) - sum(
+        s["source_sha256"] in held for s in pool), r.output
+    assert "training clips" in r.output and "held_out: false" in r.output, r.output

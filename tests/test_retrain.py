@@ -161,6 +161,130 @@ def test_retrain_never_reuses_another_datasets_stages(tmp_path, monkeypatch):
     assert run(tmp_path / "b") == ["precompute", "train"]
 
 
+def _stub_training(monkeypatch, tmp_path, calls, kill):
+    """_stub_retrain_stages, the VAE and DiT stages finishing too (sample stops the run): each records
+    (command, --resume passed, a checkpoint there, --ckpt-every passed) in `calls`, writes its first
+    checkpoint and, when named in `kill`, is killed there once. Returns run(cfg, stop): the calls of one
+    retrain that ends by raising `stop`."""
+    import spacetime.retrain as rt
+
+    _stub_retrain_stages(monkeypatch, [])
+    stub = rt.spacetime_cmd
+
+    def cmd(args, log_file, log):
+        if args[0] == "sample":
+            raise _StopAtTrain
+        if args[0] not in ("train-vae", "train"):
+            return stub(args, log_file, log)
+        ckpt = Path(args[args.index("--out") + 1]) / ("ckpt" if args[0] == "train-vae" else "")
+        calls.append((args[0], "--resume" in args, (ckpt / "latest.json").is_file(), "--ckpt-every" in args))
+        ckpt.mkdir(parents=True, exist_ok=True)
+        (ckpt / "latest.json").write_text(" ".join(args))
+        if args[0] in kill:  # killed after its first checkpoint
+            kill.remove(args[0])
+            raise RuntimeError("killed")
+        if args[0] == "train-vae":
+            stub(args, log_file, log)
+            return (ckpt.parent / "vae.safetensors").write_text(" ".join(args))  # other settings, other weights
+        (ckpt / "history.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+
+    monkeypatch.setattr(rt, "spacetime_cmd", cmd)
+    (tmp_path / "raw").mkdir()
+
+    def run(cfg, stop=_StopAtTrain):
+        del calls[:]
+        with pytest.raises(stop):
+            retrain(None, [str(tmp_path / "raw")], str(tmp_path / "ds"), str(tmp_path / "run"), cfg=cfg, log=lambda s: None)
+        return calls[:]
+    return run
+
+
+def test_retrain_resumes_an_interrupted_vae_or_dit_stage_of_the_same_inputs_only(tmp_path, monkeypatch):
+    """A VAE or DiT stage killed after a checkpoint resumes it on the rerun (`--resume`, its dir kept);
+    a rerun with other inputs starts that stage afresh in an emptied dir."""
+    calls, kill = [], {"train-vae", "train"}
+    run = _stub_training(monkeypatch, tmp_path, calls, kill)
+    cfg = RetrainConfig.tiny()
+    assert run(cfg, RuntimeError) == [("train-vae", False, False, True)]                           # killed
+    assert run(cfg, RuntimeError) == [("train-vae", True, True, True), ("train", False, False, True)]  # resumed
+    assert run(cfg) == [("train", True, True, True)]
+    # other inputs: the VAE and so the DiT train afresh, the old checkpoints gone first
+    assert run(replace(cfg, vae_steps=cfg.vae_steps + 1)) == [("train-vae", False, False, True),
+                                                              ("train", False, False, True)]
+    kill.add("train")
+    assert run(replace(cfg, vae_steps=cfg.vae_steps + 1, dit_steps=7), RuntimeError) == [("train", False, False, True)]
+    assert run(replace(cfg, vae_steps=cfg.vae_steps + 1, dit_steps=8)) == [("train", False, False, True)]
+
+
+def test_a_finished_stage_whose_dir_another_run_took_is_not_reused(tmp_path, monkeypatch):
+    """Run A finishes; run B, with other captioner or DiT settings, takes the stage's dir and is killed
+    after a checkpoint. Rerunning A must train that stage again: the manifest still names A's finished
+    stage, but the dir holds B's half-trained state (it was reused as A's)."""
+    import captioner.train
+
+    calls, kill = [], set()
+    run = _stub_training(monkeypatch, tmp_path, calls, kill)
+    cfg = RetrainConfig.tiny()
+    assert [c[0] for c in run(cfg)] == ["train-vae", "train"]
+    assert run(cfg) == []                                                   # all reused
+    kill.add("train")
+    assert run(replace(cfg, dit_steps=7), RuntimeError) == [("train", False, False, True)]
+    assert run(cfg) == [("train", False, False, True)]                      # afresh, not B's checkpoint
+    stub, trained = captioner.train.train_captioner, []
+
+    def killed_captioner(root, version, out, cap_cfg, log=print):
+        trained.append(cap_cfg.steps)
+        stub(root, version, out, cap_cfg, log)
+        if cap_cfg.steps != cfg.captioner_steps:
+            raise RuntimeError("killed")  # after its first checkpoint
+        return Path(out) / "checkpoint"
+
+    monkeypatch.setattr(captioner.train, "train_captioner", killed_captioner)
+    run(replace(cfg, captioner_steps=7), RuntimeError)
+    run(cfg)
+    assert trained == [7, cfg.captioner_steps]
+
+
+def test_fine_tuning_from_the_runs_own_dit_is_refused_before_it_is_emptied(tmp_path, monkeypatch):
+    """`retrain --from-checkpoint runs/retrain/dit` with the default --run runs/retrain: the DiT stage
+    emptied runs/retrain/dit, the checkpoint it was to fine-tune, and then failed on the missing one."""
+    calls = []
+    run = _stub_training(monkeypatch, tmp_path, calls, set())
+    run(RetrainConfig.tiny())
+    dit = tmp_path / "run" / "dit"
+    with pytest.raises(ValueError, match="this run's own DiT dir"):
+        retrain(None, [str(tmp_path / "raw")], str(tmp_path / "ds"), str(tmp_path / "run"), from_checkpoint=str(dit),
+                cfg=RetrainConfig.tiny(), log=lambda s: None)
+    assert (dit / "latest.json").is_file() and (dit / "history.jsonl").is_file()
+
+
+def test_dit_stage_arguments_resume_a_killed_train_for_real(tmp_path):
+    """The `spacetime train` retrain builds, stopped at step 2 (as a kill after that checkpoint
+    leaves it), continues at step 3 on the rerun with resume_flag; without it the command refuses."""
+    import pyarrow as pa
+    from deltalake import write_deltalake
+    from typer.testing import CliRunner
+
+    from generator.precompute import LATENTS_SCHEMA, tensor_to_bytes
+    from spacetime.cli import app
+    from spacetime.retrain import resume_flag, train_dit_stage
+
+    rows = [{"clip_id": f"c{i}", "bucket": {"frames": 2, "height": 8, "width": 8}, "vae_sha": "v", "text_encoder_sha": "t",
+             "clips_version": 0, "latent": tensor_to_bytes(torch.randn(4, 2, 8, 8), "latent"),
+             "text_embedding": tensor_to_bytes(torch.randn(3, 8), "text")} for i in range(4)]
+    write_deltalake(str(tmp_path / "ds" / "latents"), pa.Table.from_pylist(rows, schema=LATENTS_SCHEMA))
+    out = tmp_path / "dit"
+    _, args = train_dit_stage(replace(RetrainConfig.tiny(), dit_steps=4), str(tmp_path / "ds"), 0, out, "v", None, "t")
+    r = CliRunner().invoke(app, [*args, "--steps", "2"])  # the last --steps wins: the killed run's checkpoint
+    assert r.exit_code == 0 and resume_flag(out) == ["--resume"], (r.output, r.exception)
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2 and "pass --resume" in r.output, r.output
+    r = CliRunner().invoke(app, args + resume_flag(out))
+    assert r.exit_code == 0, (r.output, r.exception)
+    hist = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in hist] == [1, 2, 3, 4]
+
+
 def test_stage_dir_keeps_an_interrupted_run_of_the_same_inputs_only(tmp_path):
     from spacetime.retrain import stage_dir
 

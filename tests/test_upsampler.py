@@ -170,3 +170,18 @@ def test_llm_pad_token_id_zero_is_used_as_pad():
     llm = LLMUpsampler.__new__(LLMUpsampler)  # no weights needed to see which pad id reaches generate()
     llm.tok, llm.model, llm.device, llm.examples, llm.max_new_tokens, llm.sample = Tok(), Model(), "cpu", [], 4, False
     assert llm("a red cube") == "a dense caption" and llm.model.pad == 0
+
+
+def test_blank_captions_never_make_the_upsampler_answer_nothing(tmp_path):
+    """Whitespace-only captions were training pairs (' ' is truthy): the T5 learned to answer nothing
+    and upsample() returned '' for the prompt, silently. They count as missing now, and an empty
+    answer keeps the user's prompt, as the LLM backend's does."""
+    rows = [{"clip_id": str(i), "status": "kept", "caption_short": s, "caption_dense": "  " if i % 2 else d,
+             "caption_teacher_short": None, "caption_teacher_dense": "\n" if i % 4 == 1 else None}
+            for i, (s, d) in enumerate(ALL[:8])]
+    write_deltalake(str(tmp_path / "ds" / "clips"), pa.Table.from_pylist(rows), mode="overwrite")
+    assert caption_pairs(tmp_path / "ds") == sorted(ALL[:8:2])
+    cfg = UpsamplerConfig(d_model=32, d_ff=64, num_layers=1, num_heads=2, max_len=40, steps=30, batch_size=8,
+                          lr=3e-3, warmup_steps=5, seed=0)
+    blank = train_upsampler([(s, " ") for s, _ in ALL[:8]], tmp_path / "t5", cfg, log=lambda *_: None)
+    assert upsample("  a red square moving left ", load_upsampler(blank)) == "a red square moving left"
