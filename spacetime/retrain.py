@@ -366,6 +366,8 @@ def retrain(spec_path: Optional[str], sources: list[str], dataset: str, run_dir:
             raise ValueError(f"sample prompts must be single non-empty lines not starting with '#': {cfg.prompts}")
         out_dir = run / "samples"
         out_dir.mkdir(parents=True, exist_ok=True)
+        for old in out_dir.glob("prompt_*"):  # an earlier sampling's files: the type below is read off what exists
+            old.unlink()
         listed = out_dir / "prompts.txt"
         listed.write_text("".join(p.strip() + "\n" for p in cfg.prompts), encoding="utf-8")
         spacetime_cmd(["sample", "--prompts", str(listed), "--out-dir", str(out_dir), "--no-upsample",
@@ -373,8 +375,9 @@ def retrain(spec_path: Optional[str], sources: list[str], dataset: str, run_dir:
                        "--frames", str(cfg.sample_frames), "--height", str(cfg.sample_size),
                        "--width", str(cfg.sample_size), "--steps", str(cfg.sample_steps), "--seed", str(cfg.seed)],
                       logs / "sample.log", log)
-        ext = ".png" if cfg.sample_frames == 1 else ".mp4"
-        return {"samples": [str(out_dir / f"prompt_{i}{ext}") for i in range(len(cfg.prompts))]}
+        # .png or .mp4, as `sample` chose from the frames the patch grid gives (p_t = 2 makes 1 frame a video)
+        return {"samples": [str(next(p for p in (out_dir / f"prompt_{i}.png", out_dir / f"prompt_{i}.mp4")
+                                     if p.is_file())) for i in range(len(cfg.prompts))]}
 
     smp = m.run("sample", {"checkpoint": dit["checkpoint_sha"], "prompts": list(cfg.prompts), "seed": cfg.seed,
                            "size": [cfg.sample_frames, cfg.sample_size], "steps": cfg.sample_steps}, do_sample,

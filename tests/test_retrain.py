@@ -415,3 +415,31 @@ def test_scale_study_cli_takes_a_dataset_of_latents_over_512_tokens(tmp_path):
     assert r.exit_code == 2 and "tokens > max_tokens 512" in r.output, (r.output, r.exception)
     r = CliRunner().invoke(app, [*args, "--max-tokens", "1024"])
     assert r.exit_code == 0 and (tmp_path / "ss" / "scaling.csv").is_file(), (r.output, r.exception)
+
+
+def test_sample_stage_names_the_files_sample_wrote(tmp_path, monkeypatch):
+    """With a temporal patch of 2, `sample --frames 1` writes prompt_<i>.mp4 (two latent frames): the
+    stage named prompt_<i>.png, never written, and evaluation failed on it. It names what exists."""
+    import spacetime.report
+    import spacetime.retrain as rt
+    from generator.sample import write_video
+
+    calls = []
+    run = _stub_training(monkeypatch, tmp_path, calls, set())
+    stub = rt.spacetime_cmd
+
+    def cmd(args, log_file, log):
+        if args[0] != "sample":
+            return stub(args, log_file, log)
+        out = Path(args[args.index("--out-dir") + 1])
+        for i, _ in enumerate(Path(args[args.index("--prompts") + 1]).read_text().splitlines()):
+            write_video(torch.zeros(3, 5, 16, 16), out / f"prompt_{i}.mp4")  # the p_t = 2 grid's 5 frames
+
+    monkeypatch.setattr(rt, "spacetime_cmd", cmd)
+    monkeypatch.setattr(spacetime.report, "write_retrain_report", lambda *a, **k: tmp_path / "report.html")
+    cfg = replace(RetrainConfig.tiny(), sample_frames=1)
+    retrain(None, [str(tmp_path / "raw")], str(tmp_path / "ds"), str(tmp_path / "run"), cfg=cfg, log=lambda s: None)
+    stages = Manifest.load(tmp_path / "run").stages
+    assert [Path(p).name for p in stages["sample"]["outputs"]["samples"]] == [
+        f"prompt_{i}.mp4" for i in range(len(cfg.prompts))]
+    assert all(s["frames"] == 5 for s in stages["evaluate"]["outputs"]["samples"])
