@@ -81,6 +81,17 @@ def decode_frames(batch: dict, num_frames: int, size: int, fit: str = "crop") ->
 DEFAULT_DECODING = ("beam", 3, None)  # caption_dataset's method, num_beams, max_len defaults
 
 
+def cluster_gpus() -> float:
+    """GPUs of the Ray cluster this process drives (a local one is started if none is running). Where
+    the actors and Ray Train workers run is decided by these, not by this process's own CUDA: a Ray
+    job's driver runs on the head node, often a CPU machine driving GPU workers."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
 def decoding_key(method: str = "beam", num_beams: int = 3, max_len: int | None = None) -> str:
     """The caption_method value: the decoding settings that change the captions, e.g. "beam num_beams=3",
     "greedy", "top_p p=0.9 temperature=1.0 seed=0"; " max_len=N" when not the model's own."""
@@ -150,11 +161,9 @@ def caption_dataset(dataset_root, checkpoint, version: int | None = None, batch_
         log(f"caption: nothing to do at version {parent} ({skipped} clips already captioned by {model_id}, "
             f"{method_id})")
         return summary
-    use_gpu = torch.cuda.is_available()
+    use_gpu = cluster_gpus() >= concurrency  # the cluster's: a job's driver may be a CPU head node
     log(f"caption: {todo.num_rows} clips, {concurrency} actor(s) on {'GPU' if use_gpu else 'CPU'}, "
         f"model {model_id}, parent version {parent}")
-    if not ray.is_initialized():
-        ray.init()
     results = (ray.data.from_arrow(todo)
                .map_batches(decode_frames, fn_kwargs={"num_frames": cfg.num_frames, "size": cfg.image_size,
                                                       "fit": cfg.frame_fit},

@@ -528,7 +528,8 @@ def train_captioner(dataset_root, version: int | None, out_dir, cfg: TrainConfig
         preset(cfg.preset)
         from ray.train import RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
-        use_gpu = torch.cuda.is_available()
+        from captioner.caption import cluster_gpus
+        use_gpu = cluster_gpus() >= num_workers  # the cluster's: a job's driver may be a CPU head node
         log(f"captioner: Ray Train with {num_workers} worker(s), use_gpu={use_gpu}")
         TorchTrainer(train_loop_per_worker,
                      train_loop_config={"dataset_root": str(Path(dataset_root).resolve()), "version": version,

@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from generator.train import sha256_file
+from generator.train import cluster_gpus, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -587,10 +587,10 @@ def precompute(dataset_root, version: int, vae_path: str, text_encoder: str = "o
     if not todo:
         return res
 
-    if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True, log_to_driver=False, include_dashboard=False, logging_level=logging.WARNING)
     if use_gpu is None:  # the cluster's GPUs, not this process's: a CPU head node drives GPU workers
-        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        use_gpu = cluster_gpus() > 0
+    elif not ray.is_initialized():
+        ray.init(ignore_reinit_error=True, log_to_driver=False, include_dashboard=False, logging_level=logging.WARNING)
     res.gpu = bool(use_gpu)
     log.info("precompute: encoders on %s", "GPU" if use_gpu else "CPU")
     ctx = ray.data.DataContext.get_current()

@@ -518,6 +518,17 @@ def compile_default(device: torch.device) -> bool:
     return device.type == "cuda" and importlib.util.find_spec("triton") is not None
 
 
+def cluster_gpus() -> float:
+    """GPUs of the Ray cluster this process drives (a local one is started if none is running). Where
+    Ray work runs is decided by these, not by this process's own CUDA: a Ray job's driver runs on the
+    head node, often a CPU machine driving GPU workers, and asked for no GPU there would leave them idle."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(ignore_reinit_error=True, log_to_driver=False, include_dashboard=False, logging_level=logging.WARNING)
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
 def adamw(params, device: torch.device, sharded: bool = False, **kw) -> torch.optim.AdamW:
     """AdamW; on CUDA the fused kernel (nanoGPT's choice): one pass over each parameter's state instead
     of the foreach implementation's several. Not under FSDP (DTensor parameters: foreach is the path

@@ -73,11 +73,18 @@ def _preset_config(name: str, **kw):
         return DiT_models[key](**kw).cfg
 
 
-def _fit_on_workers(loop, config: dict, workers: int, use_gpu: bool, out: Path, name: str) -> dict:
+def _fit_on_workers(loop, config: dict, workers: int, out: Path, name: str) -> dict:
     """Run `loop(config)` on `workers` Ray Train TorchTrainer workers (DDP process group set up by
-    Ray); returns the last reported metrics. A worker's failure is one error line, exit 1."""
+    Ray), one GPU each when the cluster has a GPU per worker (decided by the cluster, not this process:
+    a job's driver may be a CPU head node); returns the last reported metrics. A worker's failure is
+    one error line, exit 1."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from generator.train import cluster_gpus
+    gpus = cluster_gpus()
+    use_gpu = gpus >= workers
+    typer.echo(f"{name}: {workers} Ray Train worker(s) on {'GPU' if use_gpu else 'CPU'} (cluster GPUs: {gpus:g})")
 
     trainer = TorchTrainer(loop, train_loop_config=config,
                            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
@@ -157,7 +164,8 @@ def train_vae_cmd(
     losses = " + ".join(["L1 + MSE + KL"] + (["perceptual"] if perceptual else [])
                         + ([f"adversarial (from step {disc_start})"] if adversarial_weight > 0 else []))
     typer.echo(f"train-vae: {len(x)} clips of {frames}x{size}x{size} from {root} version {version} "
-               f"({short} too short, {bad} unreadable); {steps} steps of {losses}, {workers} worker(s) on {device}")
+               f"({short} too short, {bad} unreadable); {steps} steps of {losses}, "
+               + (f"{workers} Ray Train workers" if workers > 1 else f"on {device}"))
 
     def report(h):
         typer.echo(f"  step {h['step']:>6} loss {h['loss']:.4f} psnr {h['psnr']:.2f} dB"
@@ -177,7 +185,7 @@ def train_vae_cmd(
             try:
                 final = _fit_on_workers(vae_loop_per_worker,
                                         {"vae": asdict(cfg), "train": asdict(tcfg), "data": ray.put(x)},
-                                        workers, device == "cuda", out, "vae")
+                                        workers, out, "vae")
             finally:
                 if started:
                     ray.shutdown()
@@ -397,7 +405,7 @@ def train_cmd(
     _write_json(manifest_path, manifest)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     typer.echo(f"train: {preset} on {len(data)} latents (version {data.version}, {data.channels} ch, text dim "
-               f"{data.text_dim}), {steps} steps, {workers} worker(s){f' ({strategy})' if workers > 1 else ''} on {device}")
+               f"{data.text_dim}), {steps} steps, {workers} worker(s){f' ({strategy})' if workers > 1 else f' on {device}'}")
 
     if workers > 1:
         from functools import partial
@@ -407,7 +415,7 @@ def train_cmd(
         make_data = partial(LatentBatches.for_ray_worker, str(root), data.version, pt, max_tokens, seed,
                             vae_sha=data.vae_sha, text_encoder_sha=data.text_encoder_sha, window_rows=window_rows)
         final = {"metrics": _fit_on_workers(train_loop_per_worker, {"train": asdict(cfg), "data": make_data},
-                                            workers, device == "cuda", out, "dit")}
+                                            workers, out, "dit")}
     else:
         def report(rec):
             typer.echo(f"  step {rec['step']:>6} loss {rec['loss']:.4f} lr {rec['lr']:.2e} "

@@ -633,3 +633,28 @@ def test_train_dit_over_ray_train_workers(app, latents, dataset, tmp_path, strat
     assert r.exit_code == 0, r.output
     run = json.loads((out / "run.json").read_text())
     assert run["workers"] == 2 and run["checkpoint"]["step"] == 6
+
+
+def test_ray_train_workers_take_the_clusters_gpus_from_a_cpu_driver(ray_session, monkeypatch, tmp_path):
+    """`train --workers K` and `train-vae --workers K` asked Ray Train for GPUs only when the driver had
+    CUDA: submitted from a CPU head node they trained on the GPU workers' CPUs. They follow the cluster:
+    a GPU per worker when it has that many, else CPU."""
+    import ray.train.torch
+
+    from spacetime.cli_generator import _fit_on_workers
+    asked = []
+
+    class Trainer:
+        def __init__(self, loop, train_loop_config, scaling_config, run_config):
+            asked.append(scaling_config.use_gpu)
+
+        def fit(self):
+            return type("Result", (), {"metrics": {"step": 1}})()
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", Trainer)
+    monkeypatch.setattr(ray_session, "cluster_resources", lambda: {"CPU": 2.0, "GPU": 2.0})
+    assert _fit_on_workers(None, {}, 2, tmp_path, "dit") == {"step": 1}
+    _fit_on_workers(None, {}, 3, tmp_path, "dit")  # fewer GPUs than workers: Ray would wait forever
+    monkeypatch.setattr(ray_session, "cluster_resources", lambda: {"CPU": 2.0})
+    _fit_on_workers(None, {}, 2, tmp_path, "vae")
+    assert asked == [True, False, False]
