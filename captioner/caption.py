@@ -94,9 +94,9 @@ def cluster_gpus() -> float:
 
 def decoding_key(method: str = "beam", num_beams: int = 3, max_len: int | None = None) -> str:
     """The caption_method value: the decoding settings that change the captions, e.g. "beam num_beams=3",
-    "greedy", "top_p p=0.9 temperature=1.0 seed=0"; " max_len=N" when not the model's own."""
+    "greedy", "top_p p=0.9 temperature=1.0 seed=clip_id"; " max_len=N" when not the model's own."""
     key = {"greedy": "greedy", "beam": f"beam num_beams={num_beams}",
-           "top_p": "top_p p=0.9 temperature=1.0 seed=0"}[method]  # Captioner leaves top_p at describe's defaults
+           "top_p": "top_p p=0.9 temperature=1.0 seed=clip_id"}[method]  # Captioner seeds top_p by clip id
     return key + (f" max_len={max_len}" if max_len else "")
 
 
@@ -114,7 +114,15 @@ class Captioner:
         ok = np.array([not e for e in batch["error"]], dtype=bool)
         short = np.full(len(ok), None, dtype=object)
         dense = np.full(len(ok), None, dtype=object)
-        if ok.any():
+        if ok.any() and self.kw["method"] == "top_p":
+            # sampled clip by clip, seeded by its id: one generator over the batch made a clip's caption
+            # depend on which batch (and where in it) the clip landed
+            for i in np.flatnonzero(ok):
+                frames = torch.from_numpy(np.ascontiguousarray(batch["frames"][i:i + 1]))
+                seed = int(hashlib.sha256(str(batch["clip_id"][i]).encode()).hexdigest()[:8], 16)
+                short[i] = describe(self.model, self.tok, frames, "short", seed=seed, **self.kw)[0]
+                dense[i] = describe(self.model, self.tok, frames, "dense", seed=seed, **self.kw)[0]
+        elif ok.any():
             frames = torch.from_numpy(np.ascontiguousarray(batch["frames"][ok]))
             short[ok] = describe(self.model, self.tok, frames, "short", **self.kw)
             dense[ok] = describe(self.model, self.tok, frames, "dense", **self.kw)
