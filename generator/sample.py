@@ -142,10 +142,13 @@ def fit_size(vae: VAE, patch, frames: int, height: int, width: int, warn: bool =
 
 @torch.no_grad()
 def encode_video(vae: VAE, video) -> torch.Tensor:
-    """Video (3, T, H, W) in [-1, 1], T = 1 + time_factor k -> scaled latent (C, t, h, w) (posterior mean)."""
+    """Video (3, T, H, W) in [-1, 1], T = 1 + time_factor k -> scaled latent (C, t, h, w) (posterior mean).
+    Chunked in time and tiled in space as decode_latent is, so a long input encodes in bounded memory."""
     x = video[None].to(next(vae.parameters()).device, torch.float32)
+    f = vae.cfg.time_factor
     tile = DECODE_TILE if max(x.shape[-2:]) > DECODE_TILE else None
-    return vae.to_dit(vae.encode(x, tile=tile, overlap=DECODE_OVERLAP).mean[0])
+    chunk = 4 * f if x.shape[2] > 1 + 4 * f else None
+    return vae.to_dit(vae.encode(x, chunk_frames=chunk, tile=tile, overlap=DECODE_OVERLAP).mean[0])
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ Only torch + einops + safetensors at import: this file runs on a bare GPU box.
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -314,9 +314,9 @@ class VAE(nn.Module):
 
     def fit_latent_stats(self, means):
         """Set shift and scale from posterior means of the training data (any shape), so to_dit gives
-        zero mean and unit std."""
-        self.cfg.shift_factor = float(means.mean())
-        self.cfg.scaling_factor = float(1.0 / means.std().clamp_min(1e-6))
+        zero mean and unit std. A new config: the one passed to VAE() may be shared with other VAEs."""
+        self.cfg = replace(self.cfg, shift_factor=float(means.mean()),
+                           scaling_factor=float(1.0 / means.std().clamp_min(1e-6)))
 
     def _check(self, T, H, W):
         f, s = self.cfg.time_factor, self.cfg.space_factor

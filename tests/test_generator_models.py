@@ -145,6 +145,23 @@ def test_vae_save_load_and_mismatch(tmp_path):
         load_vae(p, VAEConfig(channels=(8, 16, 16, 16, 16), latent_channels=4))
 
 
+def test_encode_video_runs_a_long_input_in_chunks():
+    """encode_video (the tasks' input encoder) chunks time as decode_latent does: the encoder never
+    holds the whole video (its memory grew with the input's length), and the latent is the same."""
+    from generator.sample import encode_video
+
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(channels=(8, 16, 16, 16), latent_channels=4)).eval()
+    x = smooth_video(1, 41, 16, 16)[0]
+    seen = []
+    hook = vae.encoder.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[2]))
+    z = encode_video(vae, x)
+    hook.remove()
+    assert max(seen) <= 16, seen  # frame 0, then chunks of 4 latent frames' worth of pixels
+    with torch.no_grad():
+        torch.testing.assert_close(z, vae.to_dit(vae.encode(x[None]).mean[0]), atol=1e-5, rtol=0)
+
+
 def test_vae_shift_and_scale_give_the_dit_standard_latents_and_undo_exactly(tmp_path):
     from generator.sample import decode_latent, encode_video
 
@@ -160,6 +177,9 @@ def test_vae_shift_and_scale_give_the_dit_standard_latents_and_undo_exactly(tmp_
     p = str(tmp_path / "vae.safetensors")
     save_vae(vae, p)
     assert load_vae(p).cfg.shift_factor == vae.cfg.shift_factor     # the shift travels with the weights
+    # fitting one VAE leaves the config it was built from, and so every other VAE built from it, alone
+    assert (TINY_VAE.shift_factor, TINY_VAE.scaling_factor) == (0.0, 1.0)
+    assert torch.equal(VAE(TINY_VAE).to_dit(raw), raw)
 
 
 # ------------------------------------------------------------------- patches, packing
