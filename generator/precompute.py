@@ -643,7 +643,7 @@ def precompute(dataset_root, version: int, vae_path: str, text_encoder: str = "o
             b = r["pixels"]
             key = f"{b['frames']}x{b['height']}x{b['width']}"
             buckets[key] = buckets.get(key, 0) + 1
-        lineage = {"stage": "precompute", "clips_version": int(version), "vae_sha": vae_sha, "vae_path": str(vae_path),
+        lineage = {"stage": "precompute", "clips_version": int(version), "vae_sha": vae_sha, "vae_path": str(Path(vae_path).resolve()),
                    "text_encoder": text_encoder,
                    "text_weights": str(Path(text_weights).resolve()) if text_weights else None, "text_encoder_sha": te_sha, "dtype": dtype, "rows_written": len(good),
                    "settings": json.loads(row_settings), "out_of_memory": len(res.retry), "gpu": use_gpu,
