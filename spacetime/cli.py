@@ -741,6 +741,8 @@ def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="where footage
     from spacetime.retrain import RetrainConfig, retrain as run_retrain
 
     _quiet_ray()
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     foot = out / "footage"
     typer.echo(f"[1/3] generating {videos} demo videos in {foot}")

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Annotated, Callable, Optional
 
 import typer
 
+from pipeline.sources import VIDEO_EXTS
+
 if TYPE_CHECKING:
     from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient
 
@@ -37,15 +39,22 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 ADDRESS_ENV_VARS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # Ray's own, in its order of precedence
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
+
+def _any_case(ext: str) -> str:
+    """".mov" -> "*.[mM][oO][vV]": exclude patterns are case-sensitive, and cameras write IMG_0001.MOV."""
+    return "*" + "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in ext)
+
+
 # What never travels with a job. Ray also honours the working dir's .gitignore. Footage, tables
 # and checkpoints belong on storage every node reads (s3://, a shared mount), not in the code
 # upload, which Ray caps at its gRPC message size (~500 MiB). Secrets (.env files) stay here.
 # Ray matches these gitignore-style against each path relative to the working dir: a name without
 # a slash matches at any depth, and no trailing "/" (Ray tests a directory's path without one).
+# ray_cluster.yaml's rsync_exclude holds the same patterns, for the copy `ray up` syncs to each node.
 EXCLUDES = [
     ".git", ".venv", "demo_out", "gpu_out", "out", "runs", "ray_results", "build", "**/__pycache__",
     "*.egg-info", ".pytest_cache", ".env*",
-    "*.mp4", "*.mov", "*.mkv", "*.avi", "*.webm",
+    *sorted(_any_case(ext) for ext in VIDEO_EXTS),  # every extension `curate` takes as footage
     "*.safetensors", "*.pt", "*.pth", "*.ckpt", "*.parquet", "*.npz",
 ]
 
@@ -118,15 +127,19 @@ def _cli_client(address: str) -> JobSubmissionClient:
     A cluster with Ray's token authentication needs RAY_AUTH_MODE=token and the cluster's token
     (RAY_AUTH_TOKEN, or ~/.ray/auth_token) in this environment; the client sends it.
     """
-    from ray.exceptions import AuthenticationError
+    from ray.exceptions import AuthenticationError, RpcError
 
     try:
         return job_client(address)
-    except ConnectionError as e:
-        _echo_err(f"cannot reach the Ray job server at {address}: {e}")
-        raise typer.Exit(2)
     except AuthenticationError as e:
         _echo_err(f"the Ray job server at {address} refused us: {e}")
+        raise typer.Exit(2)
+    # Nothing listening (ConnectionError), a malformed address (ValueError, requests' InvalidURL, an
+    # OSError), something other than a Ray job server answering (RuntimeError), or no GCS at an
+    # address without http://, which Ray takes for a GCS address (RpcError).
+    except (OSError, ValueError, RuntimeError, RpcError) as e:
+        hint = "" if "://" in address else " (an address without http:// is taken as a Ray GCS address)"
+        _echo_err(f"cannot reach the Ray job server at {address}: {' '.join(str(e).split())}{hint}")
         raise typer.Exit(2)
 
 

@@ -465,7 +465,8 @@ def write_retrain_report(run_dir: str | Path, previous_run: Optional[str | Path]
                f"{esc(str(lin.get('vae_sha')))} · latents version {lin.get('latents_version')} · DiT "
                f"{esc(str(lin.get('dit_checkpoint_sha')))} (fine-tuned from {esc(str(lin.get('from_checkpoint')))})</p>"
                f"<table><tr><th>stage</th><th>outputs</th><th>time</th></tr>{rows}</table></section>")
-    filters, clip_spec = _thresholds(None)
+    # the thresholds that decided this version (the run's --spec), not the defaults
+    filters, clip_spec = _thresholds(recorded_spec([h for h in store.history(root) if h["version"] <= v], v))
     funnel = funnel_section(funnel_steps(table, filters, clip_spec.min_seconds, clip_spec.max_seconds))
     caps = [r for r in table.to_pylist() if r["status"] == "kept" and r.get("caption_dense")][:8]
     cap_rows = "".join(f"<tr><td>{_thumb_html(r.get('thumbnail'), 'clip')}</td><td><b>teacher:</b> "

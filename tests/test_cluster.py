@@ -20,7 +20,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.job_submission import JobStatus
 from typer.testing import CliRunner
 
-from spacetime.cluster import (PROJECT_ROOT, SUBMIT_CONTEXT_SETTINGS, JobFailed, LocalHead,
+from spacetime.cluster import (EXCLUDES, PROJECT_ROOT, SUBMIT_CONTEXT_SETTINGS, JobFailed, LocalHead,
                                job_client, jobs_app, runtime_env, submit, submit_command, wait_for_job)
 
 YAML_PATH = PROJECT_ROOT / "ray_cluster.yaml"
@@ -89,6 +89,8 @@ def test_cluster_yaml_installs_this_project():
     assert (PROJECT_ROOT / local / "pyproject.toml").is_file()
     assert any("pip install" in c and f"-e {remote}" in c for c in config["setup_commands"])
     assert {".venv", ".git", "demo_out"} <= set(config["rsync_exclude"])
+    # what `ray up` syncs to each node leaves out what a job's upload does: footage, checkpoints, tables
+    assert set(EXCLUDES) <= set(config["rsync_exclude"])
 
 
 def test_secrets_and_run_outputs_never_travel_with_a_job(tmp_path):
@@ -98,7 +100,9 @@ def test_secrets_and_run_outputs_never_travel_with_a_job(tmp_path):
     keep = ["pkg/mod.py", "pyproject.toml", "datasets/demo.yaml"]
     drop = [".env", ".env.local", "runs/captioner/frames.npz", "runs/captioner/frames.npz.1a2b.tmp.npz",
             "pkg/cache.npz", "ray_results/captioner/result.json", "demo_out/run/report.html",
-            "gpu_out/log.txt", "pkg/__pycache__/mod.cpython-312.pyc"]
+            "gpu_out/log.txt", "pkg/__pycache__/mod.cpython-312.pyc",
+            # footage in any extension `curate` reads, in the upper case cameras write
+            "footage/IMG_0001.MOV", "footage/00001.MTS", "footage/00002.m2ts", "footage/tape.mxf"]
     src = tmp_path / "project"
     for name in keep + drop:
         (src / name).parent.mkdir(parents=True, exist_ok=True)
@@ -221,10 +225,16 @@ def test_cli_stop_ends_a_running_job(head, job_dir, monkeypatch):
     assert wait_for_job(head.address, job_id, poll_s=0.5, timeout_s=60, progress=None) == JobStatus.STOPPED
 
 
-def test_cli_says_when_the_cluster_is_unreachable():
-    closed = "http://127.0.0.1:9"  # discard port: nothing listens
-    result = CliRunner().invoke(cli(), ["jobs", "list", "--address", closed])
-    assert result.exit_code == 2 and "cannot reach" in result.stderr
+@pytest.mark.parametrize("address", [
+    "http://127.0.0.1:9",      # discard port: nothing listens
+    "http://127.0.0.1:99999",  # no such port: requests' InvalidURL was a traceback
+    "no-port",                 # no http://, so Ray parses a GCS address: its ValueError was a traceback
+    "htp://127.0.0.1:8265",    # a typo'd scheme: Ray's RuntimeError was a traceback
+])
+def test_cli_says_when_the_cluster_is_unreachable(address):
+    result = CliRunner().invoke(cli(), ["jobs", "list", "--address", address])
+    assert result.exit_code == 2 and "cannot reach" in result.stderr, (result.output, result.exception)
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_cli_requests_the_job_server_refuses_are_one_line_errors(head, job_dir):

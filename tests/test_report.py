@@ -171,3 +171,21 @@ def test_a_refiltered_version_is_drawn_with_the_thresholds_that_decided_it(tmp_p
     assert "motion ≥ 0.05" in write_report(tmp_path, 0, tmp_path / "v0.html").read_text(encoding="utf-8")
     restored = store.restore(tmp_path, 0)
     assert "motion ≥ 0.05" in write_report(tmp_path, restored, tmp_path / "r.html").read_text(encoding="utf-8")
+
+
+def test_the_retrain_report_funnel_uses_the_thresholds_that_decided_its_version(tmp_path):
+    """`retrain --spec` with min_motion 2: the retrain report's funnel counted the default min_motion 0.05."""
+    import json
+
+    from spacetime.report import write_retrain_report
+
+    strict = DatasetSpec.model_validate({"filters": {"min_motion": 2.0}, "clips": {"min_seconds": 0.5}})
+    v = store.commit(tmp_path / "ds", _clips_table(), "append",
+                     {"operation": "curate", "spec": strict.model_dump(mode="json")})
+    run = tmp_path / "run"
+    run.mkdir()
+    lineage = {"dataset": str(tmp_path / "ds"), "dataset_version": v}
+    (run / "manifest.json").write_text(json.dumps({"stages": {"_lineage": {"outputs": lineage}}}))
+    page = write_retrain_report(run).read_text(encoding="utf-8")
+    assert "motion ≥ 2<" in page and "0.5 s ≤ duration" in page
+    assert "motion ≥ 0.05" not in page

@@ -247,12 +247,13 @@ def test_captions_file(corpus, tmp_path):
     assert json.loads(out.read_text()) == rows
 
 
-def test_footage_out_a_file_is_one_error_line(tmp_path):
-    """`spacetime footage --out FILE` ended in a FileExistsError traceback from mkdir."""
+@pytest.mark.parametrize("command", ["footage", "demo"])
+def test_footage_out_a_file_is_one_error_line(tmp_path, command):
+    """`spacetime footage --out FILE` (and `demo --out FILE`) ended in a FileExistsError traceback from mkdir."""
     from typer.testing import CliRunner
 
     from spacetime.cli import app
 
     (tmp_path / "taken").write_bytes(b"")
-    r = CliRunner().invoke(app, ["footage", "--out", str(tmp_path / "taken"), "--videos", "1"])
+    r = CliRunner().invoke(app, [command, "--out", str(tmp_path / "taken"), "--videos", "1"])
     assert r.exit_code == 2 and "is not a directory" in r.output and r.exception.__class__ is SystemExit, r.output
