@@ -241,10 +241,19 @@ def retrain(spec_path: Optional[str], sources: list[str], dataset: str, run_dir:
     root = str(Path(dataset).resolve())
 
     def do_curate():
+        from deltalake import DeltaTable
+
+        before = m.stages.get("curate", {}).get("outputs", {})
         res = curate(sources, root, spec, captions=captions,
                      progress=lambda i, n, what: log(f"  curate {i}/{n} {what}"))
-        return {"dataset_version": store.latest_version(root), "new_rows": res.new_rows,
-                "counts": store.status_counts(store.read_clips(root))}
+        table_id, latest = DeltaTable(store.clips_path(root)).metadata().id, store.latest_version(root)
+        version = res.version
+        if version is None:  # nothing new (touched sources): the version this run curated before, not
+            # the latest (its own caption commit, which would retrain the captioner on the same clips)
+            was = before.get("dataset_version") if before.get("table") == table_id else None
+            version = was if was is not None and was <= latest else latest
+        return {"dataset_version": version, "table": table_id, "new_rows": res.new_rows,
+                "counts": store.status_counts(store.read_clips(root, version))}
 
     # Curating the same sources with the same spec adds nothing (clip ids derive from content), so the
     # key is the sources and the spec; another writer's later versions don't invalidate this stage.

@@ -443,3 +443,38 @@ def test_sample_stage_names_the_files_sample_wrote(tmp_path, monkeypatch):
     assert [Path(p).name for p in stages["sample"]["outputs"]["samples"]] == [
         f"prompt_{i}.mp4" for i in range(len(cfg.prompts))]
     assert all(s["frames"] == 5 for s in stages["evaluate"]["outputs"]["samples"])
+
+
+def test_curate_that_adds_nothing_keeps_the_curated_version(tmp_path, monkeypatch):
+    """A rerun whose sources were touched (`make demo` regenerates its footage) curates again and adds
+    nothing. The stage recorded the table's latest version, its own caption commit, so the captioner
+    was trained again on the same clips; it now keeps the version it curated before."""
+    import os
+
+    import pyarrow as pa
+    from deltalake import DeltaTable, write_deltalake
+
+    import captioner.caption
+    ran = []
+    _stub_retrain_stages(monkeypatch, ran)
+
+    def caption_dataset(root, ckpt, version, log):  # a caption commit on top, as the real one makes
+        write_deltalake(f"{root}/clips", DeltaTable(f"{root}/clips").to_pyarrow_table(), mode="overwrite")
+        return {"version": DeltaTable(f"{root}/clips").version()}
+
+    monkeypatch.setattr(captioner.caption, "caption_dataset", caption_dataset)
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "a.mp4").write_bytes(b"x")
+
+    def run():
+        del ran[:]
+        with pytest.raises(_StopAtTrain):
+            retrain(None, [str(tmp_path / "raw")], str(tmp_path / "ds"), str(tmp_path / "run"),
+                    cfg=RetrainConfig.tiny(), log=lambda s: None)
+        return [name for name, _ in ran]
+
+    assert run() == ["curate", "train_captioner", "train-vae", "precompute", "train"]
+    st = os.stat(tmp_path / "raw" / "a.mp4")
+    os.utime(tmp_path / "raw" / "a.mp4", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: curate runs
+    assert run() == ["curate", "train"]
+    assert Manifest.load(tmp_path / "run").stages["curate"]["outputs"]["dataset_version"] == 0
