@@ -124,6 +124,12 @@ def curate(sources: List[str] = typer.Argument(..., help="video files, directori
     if n == 0:
         fail("no video sources found in: " + " ".join(sources))
     typer.echo(f"curating {n} source(s) into {dataset} (spec {s.name}, hash {s.spec_hash()})", err=True)
+    if retry_rejected and captions is None:  # the retried clips' rows would lack the teacher captions theirs had
+        from pipeline import store
+        imported = sorted({h["captions_imported"] for h in store.history(dataset) if h.get("captions_imported")})
+        if imported:
+            typer.secho(f"warning: earlier runs imported teacher captions ({', '.join(imported)}); the retried "
+                        f"clips get none unless you pass --captions", err=True, fg=typer.colors.YELLOW)
     try:
         res = run_curate(list(sources), str(dataset), s, captions=str(captions) if captions else None,
                          progress=_progress_bar(n, "curate"), ray_address=address, rehash=rehash,

@@ -701,3 +701,24 @@ def test_a_retry_that_fails_again_is_still_reported_rejected(tmp_path, monkeypat
     (tmp_path / "v.mp4").write_bytes(b"x")
     r = CliRunner().invoke(app, ["curate", str(tmp_path / "v.mp4"), "--dataset", str(tmp_path), "--retry-rejected"])
     assert r.exit_code == 3 and "rejected again" in r.output and "probe timed out" in r.output, r.output
+
+
+def test_retry_rejected_without_captions_warns_when_earlier_runs_imported_some(tmp_path, monkeypatch):
+    """The retried clips' new rows carry teacher captions only when --captions is given again: a retry
+    without it silently left them uncaptioned while their siblings had captions. It now says so."""
+    import pyarrow as pa
+    from typer.testing import CliRunner
+
+    import pipeline.graph as graph
+    from spacetime.cli import app
+
+    root = tmp_path / "ds"
+    (tmp_path / "v.mp4").write_bytes(b"x")
+    store.commit(root, pa.Table.from_pylist([{"clip_id": "c0", "source_uri": "/v.mp4", "status": "kept"}]), "append",
+                 {"operation": "curate", "captions_imported": "/data/captions.json"})
+    monkeypatch.setattr(graph, "curate", lambda *a, **k: graph.CurateResult(None, {}, 1, 1, 0))
+    run = lambda *extra: CliRunner().invoke(app, ["curate", str(tmp_path / "v.mp4"), "--dataset", str(root), *extra])
+    r = run("--retry-rejected")
+    assert r.exit_code == 0 and "warning" in r.output and "/data/captions.json" in r.output, r.output
+    assert "captions" not in run().output and "captions" not in run("--retry-rejected", "--captions",
+                                                                     str(tmp_path / "v.mp4")).output
