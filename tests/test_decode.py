@@ -12,6 +12,7 @@ import pytest
 from skimage import data
 
 from pipeline.decode import Frames, I420Stack, decode_for_analysis, scaled_size
+from tests.avspy import Container
 
 
 def _video(path, n=40, size=(320, 180), pix_fmt="yuv420p", fps=25):
@@ -205,20 +206,8 @@ def _seek(cmd):
     return float(cmd[cmd.index("-ss") + 1]) if "-ss" in cmd else 0.0
 
 
-class _NoDemux:
+class _NoDemux(Container):
     """A container whose demux fails the test: the frame times must come from the analysis decode."""
-
-    def __init__(self, c):
-        self.c = c
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return self.c.__exit__(*exc)
-
-    def __getattr__(self, name):
-        return getattr(self.c, name)
 
     def demux(self, *a, **k):
         raise AssertionError("the source was demuxed")

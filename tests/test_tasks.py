@@ -24,6 +24,7 @@ from generator.sample import (decode_latent, fit_size, load_model, sample, sha25
 from generator.shapes import embed_caption, make_dataset, make_video
 from generator.train import TrainConfig, train
 from generator.vae import VAE, VAEConfig, save_vae
+from tests.avspy import Container
 
 TEXT_DIM = 8
 
@@ -425,19 +426,7 @@ def test_transition_decodes_only_the_tail_of_a(model, vae, tmp_path, monkeypatch
     decoded = []
     real_open = av.open
 
-    class Counting:  # PyAV's container, counting the frames it decodes
-        def __init__(self, c):
-            self.c = c
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return self.c.__exit__(*exc)
-
-        def __getattr__(self, name):
-            return getattr(self.c, name)
-
+    class Counting(Container):  # PyAV's container, counting the frames it decodes
         def decode(self, *args, **kw):
             for frame in self.c.decode(*args, **kw):
                 decoded.append(self.c.name)
