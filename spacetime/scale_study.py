@@ -41,17 +41,31 @@ def shapes_pairs(n: int, seed: int, text_dim: int = 32, size: int = 32, frames: 
 
 
 @torch.no_grad()
-def validation_loss(model: DiT, pairs: list, base_tokens: int, seed: int = 1234, repeats: int = 4) -> float:
-    """Mean flow loss over `pairs` with fixed noise and t: comparable across models and steps."""
+def validation_loss(model: DiT, pairs: list, base_tokens: int, seed: int = 1234, repeats: int = 4,
+                    chunk_tokens: int = 8192) -> float:
+    """Mean flow loss per token over `pairs` with fixed noise and t: comparable across models and steps.
+    Run in packed chunks of about `chunk_tokens` tokens, so memory stays bounded however many pairs a
+    --dataset holds out (one forward over all of them grew with the table)."""
     flow = RectifiedFlow(base_tokens)
-    packed = pack([z for z, _ in pairs], model.cfg.patch)
-    text, text_cu = pack_sequences([t for _, t in pairs])
+    pt, ph, pw = model.cfg.patch
+    chunks, size = [[]], 0
+    for z, y in pairs:
+        n = z.shape[1] // pt * (z.shape[2] // ph) * (z.shape[3] // pw)
+        if chunks[-1] and size + n > chunk_tokens:
+            chunks.append([])
+            size = 0
+        chunks[-1].append((z, y))
+        size += n
+    batches = [(pack([z for z, _ in c], model.cfg.patch), *pack_sequences([y for _, y in c])) for c in chunks]
     gen = torch.Generator().manual_seed(seed)
-    losses = []
+    total, tokens = 0.0, 0
     for _ in range(repeats):
-        fn = lambda z, t: model(z, t, packed.positions, packed.cu_seqlens, text, text_cu)  # noqa: E731
-        losses.append(flow.loss(fn, packed.tokens, packed.cu_seqlens, generator=gen).item())
-    return sum(losses) / len(losses)
+        for packed, text, text_cu in batches:
+            fn = lambda z, t: model(z, t, packed.positions, packed.cu_seqlens, text, text_cu)  # noqa: E731
+            n = packed.tokens.shape[0]
+            total += flow.loss(fn, packed.tokens, packed.cu_seqlens, generator=gen).item() * n
+            tokens += n
+    return total / tokens
 
 
 def scale_study(out_dir: str | Path, train_pairs: Optional[list] = None, val_pairs: Optional[list] = None,

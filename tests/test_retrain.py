@@ -478,3 +478,30 @@ def test_curate_that_adds_nothing_keeps_the_curated_version(tmp_path, monkeypatc
     os.utime(tmp_path / "raw" / "a.mp4", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: curate runs
     assert run() == ["curate", "train"]
     assert Manifest.load(tmp_path / "run").stages["curate"]["outputs"]["dataset_version"] == 0
+
+
+def test_validation_loss_runs_in_bounded_chunks(tmp_path):
+    """The scale study's validation ran every held-out pair in one forward: with --dataset that is an
+    eighth of the latents table, and memory grew with it. It runs packed chunks of bounded tokens; with
+    one chunk it is the loss it was."""
+    from generator.dit import DiT, DiTConfig
+    from generator.flow import RectifiedFlow
+    from generator.patches import pack, pack_sequences
+    from spacetime.scale_study import shapes_pairs, validation_loss
+
+    torch.manual_seed(0)
+    pairs = shapes_pairs(12, 0)
+    model = DiT(DiTConfig(in_channels=3, hidden_size=32, depth=1, num_heads=2, text_dim=32)).eval()
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    # the one-forward loss it replaced, with the same fixed noise
+    packed, (text, text_cu) = pack([z for z, _ in pairs], model.cfg.patch), pack_sequences([t for _, t in pairs])
+    gen, flow = torch.Generator().manual_seed(1234), RectifiedFlow(48)
+    with torch.no_grad():
+        old = sum(flow.loss(lambda z, t: model(z, t, packed.positions, packed.cu_seqlens, text, text_cu),
+                            packed.tokens, packed.cu_seqlens, generator=gen).item() for _ in range(2)) / 2
+    seen.clear()
+    assert abs(validation_loss(model, pairs, 48, repeats=2) - old) < 1e-6 and seen == [packed.tokens.shape[0]] * 2
+    seen.clear()
+    chunked = validation_loss(model, pairs, 48, repeats=2, chunk_tokens=64)
+    assert max(seen) <= 64 and len(seen) > 2 and abs(chunked - old) < 0.5 * old
