@@ -20,6 +20,13 @@ def _next_logits(model, ids, cond, cache):
     return logits, cache
 
 
+def _check_len(model, max_len: int):
+    # past the decoder's learned positions the text position table would be indexed out of range
+    if not 1 <= max_len <= model.cfg.max_text_len:
+        raise ValueError(f"max_len must be in 1..{model.cfg.max_text_len} (the model's text positions, "
+                         f"style token included), got {max_len}")
+
+
 def _strip(seq) -> list[int]:
     out = []
     for t in seq:
@@ -60,6 +67,7 @@ def top_p(model, cond, style_ids, max_len: int = 40, p: float = 0.9, temperature
 
 
 def _sample_loop(model, cond, style_ids, max_len, pick):
+    _check_len(model, max_len)
     B = cond.shape[0]
     ids = style_ids.view(B, 1)
     done = torch.zeros(B, dtype=torch.bool, device=cond.device)
@@ -81,6 +89,7 @@ def beam_search(model, cond, style_ids, max_len: int = 40, num_beams: int = 4,
                 length_penalty: float = 1.0) -> list[list[int]]:
     """Keep the num_beams best partial captions per clip by summed log-probability; return the
     best finished one, scored by logp / length**length_penalty. Deterministic."""
+    _check_len(model, max_len)
     B, K = cond.shape[0], num_beams
     cond = cond.repeat_interleave(K, 0)                                  # (B*K, N, D)
     ids = style_ids.repeat_interleave(K).view(B * K, 1)

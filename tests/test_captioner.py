@@ -379,6 +379,21 @@ def test_tokenizer_knows_every_word_of_captions_in_odd_unicode():
     assert decode_caption(tok, encode_caption(tok, "Cafe\u0301 🚀", "short", 16)[1:]) == "café 🚀"
 
 
+def test_a_max_len_past_the_models_positions_is_refused():
+    """--max-len beyond the decoder's text positions indexed past its position table mid-decode
+    (an IndexError deep in GPT-2, or on CUDA a device-side assert), after the video was encoded."""
+    model, tok = _untrained()
+    frames = torch.from_numpy(square_frames("red", "left", 4, 48)[None, :, 8:40, 8:40].copy())
+    _, cond = model.encode_video(frames)
+    style = torch.full((1,), tok.token_to_id("<short>"))
+    n = model.cfg.max_text_len
+    assert len(decode.generate(model, cond, style, "greedy", max_len=n)[0]) <= n - 1
+    for method in ("greedy", "beam", "top_p"):
+        for bad in (n + 1, 0):
+            with pytest.raises(ValueError, match=f"max_len must be in 1..{n}"):
+                decode.generate(model, cond, style, method, max_len=bad)
+
+
 def test_decoding_cache_matches_full_forward_and_is_seeded():
     model, tok = _untrained()
     frames = torch.from_numpy(np.stack([square_frames("red", "left", 4, 48)[:, 8:40, 8:40], square_frames("blue", "right", 4, 48)[:, 8:40, 8:40]]))
