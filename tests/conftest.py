@@ -69,3 +69,22 @@ def run_ranks():
                     p.kill()
                 pytest.fail(f"the {nprocs} ranks did not finish in {timeout} s (a hang in a collective?)")
     return run
+
+
+@pytest.fixture
+def ray_with_fake_gpu():
+    """ray_with_fake_gpu(code, num_cpus) -> stdout: `code` run in a fresh Python whose local Ray
+    advertises one GPU the machine does not have, so GPU-asking actors schedule and fall back to CPU
+    torch (a subprocess: the module's own Ray has no GPU). Fails the test with its stderr on error."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def run(code: str, num_cpus: int = 2) -> str:
+        script = (f"import ray\nray.init(address='local', num_cpus={num_cpus}, num_gpus=1, include_dashboard=False, "
+                  f"log_to_driver=False)\n{code}")
+        r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                           cwd=Path(__file__).resolve().parents[1])
+        assert r.returncode == 0, (r.stdout, r.stderr[-2000:])
+        return r.stdout
+    return run

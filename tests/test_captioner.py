@@ -904,24 +904,19 @@ def test_eval_captioner_records_a_fallback_to_training_clips(dataset, tmp_path):
     assert "training clips" in r.output and "held_out: false" in r.output, r.output
 
 
-def test_caption_actors_ask_for_the_clusters_gpus_from_a_cpu_driver(dataset, trained, tmp_path):
+def test_caption_actors_ask_for_the_clusters_gpus_from_a_cpu_driver(dataset, trained, tmp_path, ray_with_fake_gpu):
     """use_gpu was the driver's own CUDA: from a CPU head node (`spacetime submit`) the captioner actors
     asked for no GPU and ran on CPU beside idle GPU workers. It follows the Ray cluster's GPUs: here one
     declared on this CPU machine (a fresh Ray in a subprocess); the actor asks for it and falls back to
     CPU torch."""
-    import sys
     root, _ = dataset
     copy = tmp_path / "ds"
     shutil.copytree(root / "clips", copy / "clips")
     _, ckpt = trained
-    script = (f"import ray\nfrom captioner.caption import caption_dataset\n"
-              f"ray.init(address='local', num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)\n"
-              f"s = caption_dataset({str(copy)!r}, {str(ckpt)!r}, batch_size=8, method='greedy')\n"
-              f"print('RESULT', s['captioned'])")
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                       cwd=Path(__file__).resolve().parents[1])
-    assert "actor(s) on GPU" in r.stdout and "RESULT 0" not in r.stdout and "RESULT" in r.stdout, (
-        r.stdout, r.stderr[-2000:])
+    out = ray_with_fake_gpu(f"from captioner.caption import caption_dataset\n"
+                            f"s = caption_dataset({str(copy)!r}, {str(ckpt)!r}, batch_size=8, method='greedy')\n"
+                            f"print('RESULT', s['captioned'])")
+    assert "actor(s) on GPU" in out and "RESULT 0" not in out and "RESULT" in out, out
 
 
 def test_top_p_captions_do_not_depend_on_the_batch(dataset, trained):

@@ -358,21 +358,17 @@ def test_precompute_of_a_recaptioned_version_embeds_its_captions(app, latents, d
     assert new["clip-b"] == old["clip-b"]                                 # unchanged captions: the rows as they were
 
 
-def test_precompute_encodes_on_the_clusters_gpus_from_a_cpu_driver(dataset, vae_dir, tmp_path):
+def test_precompute_encodes_on_the_clusters_gpus_from_a_cpu_driver(dataset, vae_dir, tmp_path, ray_with_fake_gpu):
     """use_gpu defaulted to the driver's own CUDA: from a CPU head node (`spacetime submit`) the encoders
     ran on CPU beside idle GPU workers. It follows the Ray cluster's GPUs: here one declared on this CPU
     machine (a fresh Ray in a subprocess; 4 logical CPUs: each GPU actor holds one); the actors ask for it
     and fall back to CPU torch."""
-    import sys
-    from pathlib import Path
     vae, out = str(vae_dir / "vae.safetensors"), str(tmp_path / "latents")
-    script = (f"import ray\nfrom generator.precompute import precompute\n"
-              f"ray.init(address='local', num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False)\n"
-              f"res = precompute({str(dataset)!r}, 0, {vae!r}, 'open_clip:ViT-S-32-alt', out={out!r}, "
-              f"short_sides=(32,), frame_buckets=(1, 5, 9, 17), max_clips=1)\nprint('RESULT', res.gpu, res.written)")
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                       cwd=Path(__file__).resolve().parents[1])
-    assert "RESULT True 1" in r.stdout, (r.stdout, r.stderr[-2000:])
+    stdout = ray_with_fake_gpu(f"from generator.precompute import precompute\n"
+                               f"res = precompute({str(dataset)!r}, 0, {vae!r}, 'open_clip:ViT-S-32-alt', out={out!r}, "
+                               f"short_sides=(32,), frame_buckets=(1, 5, 9, 17), max_clips=1)\n"
+                               f"print('RESULT', res.gpu, res.written)", num_cpus=4)
+    assert "RESULT True 1" in stdout, stdout
     assert json.loads(DeltaTable(out).history(1)[0]["spacetime"])["gpu"] is True
 
 
