@@ -21,7 +21,7 @@ Under FSDP (torch's fully_shard, one unit per DiT block plus the root) model, EM
 state are sharded across ranks; a checkpoint gathers them into the same full safetensors file a
 single process writes, so a run can resume on a different world size or strategy, and `sample`
 reads it as usual. Saving is then a collective: every rank calls save_checkpoint, rank 0 writes.
-Each rank's RNG and data position are saved, so a resumed multi-rank run is exact too.
+Each rank's RNG, data position and FLOPs count are saved, so a resumed multi-rank run is exact too.
 """
 import contextlib
 import copy
@@ -261,6 +261,7 @@ def save_checkpoint(ckpt_dir: str, model, ema, opt, gen, data, step: int, skippe
     rngs = _per_rank((gen.get_state().cpu(), torch.get_rng_state(),
                       torch.cuda.get_rng_state() if torch.cuda.is_available() else None), world_size)
     positions = _per_rank(data.state_dict(), world_size)
+    flops = _per_rank(flops, world_size)  # each rank counts its own batches' FLOPs
     path = _write_checkpoint(ckpt_dir, msd, esd, osd, rngs, positions, step, skipped, flops, cfg, keep) if rank == 0 else None
     if world_size > 1:  # no rank goes on (and maybe reads latest.json) before the file is in place
         import torch.distributed as dist
@@ -269,6 +270,7 @@ def save_checkpoint(ckpt_dir: str, model, ema, opt, gen, data, step: int, skippe
 
 
 def _write_checkpoint(ckpt_dir, msd, esd, osd, rngs, positions, step, skipped, flops, cfg, keep) -> str:
+    """rngs, positions, flops: one per rank."""
     tensors = {f"model.{k}": v for k, v in msd.items()}
     tensors.update({f"ema.{k}": v for k, v in esd.items()})
     tensors.update(optimizer_tensors(osd, "optim."))
@@ -276,8 +278,9 @@ def _write_checkpoint(ckpt_dir, msd, esd, osd, rngs, positions, step, skipped, f
         tensors[f"rng.generator.{r}"], tensors[f"rng.torch.{r}"] = g, t
         if c is not None:
             tensors[f"rng.cuda.{r}"] = c
-    meta = {"step": step, "skipped": skipped, "flops": flops, "data": positions[0], "data_ranks": positions,
-            "world_size": len(positions), "param_groups": osd["param_groups"], "config": asdict(cfg)}
+    meta = {"step": step, "skipped": skipped, "flops": flops[0], "flops_ranks": flops, "data": positions[0],
+            "data_ranks": positions, "world_size": len(positions), "param_groups": osd["param_groups"],
+            "config": asdict(cfg)}
     return write_checkpoint_file(ckpt_dir, step, tensors, meta, keep)
 
 
@@ -357,7 +360,7 @@ def optimizer_state(tensors: dict, prefix: str, param_groups: list, device) -> d
 def load_checkpoint(ckpt_dir: str, model, ema, opt, gen, data, device, rank: int = 0, world_size: int = 1) -> dict:
     """Restore everything save_checkpoint wrote; returns its metadata (step, skipped, flops, ...).
     Raises CheckpointError on a sha256 mismatch, ValueError (naming keys) on a model mismatch.
-    Each rank takes its own RNG and data position when the checkpoint has the same world size."""
+    Each rank takes its own RNG, data position and FLOPs when the checkpoint has the same world size."""
     tensors, meta = read_checkpoint_file(ckpt_dir)
     _load_full_state(model, ema, opt, prefixed(tensors, "model."), prefixed(tensors, "ema."),
                      optimizer_state(tensors, "optim.", meta["param_groups"], device))
@@ -372,6 +375,8 @@ def load_checkpoint(ckpt_dir: str, model, ema, opt, gen, data, device, rank: int
     if f"rng.cuda{r}" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors[f"rng.cuda{r}"])
     data.load_state_dict(meta["data_ranks"][rank] if same and "data_ranks" in meta else meta["data"])
+    if same and "flops_ranks" in meta:  # this rank's own count ("flops" is rank 0's)
+        meta["flops"] = meta["flops_ranks"][rank]
     return meta
 
 
@@ -610,24 +615,29 @@ def train(cfg: TrainConfig, data, rank: int = 0, world_size: int = 1, report=Non
                     (loss / cfg.grad_accum).backward()
             n = packed.tokens.shape[0]
             n_tok += n
-            flops += 3 * model.flops_per_token(packed.seqlens.tolist(), len(text) / len(packed.grids)) * n
+            # cross-attention: each sample's tokens attend to its own text (a CFG-dropped one: 1 null token)
+            seqlens, cu = batch["packed"].seqlens.cpu().double(), batch["text_cu"].cpu()
+            text_lens = torch.where(drop.cpu(), 1, cu[1:] - cu[:-1]).double()
+            text_len = float((seqlens * text_lens).sum() / seqlens.sum())
+            flops += 3 * model.flops_per_token(seqlens.tolist(), text_len) * n
         step += 1
         grad_norm = guarded_update(loss / cfg.grad_accum, opt, model.parameters(), cfg.grad_clip, world_size, "step",
                                    step, check=torch.stack(losses))
-        if grad_norm is None:
+        if grad_norm is None:  # no EMA update and no record, but still its checkpoint (below)
             skipped += 1
-            continue
-        with torch.no_grad():  # EMA, with a warmup so short runs are not dominated by the init
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
-        rec = {"step": step, "loss": torch.stack(losses).mean().item(), "lr": lr, "grad_norm": grad_norm.item(),
-               "skipped": skipped, "tokens": n_tok, "flops": flops}
-        history.append(rec)
-        if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.steps):
-            log.info("step %d loss %.4f lr %.2e grad %.3f skipped %d", step, rec["loss"], lr, rec["grad_norm"], skipped)
-            if report is not None:
-                report(rec)
+        else:
+            with torch.no_grad():  # EMA, with a warmup so short runs are not dominated by the init
+                decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+                for pe, pm in zip(ema.parameters(), model.parameters()):
+                    pe.lerp_(pm, 1 - decay)
+            rec = {"step": step, "loss": torch.stack(losses).mean().item(), "lr": lr, "grad_norm": grad_norm.item(),
+                   "skipped": skipped, "tokens": n_tok, "flops": flops}
+            history.append(rec)
+            if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.steps):
+                log.info("step %d loss %.4f lr %.2e grad %.3f skipped %d", step, rec["loss"], lr, rec["grad_norm"],
+                         skipped)
+                if report is not None:
+                    report(rec)
         # every rank calls save_checkpoint: a multi-rank save gathers from all of them, rank 0 writes
         if cfg.ckpt_dir and cfg.ckpt_every and step % cfg.ckpt_every == 0:
             if rank == 0:  # before the checkpoint: a kill between the two leaves records a resume drops

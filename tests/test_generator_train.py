@@ -215,6 +215,186 @@ def test_flops_budget_stops_the_run(pairs):
     assert res.stop_reason == "max_seconds" and res.step == 0
 
 
+def _nan_at(pairs, i):
+    """The first 12 pairs with sample i's latent holding a NaN (its batch's step is skipped)."""
+    bad = [(z.clone(), t) for z, t in pairs[:12]]
+    bad[i][0][0, 0, 0, 0] = float("nan")
+    return bad
+
+
+def test_resume_right_after_a_skipped_step_is_exact_and_its_checkpoint_is_written(pairs, tmp_path):
+    """A step skipped for a NaN went `continue` past the checkpoint: with ckpt_every landing on it
+    no checkpoint was written (a kill one step later lost every step since the previous one, and a
+    run whose every-k-th step was skipped never checkpointed). A run that ends on the skipped step
+    and is resumed, and one killed after it, both repeat the uninterrupted run (curve, EMA, skips,
+    history.jsonl)."""
+    from generator.train import checkpoint_meta
+    bad = _nan_at(pairs, 5)  # max_tokens 64: step 2's batch is sample 5 alone
+    cfg = lambda steps, d, **kw: small_cfg(steps=steps, max_tokens=64, ckpt_dir=str(tmp_path / d), **kw)
+    read = lambda d: [json.loads(line) for line in open(tmp_path / d / "history.jsonl")]
+    full = train(cfg(6, "a"), bad)
+    assert full.skipped == 1 and [h["step"] for h in full.history] == [1, 3, 4, 5, 6]
+    first = train(cfg(2, "b"), bad)  # ends on the skipped step
+    assert first.skipped == 1 and checkpoint_meta(str(tmp_path / "b"))["step"] == 2
+    rest = train(cfg(6, "b"), bad)
+    assert [h["loss"] for h in first.history + rest.history] == [h["loss"] for h in full.history]
+    assert rest.skipped == 1 and read("b") == read("a") == full.history
+    for a, b in zip(full.ema.parameters(), rest.ema.parameters()):
+        assert torch.equal(a, b)
+
+    def kill(rec):
+        if rec["step"] == 3:  # before step 3's checkpoint
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg(6, "c", ckpt_every=2, log_every=1), bad, report=kill)
+    meta = checkpoint_meta(str(tmp_path / "c"))
+    assert meta["step"] == 2 and meta["skipped"] == 1
+    again = train(cfg(6, "c", ckpt_every=2), bad)
+    assert again.skipped == 1 and read("c") == read("a")
+
+
+def _opt_state(opt):
+    """An optimizer's per-parameter state, copied: {"<index>.<name>": tensor}."""
+    return {f"{i}.{k}": v.clone() for i, s in opt.state_dict()["state"].items() for k, v in s.items()}
+
+
+def test_a_skipped_step_changes_no_weights_ema_or_optimizer_state(pairs, tmp_path):
+    """The NaN/inf guard: the skipped step 2's checkpoint holds step 1's model, EMA and AdamW state
+    (moments and Adam's own step count) bit for bit; the skip is counted in the result and in the
+    next history record; the step counter, hence the LR schedule, counts it (TrainConfig.steps: skipped
+    ones included). A finite loss with a non-finite gradient is skipped the same way."""
+    from generator.train import guarded_update, lr_at, read_checkpoint_file
+    bad = _nan_at(pairs, 5)
+    cfg = lambda steps, d: small_cfg(steps=steps, max_tokens=64, ckpt_dir=str(tmp_path / d))
+    one, two = train(cfg(1, "one"), bad), train(cfg(2, "two"), bad)
+    assert (one.skipped, two.skipped, two.step, len(two.history)) == (0, 1, 2, 1)
+    (t1, _), (t2, _) = read_checkpoint_file(str(tmp_path / "one")), read_checkpoint_file(str(tmp_path / "two"))
+    state = [k for k in t1 if not k.startswith("rng.")]
+    assert any(k.startswith("optim.") for k in state) and state == [k for k in t2 if not k.startswith("rng.")]
+    for k in state:
+        assert torch.equal(t1[k], t2[k]), k
+    three = train(cfg(3, "three"), bad)
+    assert three.history[-1]["skipped"] == 1 and three.history[-1]["lr"] == lr_at(cfg(3, "x"), 2)
+    # finite loss, non-finite gradient (d sqrt(x)/dx at 0)
+    lin = torch.nn.Linear(4, 1)
+    opt = torch.optim.AdamW(lin.parameters(), lr=0.1)
+    guarded_update(lin(torch.ones(2, 4)).pow(2).mean(), opt, lin.parameters(), 1.0, 1, "t", 1)
+    before = ([p.clone() for p in lin.parameters()], _opt_state(opt))
+    loss = torch.sqrt(lin.weight.sum() * 0).sum()
+    assert torch.isfinite(loss)
+    assert guarded_update(loss, opt, lin.parameters(), 1.0, 1, "t", 2) is None
+    assert all(torch.equal(a, b) for a, b in zip(before[0], lin.parameters()))
+    assert all(p.grad is None for p in lin.parameters())
+    after = _opt_state(opt)
+    assert before[1].keys() == after.keys() and all(torch.equal(before[1][k], after[k]) for k in after)
+
+
+def test_budget_stop_then_resume_with_a_larger_budget_is_exact(pairs, tmp_path):
+    """--budget-flops stops at step 2; resumed with a larger (total) budget it goes on to step 4,
+    then without one to the end: losses, FLOPs (restored, not counted again) and history.jsonl are
+    the uninterrupted run's."""
+    full = train(small_cfg(steps=6, ckpt_dir=str(tmp_path / "a")), pairs)
+    d = str(tmp_path / "b")
+    first = train(small_cfg(steps=6, ckpt_dir=d, max_flops=full.history[1]["flops"]), pairs)
+    assert (first.stop_reason, first.step) == ("max_flops", 2)
+    mid = train(small_cfg(steps=6, ckpt_dir=d, max_flops=full.history[3]["flops"]), pairs)
+    assert (mid.stop_reason, mid.step) == ("max_flops", 4)
+    last = train(small_cfg(steps=6, ckpt_dir=d), pairs)
+    assert (last.stop_reason, last.step) == ("steps", 6)
+    assert first.history + mid.history + last.history == full.history  # loss, lr, grad norm, flops
+    assert last.flops == full.flops
+    read = lambda d: [json.loads(line) for line in open(os.path.join(d, "history.jsonl"))]
+    assert read(d) == read(str(tmp_path / "a")) == full.history
+
+
+def test_flops_count_the_forward_matmuls_of_the_image_tokens_three_times(pairs):
+    """FLOPs for the budget and MFU: a training step adds 3x (forward + backward) the forward's matmul
+    FLOPs on image tokens: the linears FlopCounterMode measures, plus self- and cross-attention counted
+    by hand (4 D L_i L'_i each). Cross-attention was counted with the batch's mean text length for
+    every token: with long samples holding short captions (or CFG-dropped ones, 1 null token) and
+    short ones long captions, the count was off; it is now each sample's tokens x its text length."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from generator.dit import DiT
+    from generator.train import PackedBatches
+    mixed = [(z, y[: 1 + i % 5]) for i, (z, y) in enumerate(pairs)]  # text 1..5 tokens, samples 16 or 48
+    for dropout in (0.0, 1.0):
+        cfg = small_cfg(steps=1, cfg_dropout=dropout)
+        torch.manual_seed(0)
+        model = DiT(cfg.dit)
+        b = next(PackedBatches(mixed, cfg.dit.patch, cfg.max_tokens, cfg.seed))
+        p, text, text_cu = b["packed"], b["text"], b["text_cu"]
+        drop = torch.full((len(p.grids),), dropout > 0)
+        with FlopCounterMode(display=False, depth=None) as fc:
+            model(p.tokens, torch.rand(len(p.grids)), p.positions, p.cu_seqlens, text, text_cu, drop)
+        counts = {k: sum(v.values()) for k, v in fc.get_flop_counts().items()}
+        image_linears = ["x_embedder", "final_layer.linear"] + [
+            f"blocks.{i}.{m}" for i in range(cfg.dit.depth) for m in ("attn.qkv", "attn.proj", "cross_attn.q",
+                                                                       "cross_attn.proj", "mlp")]
+        linear = sum(counts[f"DiT.{m}"] for m in image_linears)
+        L = p.seqlens.double()
+        text_lens = torch.ones_like(L) if dropout else (text_cu[1:] - text_cu[:-1]).double()
+        assert len(set(text_lens.tolist())) > 1 or dropout
+        attn = cfg.dit.depth * 4 * cfg.dit.hidden_size * float((L * L).sum() + (L * text_lens).sum())
+        res = train(cfg, mixed)
+        assert res.history[0]["tokens"] == p.tokens.shape[0]
+        assert res.history[0]["flops"] == pytest.approx(3 * (linear + attn), rel=1e-9), dropout
+
+
+def test_packed_batches_see_every_sample_once_per_epoch_on_disjoint_ranks(pairs):
+    """Over an epoch each rank's batches hold each of its samples once, within max_tokens; the ranks'
+    samples are disjoint and cover the data; a restored data position gives the same next batches;
+    a sample over max_tokens is refused, with its token count."""
+    from generator.train import PackedBatches
+    for world in (1, 2, 3):
+        seen = []
+        for r in range(world):
+            b = PackedBatches(pairs, (1, 2, 2), 100, seed=3, rank=r, world_size=world)
+            mine = []
+            while b.pos < len(b._order):
+                chosen = b._take()
+                assert sum(b.tokens[i] for i in chosen) <= 100
+                mine += chosen
+            assert b.epoch == 0 and len(mine) == len(set(mine))
+            seen += mine
+        assert sorted(seen) == list(range(len(pairs))), world
+    a = PackedBatches(pairs, (1, 2, 2), 100, seed=3, rank=1, world_size=2)
+    for _ in range(30):  # into the second epoch
+        next(a)
+    b = PackedBatches(pairs, (1, 2, 2), 100, seed=3, rank=1, world_size=2)
+    b.load_state_dict(a.state_dict())
+    for _ in range(5):
+        x, y = next(a), next(b)
+        assert torch.equal(x["packed"].tokens, y["packed"].tokens) and torch.equal(x["text"], y["text"])
+    with pytest.raises(ValueError, match="48 tokens > max_tokens 47"):
+        PackedBatches(pairs, (1, 2, 2), 47)
+
+
+def test_history_has_each_step_once_after_a_kill_between_its_records_and_checkpoint(pairs, tmp_path, monkeypatch):
+    """history.jsonl gets steps 1-4 just before the step-4 checkpoint; a kill in between (and a torn
+    last line) leaves records past the step-2 checkpoint: the resume drops them and records them
+    again, once, as the uninterrupted run did."""
+    import generator.train as gt
+    full = train(small_cfg(steps=6, ckpt_dir=str(tmp_path / "a")), pairs)
+    d = str(tmp_path / "b")
+    save = gt.save_checkpoint
+
+    def dies_at_4(*args, **kw):
+        if args[6] == 4:
+            raise KeyboardInterrupt
+        return save(*args, **kw)
+    monkeypatch.setattr(gt, "save_checkpoint", dies_at_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(small_cfg(steps=6, ckpt_dir=d, ckpt_every=2), pairs)
+    monkeypatch.setattr(gt, "save_checkpoint", save)
+    read = lambda d: [json.loads(line) for line in open(os.path.join(d, "history.jsonl"))]
+    assert [h["step"] for h in read(d)] == [1, 2, 3, 4]
+    with open(os.path.join(d, "history.jsonl"), "a") as f:
+        f.write('{"step": 5, "lo')
+    train(small_cfg(steps=6, ckpt_dir=d, ckpt_every=2), pairs)
+    assert read(d) == read(str(tmp_path / "a")) == full.history
+
+
 @pytest.mark.slow
 def test_ray_train_wrapper_runs_the_same_loop(pairs, tmp_path):
     ray = pytest.importorskip("ray")
@@ -345,3 +525,27 @@ def test_grad_accum_under_ddp_and_fsdp_over_two_ranks(pairs, tmp_path, run_ranks
         assert r["fsdp"]["grad"] == pytest.approx(r["ddp"]["grad"], rel=1e-4)
     assert ranks[0]["ddp"]["grad"] == pytest.approx(ranks[1]["ddp"]["grad"], rel=1e-6)  # one global norm
     assert ranks[0]["ddp"]["loss"] != ranks[1]["ddp"]["loss"]  # each rank read its own batches
+
+
+def _flops_ranks_worker(rank, world, init_file, pairs, out_dir):
+    """One rank: an uninterrupted 4-step run and one cut at step 2 and resumed; each rank's FLOPs."""
+    def work():
+        ck = lambda name: os.path.join(out_dir, name)
+        full = train(small_cfg(steps=4, ckpt_dir=ck("full")), pairs, rank, world)
+        first = train(small_cfg(steps=2, ckpt_dir=ck("cut")), pairs, rank, world)
+        rest = train(small_cfg(steps=4, ckpt_dir=ck("cut")), pairs, rank, world)
+        return {"full": [full.flops, [h["flops"] for h in full.history]],
+                "resumed": [rest.flops, [h["flops"] for h in first.history + rest.history]]}
+    _on_gloo(rank, world, init_file, os.path.join(out_dir, f"flops{rank}.json"), work)
+
+
+def test_each_rank_resumes_its_own_flops(pairs, tmp_path, run_ranks):
+    """Each rank counts its own batches' FLOPs (the budget stops when any rank is over), but the
+    checkpoint held rank 0's count alone and every rank resumed from it: rank 1's count after a resume
+    was rank 0's past plus its own, so a resumed two-rank run's budget stop was not the uninterrupted
+    one's. The checkpoint now holds every rank's count and each rank resumes its own."""
+    run_ranks(_flops_ranks_worker, (2, str(tmp_path / "pg"), pairs, str(tmp_path)), 2, 300)
+    ranks = [json.load(open(tmp_path / f"flops{r}.json")) for r in range(2)]
+    assert ranks[0]["full"][0] != ranks[1]["full"][0]  # the ranks' batches differ
+    for r in ranks:
+        assert r["resumed"] == r["full"]
