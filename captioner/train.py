@@ -347,9 +347,10 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 @torch.no_grad()
 def evaluate_loss(model, data: CaptionData, device, batch_size: int = 32) -> dict:
-    """Mean caption loss over every (clip, available style) of `data`, and video->text R@1."""
+    """Caption loss per target token (<pad> excluded) over every (clip, available style) of `data`,
+    as the training loss is, and video->text R@1."""
     model.eval()
-    losses, hits, n = [], 0, 0
+    total, hits, n = 0.0, 0, 0
     for s in range(0, len(data), batch_size):
         frames = data.frames[s:s + batch_size].to(device)
         for j in range(2):
@@ -358,8 +359,11 @@ def evaluate_loss(model, data: CaptionData, device, batch_size: int = 32) -> dic
                 continue
             ids = data.ids[s:s + batch_size, j][sel].to(device)
             out = model(frames[sel.to(device)], ids, contrastive_weight=0.0)
-            losses.append(out["caption_loss"].item() * len(ids))
-            n += len(ids)
+            # caption_loss is the batch's per-token mean: weighted by its tokens (not its captions),
+            # a long caption counts as much as it does in training
+            tokens = int((ids[:, 1:] != SPECIAL_TOKENS.index(PAD)).sum())
+            total += out["caption_loss"].item() * tokens
+            n += tokens
     if len(data) > 1 and data.has[:, 0].all():
         video, _ = model.encode_video(data.frames.to(device))
         text = model.encode_text(data.ids[:, 0].to(device))
@@ -370,7 +374,7 @@ def evaluate_loss(model, data: CaptionData, device, batch_size: int = 32) -> dic
         same = (data.ids[best, 0] == data.ids[:, 0]).all(1)
         hits = same.float().mean().item()
     model.train()
-    return {"val_loss": sum(losses) / max(n, 1), "val_r1": hits}
+    return {"val_loss": total / max(n, 1), "val_r1": hits}
 
 
 def _finite_on_every_rank(loss) -> bool:

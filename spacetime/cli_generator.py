@@ -348,6 +348,10 @@ def train_cmd(
         _fail(f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
     if resume and manifest_path.is_file():
         prev = json.loads(manifest_path.read_text())
+        # run.json holds the resolved root: another spelling of the same directory is the same dataset,
+        # another dataset may hold a table of the same version, rows and encoders (its checkpoint cannot tell)
+        if prev.get("dataset") not in (None, str(root)):
+            _fail(f"{out} was trained on --dataset {prev['dataset']}, not {root}: resume would mix two datasets")
         if prev.get("latents_version") != data.version:
             _fail(f"{out} was trained on latents version {prev.get('latents_version')}, not {data.version}: "
                   f"resume would not be exact")

@@ -22,9 +22,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Callable, Optional
 
@@ -168,6 +169,52 @@ def _echo_err(line: str) -> None:
     typer.echo(line, err=True)
 
 
+def _from_last_line(text: str) -> str:
+    """The end of `text` from the line break before its last line on: its _tail(., 1) is the whole
+    text's, and whatever is appended to it next has the same last line as if appended to the whole."""
+    stripped = text.rstrip("\n")
+    lines = stripped.splitlines(keepends=True)
+    start = len(stripped) - len(lines[-1]) if lines else 0
+    return text[max(start - 1, 0):]
+
+
+class _LogTail:
+    """A job's log followed in a daemon thread over Ray's tail websocket (`tail_job_logs`), keeping
+    only its end from the latest line on (`end`): each byte of the log crosses the network once.
+    The stream ends by itself shortly after the job does; `error` is set if it broke."""
+
+    def __init__(self, client: JobSubmissionClient, job_id: str):
+        self.end, self.error = "", None
+        self._loop = asyncio.new_event_loop()
+        self._task = self._loop.create_task(self._follow(client, job_id))
+        self._thread = threading.Thread(target=self._run, name=f"tail-{job_id}", daemon=True)
+        self._thread.start()
+
+    async def _follow(self, client: JobSubmissionClient, job_id: str) -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            self.end = _from_last_line(self.end + chunk)
+
+    def _run(self) -> None:
+        try:
+            self._loop.run_until_complete(self._task)
+        except asyncio.CancelledError:
+            pass
+        except Exception as e:  # noqa: BLE001 - e.g. a proxy that refuses websockets: wait_for_job reads the whole log
+            self.error = e
+        finally:
+            self._loop.close()
+
+    def wait(self, timeout_s: float) -> None:
+        """Wait up to `timeout_s` for the stream to end (it ends once an ended job's log is all sent)."""
+        self._thread.join(timeout_s)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            with suppress(RuntimeError):  # the loop closed in between: the stream had ended
+                self._loop.call_soon_threadsafe(self._task.cancel)
+            self._thread.join(5)
+
+
 def wait_for_job(address: str, job_id: str, poll_s: float = 2.0,
                  timeout_s: Optional[float] = None,
                  progress: Optional[Callable[[str], None]] = _echo_err) -> JobStatus:
@@ -176,30 +223,39 @@ def wait_for_job(address: str, job_id: str, poll_s: float = 2.0,
     Each poll hands `progress` one line: status, elapsed time and the job's latest log line.
     On a terminal it is redrawn in place; otherwise a line is printed whenever it changes.
     Raises TimeoutError after `timeout_s` seconds (the job keeps running).
+    The log is streamed once (fetching it whole every poll moved O(n^2) bytes over a long job).
     """
     client = job_client(address)
     start = time.monotonic()
     redraw = progress is _echo_err and sys.stderr.isatty()
     shown = None  # (status, last log line) last printed, when not redrawing
-    while True:
-        status = client.get_job_status(job_id)
-        elapsed = time.monotonic() - start
-        if progress is not None:
-            last = _tail(client.get_job_logs(job_id), 1)[:100]
-            line = f"[{job_id}] {status.value:<9} {int(elapsed) // 60}:{int(elapsed) % 60:02d}  {last}"
-            if redraw:
-                sys.stderr.write("\r\033[K" + line)
-                sys.stderr.flush()
-            elif (status, last) != shown:  # a new line only when more than the clock moved
-                progress(line)
-                shown = (status, last)
-        if status.is_terminal():
-            if redraw:
-                sys.stderr.write("\n")
-            return status
-        if timeout_s is not None and elapsed > timeout_s:
-            raise TimeoutError(f"job {job_id} still {status.value} after {timeout_s:.0f} s")
-        time.sleep(poll_s)
+    tail = _LogTail(client, job_id) if progress is not None else None
+    try:
+        while True:
+            status = client.get_job_status(job_id)
+            elapsed = time.monotonic() - start
+            if tail is not None:
+                if status.is_terminal():  # the job's last lines may still be on their way
+                    tail.wait(5)
+                # a broken stream: the whole log, as before streaming
+                last = _tail(client.get_job_logs(job_id) if tail.error else tail.end, 1)[:100]
+                line = f"[{job_id}] {status.value:<9} {int(elapsed) // 60}:{int(elapsed) % 60:02d}  {last}"
+                if redraw:
+                    sys.stderr.write("\r\033[K" + line)
+                    sys.stderr.flush()
+                elif (status, last) != shown:  # a new line only when more than the clock moved
+                    progress(line)
+                    shown = (status, last)
+            if status.is_terminal():
+                if redraw:
+                    sys.stderr.write("\n")
+                return status
+            if timeout_s is not None and elapsed > timeout_s:
+                raise TimeoutError(f"job {job_id} still {status.value} after {timeout_s:.0f} s")
+            time.sleep(poll_s)
+    finally:
+        if tail is not None:
+            tail.close()
 
 
 def submit(entrypoint: list[str], address: str = DEFAULT_ADDRESS, wait: bool = False,

@@ -416,6 +416,35 @@ def test_decoding_cache_matches_full_forward_and_is_seeded():
     assert all(t >= 5 for s in a + beams + g for t in s)  # never pad / unk / style tokens
 
 
+def test_validation_loss_is_per_token_as_the_training_loss():
+    """evaluate_loss weighed each batch's per-token loss by its captions: a 4-token short caption
+    counted as much as a 20-token dense one, so the validation loss leaned to the short style and was
+    not the training loss's per-token mean. It is sum of token losses / target tokens, pads excluded,
+    however the clips fall into batches."""
+    from captioner.train import CaptionData, evaluate_loss
+    model, tok = _untrained()
+    frames = torch.from_numpy(np.stack([square_frames(c, d, 4, 48)[:, 8:40, 8:40]
+                                        for c, d in (("red", "left"), ("blue", "right"))]))
+    n, pad = model.cfg.max_text_len, SPECIAL_TOKENS.index("<pad>")
+    ids = torch.tensor([[(encode_caption(tok, text, style, n) + [pad] * n)[:n]
+                         for text, style in zip(captions(c, d), ("short", "dense"))]
+                        for c, d in (("red", "left"), ("blue", "right"))])  # (clip, style, n)
+    data = CaptionData(frames, ids, torch.ones(2, 2, dtype=torch.bool), ["a", "b"])
+    per_caption = []  # (caption loss, target tokens) of each (clip, style) alone
+    for i in range(2):
+        for j in range(2):
+            loss = model(frames[i:i + 1], ids[i:i + 1, j], contrastive_weight=0.0)["caption_loss"].item()
+            per_caption.append((loss, int((ids[i, j, 1:] != pad).sum())))
+    per_token = sum(loss * k for loss, k in per_caption) / sum(k for _, k in per_caption)
+    assert abs(per_token - np.mean([loss for loss, _ in per_caption])) > 1e-2  # the two means differ here
+    for batch_size in (1, 2):
+        assert evaluate_loss(model, data, "cpu", batch_size)["val_loss"] == pytest.approx(per_token, rel=1e-5)
+    # one style in one batch: the training loss of that batch
+    short = CaptionData(frames, ids.clone(), torch.tensor([[True, False]] * 2), ["a", "b"])
+    train_loss = model(frames, ids[:, 0], contrastive_weight=0.0)["caption_loss"].item()
+    assert evaluate_loss(model, short, "cpu")["val_loss"] == pytest.approx(train_loss, rel=1e-5)
+
+
 def test_camera_features_read_pans_tilts_and_zooms():
     from captioner.model import phase_correlation, zoom_rate
     base = np.random.default_rng(0).random((3, 96, 96)).astype(np.float32)

@@ -162,6 +162,34 @@ def test_failing_job_reports_failed_with_its_last_logs(head, job_dir, monkeypatc
     assert "3" in failed.value.message  # Ray reports the entrypoint's exit code
 
 
+def test_waiting_on_a_long_job_fetches_its_log_once(head, job_dir, monkeypatch):
+    """wait_for_job fetched the whole log at every poll to show its latest line: O(n^2) bytes over a
+    long job. The log is streamed once; each progress line still shows the latest line then."""
+    from ray.job_submission import JobSubmissionClient
+    get_logs, tail_logs, fetched = JobSubmissionClient.get_job_logs, JobSubmissionClient.tail_job_logs, []
+
+    def counted_get(self, job_id):  # Ray's own calls, counted
+        logs = get_logs(self, job_id)
+        fetched.append(len(logs))
+        return logs
+
+    async def counted_tail(self, job_id):
+        async for chunk in tail_logs(self, job_id):
+            fetched.append(len(chunk))
+            yield chunk
+    monkeypatch.setattr(JobSubmissionClient, "get_job_logs", counted_get)
+    monkeypatch.setattr(JobSubmissionClient, "tail_job_logs", counted_tail)
+    code = "import time\nfor i in range(40):\n    print(f'line {i:03d} ' + 'x' * 2000, flush=True)\n    time.sleep(0.1)"
+    job_id = submit(py(code), address=head.address, working_dir=job_dir)
+    lines = []
+    assert wait_for_job(head.address, job_id, poll_s=0.2, progress=lines.append) == JobStatus.SUCCEEDED
+    size = len(get_logs(job_client(head.address), job_id))
+    assert size > 80_000 and sum(fetched) <= size, (size, fetched)  # every poll fetched it all: ~10x
+    assert lines[-1].startswith(f"[{job_id}] SUCCEEDED") and "line 039 xxx" in lines[-1]
+    shown = [int(line.split("line ")[1][:3]) for line in lines if "line " in line]
+    assert len(shown) >= 2 and shown == sorted(shown), lines  # the server sends new lines about every second
+
+
 def test_the_project_itself_travels_with_the_job(head):
     """The default working_dir is the repository: the job imports the submitted copy of spacetime."""
     code = ("import os, spacetime.cluster as c; print('FILE', c.__file__); "

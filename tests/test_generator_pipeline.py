@@ -541,6 +541,29 @@ def test_train_resume_on_another_vae_names_it(app, tmp_path):
     assert "--vae-sha vvvvvvvvvvvv" in r.output
 
 
+def test_train_resume_on_another_dataset_or_version_is_refused(app, tmp_path, monkeypatch):
+    """A resume with another --dataset whose table has the same version, rows and encoders went on
+    silently on the other data. It is refused in one line naming both roots, before run.json is
+    rewritten; so is another --latents-version. A relative path to the same root resumes."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    tiny_latents(a)
+    tiny_latents(b)
+    out = tmp_path / "dit"
+    args = ["train", "--max-tokens", "64", "--preset", "DiT_T", "--warmup-steps", "1", "--out", str(out)]
+    r = CliRunner().invoke(app, [*args, "--dataset", str(a), "--latents-version", "0", "--steps", "1"])
+    assert r.exit_code == 0, r.output
+    before = (out / "run.json").read_bytes()
+    r = CliRunner().invoke(app, [*args, "--dataset", str(b), "--latents-version", "0", "--steps", "2", "--resume"])
+    assert r.exit_code == 2 and f"trained on --dataset {a.resolve()}, not {b.resolve()}" in r.output, r.output
+    tiny_latents(a, n=8)  # version 1
+    r = CliRunner().invoke(app, [*args, "--dataset", str(a), "--latents-version", "1", "--steps", "2", "--resume"])
+    assert r.exit_code == 2 and "trained on latents version 0, not 1" in r.output, r.output
+    assert (out / "run.json").read_bytes() == before
+    monkeypatch.chdir(b)
+    r = CliRunner().invoke(app, [*args, "--dataset", "../a", "--latents-version", "0", "--steps", "2", "--resume"])
+    assert r.exit_code == 0 and json.loads((out / "run.json").read_text())["result"]["step"] == 2, r.output
+
+
 def test_train_refuses_init_from_another_model_before_writing_run_json(app, tmp_path):
     """--init-from a run of another preset or patch is one error line and leaves --out as it was (it
     failed inside training, after run.json had recorded a run that never started). So is a run trained on
