@@ -358,6 +358,66 @@ def test_precompute_of_a_recaptioned_version_embeds_its_captions(app, latents, d
     assert new["clip-b"] == old["clip-b"]                                 # unchanged captions: the rows as they were
 
 
+def test_precompute_of_a_recaption_keeps_the_latents_and_runs_only_the_text_encoder(app, latents, dataset, vae_dir,
+                                                                                  tmp_path, monkeypatch):
+    """A clip whose caption alone changed was decoded and run through the VAE again for the very latent its
+    row held (the VAE is most of precompute's cost, so a recaption cost a fresh precompute). It keeps its
+    latent bytes and only its caption is embedded; a recaptioned clip whose row has other settings (under
+    --replace) and a clip new to the version still go through the VAE. One merge commit, and the table is
+    what a precompute of the new version from scratch writes."""
+    import shutil
+
+    import generator.precompute as pre
+    from generator.precompute import TextEncoder, precompute
+    for name in ("clips", "latents", "latents_errors.jsonl"):  # a copy of the dataset, latents included
+        (shutil.copytree if (dataset / name).is_dir() else shutil.copy)(dataset / name, tmp_path / name)
+    clips = DeltaTable(str(tmp_path / "clips")).to_pyarrow_table()
+    ids = clips["clip_id"].to_pylist()
+    dense = {"clip-a": "a blue bar", "clip-ref": "a sideways clip, recaptioned", "clip-filtered": "a bar, kept now"}
+    status = {"clip-filtered": "kept"}
+    for col, new in (("caption_dense", dense), ("status", status)):
+        values = [new.get(c, v) for c, v in zip(ids, clips[col].to_pylist())]
+        clips = clips.set_column(clips.schema.get_field_index(col), col, pa.array(values, pa.string()))
+    write_deltalake(str(tmp_path / "clips"), clips, mode="overwrite")  # version 1: two recaptioned, one new clip
+    settings = json.loads(DeltaTable(str(tmp_path / "latents")).to_pyarrow_table()["settings"][0].as_py())
+    DeltaTable(str(tmp_path / "latents")).update(  # clip-ref's row as if made under other frame buckets
+        new_values={"settings": json.dumps({**settings, "frame_buckets": [1, 5, 9]}, sort_keys=True)},
+        predicate="clip_id = 'clip-ref'")
+    old = {r["clip_id"]: r for r in DeltaTable(str(tmp_path / "latents")).to_pyarrow_table().to_pylist()}
+
+    seen = tmp_path / "vae_clips"  # the actor runs in another process: it tells the test through a file
+
+    class Counting(pre.VAEEncoder):  # a local class: Ray ships it to the actor by value
+        def __call__(self, batch):
+            with open(seen, "a") as f:
+                f.writelines(f"{c}\n" for c in batch["clip_id"])
+            return super().__call__(batch)
+
+    monkeypatch.setattr(pre, "VAEEncoder", Counting)
+    r = CliRunner().invoke(app, ["precompute", "--dataset", str(tmp_path), "--version", "1", "--vae", str(vae_dir),
+                                 *ENCODERS, "--replace"])
+    monkeypatch.undo()
+    assert sorted(seen.read_text().split()) == ["clip-filtered", "clip-ref"], r.output  # not clip-a: latent kept
+    assert r.exit_code == 3 and "wrote 3, skipped 2" in r.output and "1 with only a new caption" in r.output, r.output
+    dt = DeltaTable(str(tmp_path / "latents"))
+    assert dt.version() == 2 and dt.history(1)[0]["operation"] == "MERGE"   # one commit, as before
+    lineage = json.loads(dt.history(1)[0]["spacetime"])
+    assert lineage["rows_written"] == 3 and lineage["rows_replaced"] == 2 and lineage["latents_reused"] == 1
+    new = {r["clip_id"]: r for r in dt.to_pyarrow_table().to_pylist()}
+    assert sorted(new) == ["clip-a", "clip-b", "clip-filtered", "clip-img", "clip-ref"]
+    a = new["clip-a"]
+    assert a["caption"] == "a blue bar" and a["clips_version"] == 1 and a["settings"] == old["clip-a"]["settings"]
+    assert all(a[k] == old["clip-a"][k] for k in ("latent", "bucket", "pixels", "frame_offset", "fps"))
+    assert torch.equal(tensor_from_bytes(a["text_embedding"], "text"),
+                       TextEncoder("open_clip:ViT-S-32-alt")(["a blue bar"])[0])
+    fresh = str(tmp_path / "fresh")
+    precompute(tmp_path, 1, str(vae_dir / "vae.safetensors"), "open_clip:ViT-S-32-alt", out=fresh, short_sides=(32,),
+               frame_buckets=(1, 5, 9, 17))
+    fresh = {r["clip_id"]: r for r in DeltaTable(fresh).to_pyarrow_table().to_pylist()}
+    without_version = lambda row: {k: v for k, v in row.items() if k != "clips_version"}
+    assert {c: without_version(r) for c, r in new.items()} == {c: without_version(r) for c, r in fresh.items()}
+
+
 def test_precompute_encodes_on_the_clusters_gpus_from_a_cpu_driver(dataset, vae_dir, tmp_path, ray_with_fake_gpu):
     """use_gpu defaulted to the driver's own CUDA: from a CPU head node (`spacetime submit`) the encoders
     ran on CPU beside idle GPU workers. It follows the Ray cluster's GPUs: here one declared on this CPU
