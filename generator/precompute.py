@@ -8,7 +8,7 @@ generator/ never imports pipeline/):
     kept rows not yet in `latents` (key: clip_id + vae_sha + text_encoder_sha), or there with another caption
       -> map(decode_row)             PyAV; the clip's frames, resized to its bucket (aspect kept)
       -> map_batches(VAEEncoder)      actor: vae.to_dit(latent mean), chunked in time
-      + union: clips whose caption alone changed, with the latent their row holds (no decode, no VAE)
+      + union: clips with a stored latent for this VAE + settings (new caption or text encoder): no decode, no VAE
       -> map_batches(TextEncoder)     actor: per-token caption embeddings (L, D)
       -> ONE Delta commit to <root>/latents, lineage in the commit info
 
@@ -349,7 +349,7 @@ class PrecomputeResult:
     errors: list = field(default_factory=list)  # {clip_id, clip_uri, reason}, this run's
     retry: list = field(default_factory=list)   # the same, for clips out of memory: not logged, retried next run
     known_errors: int = 0         # clips skipped because the error log already names them
-    reused: int = 0               # of this run's clips, those whose caption alone changed: latent kept
+    reused: int = 0               # of this run's clips, those with a stored latent (new caption or text encoder)
     gpu: bool | None = None       # whether the encoders ran on GPU (None: nothing to encode)
     vae_sha: str = ""
     text_encoder_sha: str = ""
@@ -397,10 +397,10 @@ def existing_rows(path: str) -> dict:
     return _made(DeltaTable(path)) if DeltaTable.is_deltatable(path) else {}
 
 
-def stored_latents(path: str, clip_ids: list[str], vae_sha: str, te_sha: str, settings: str) -> dict:
-    """{clip_id: {latent (bytes), bucket_thw (t, h, w), shape (T, H, W), frame_offset}} of the rows of the
-    latents table at `path` (latest version) for these clips, encoders and settings JSON: what VAEEncoder
-    would give for them again. One scan over every row's latent; only the matching rows are kept."""
+def stored_latents(path: str, clip_ids: list[str], vae_sha: str, settings: str) -> dict:
+    """{clip_id: {latent (bytes), bucket_thw (t, h, w), shape (T, H, W), frame_offset}} of rows of the
+    latents table at `path` (latest version) for these clips, this VAE and settings JSON, under any text
+    encoder: what VAEEncoder would give for them again. One scan over the matching rows."""
     import pyarrow.compute as pc
     from deltalake import DeltaTable
 
@@ -409,8 +409,7 @@ def stored_latents(path: str, clip_ids: list[str], vae_sha: str, te_sha: str, se
     # cast: files written by Delta's merge (a replacement) hold string_view, which is_in and pyarrow's
     # statistics pruning cannot compare with a string (NotImplemented errors); so no row group is skipped
     col = lambda c: pc.field(c).cast(pa.string())
-    f = (col("clip_id").isin(clip_ids) & (col("vae_sha") == vae_sha) & (col("text_encoder_sha") == te_sha)
-         & (col("settings") == settings))
+    f = col("clip_id").isin(clip_ids) & (col("vae_sha") == vae_sha) & (col("settings") == settings)
     t = arrow_table(DeltaTable(path), ["clip_id", "bucket", "pixels", "frame_offset", "latent"], filter=f)
     # (t, h, w) and (T, H, W) as arrays, as VAEEncoder's batches hold them: a union of both streams is one schema
     thw = lambda d: np.array([d["frames"], d["height"], d["width"]], np.int64)
@@ -553,8 +552,8 @@ def precompute(dataset_root, version: int, vae_path: str, text_encoder: str = "o
     ValueError naming both, unless `replace`: then they are encoded again and their rows rewritten in
     this run's one commit (rows from before settings were recorded count as the same settings, but
     `replace` rewrites them too). A clip whose row holds another caption (a recaptioned version) has
-    its caption embedded again and its row replaced in the same commit; its latent is the row's own
-    when that row was made under these settings (no decode, no VAE), else encoded again. concurrency:
+    its caption embedded again and its row replaced in the same commit. A clip that has a row for this VAE
+    and settings (under any text encoder) keeps that row's latent: no decode, no VAE, text encoder only. concurrency:
     actors per encoder. use_gpu: None = when the Ray cluster has GPUs. progress(done, total): called as
     rows arrive. Lineage (clips version, vae/text encoder sha,
     counts, errors) goes in the commit info under "spacetime"."""
@@ -604,17 +603,18 @@ def precompute(dataset_root, version: int, vae_path: str, text_encoder: str = "o
     todo = [r for r in todo if (r["clip_id"], vae_sha, te_sha) not in failed]
     if max_clips is not None:
         todo = todo[:max_clips]
-    # A clip whose caption alone changed keeps its latent: its id names its content (source hash + frame
-    # range) and the VAE and settings are the row's, so decode + VAE would give the same bytes again.
-    stored = stored_latents(out, [c for r in todo if (c := r["clip_id"]) in made and made[c][0] == row_settings],
-                            vae_sha, te_sha, row_settings)
+    # A clip with a row for this VAE and these settings (a new caption, or another text encoder) keeps
+    # its latent: its id names its content (source hash + frame range), so decode + VAE would give the
+    # same bytes again; only its caption goes through the text encoder.
+    encoded = {c for (c, v, _), (s, _) in have.items() if v == vae_sha and s == row_settings}
+    stored = stored_latents(out, [c for r in todo if (c := r["clip_id"]) in encoded], vae_sha, row_settings)
     reuse = [{**{k: r[k] for k in ("clip_id", "clip_uri", "caption", "fps")}, **stored[r["clip_id"]],
               "error": "", "retry": False} for r in todo if r["clip_id"] in stored]
     encode = [r for r in todo if r["clip_id"] not in stored]
     res = PrecomputeResult(version=None, written=0, skipped=skipped, known_errors=known, vae_sha=vae_sha,
                            text_encoder_sha=te_sha, clips_version=version, reused=len(reuse))
     log.info("precompute: %d kept clips in version %d, %d already encoded, %d logged unreadable, %d to do "
-             "(%d of them caption only: latent kept)", len(rows), version, skipped, known, len(todo), len(reuse))
+             "(%d of them with a stored latent: text encoder only)", len(rows), version, skipped, known, len(todo), len(reuse))
     if not todo:
         return res
 

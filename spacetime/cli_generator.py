@@ -267,7 +267,7 @@ def precompute_cmd(
                f"{res.known_errors} skipped as unreadable before (--retry-errors to retry); {where} "
                f"(vae {res.vae_sha[:12]}, text {res.text_encoder_sha[:12]})"
                + ("" if res.gpu is None else f", encoders on {'GPU' if res.gpu else 'CPU'}")
-               + (f"; {res.reused} with only a new caption: latent kept, caption embedded" if res.reused else ""))
+               + (f"; {res.reused} with a stored latent for this VAE: text encoder only" if res.reused else ""))
     if res.retry:  # the machine failed, not the clips: rerun (smaller buckets or --concurrency 1 if it repeats)
         _fail(f"{len(res.retry)} clip(s) ran out of memory and were not encoded: rerun precompute to retry them "
               f"(with --concurrency 1 or smaller --short-sides / --frame-buckets if it happens again)", 1)

@@ -398,7 +398,7 @@ def test_precompute_of_a_recaption_keeps_the_latents_and_runs_only_the_text_enco
                                  *ENCODERS, "--replace"])
     monkeypatch.undo()
     assert sorted(seen.read_text().split()) == ["clip-filtered", "clip-ref"], r.output  # not clip-a: latent kept
-    assert r.exit_code == 3 and "wrote 3, skipped 2" in r.output and "1 with only a new caption" in r.output, r.output
+    assert r.exit_code == 3 and "wrote 3, skipped 2" in r.output and "1 with a stored latent for this VAE" in r.output, r.output
     dt = DeltaTable(str(tmp_path / "latents"))
     assert dt.version() == 2 and dt.history(1)[0]["operation"] == "MERGE"   # one commit, as before
     lineage = json.loads(dt.history(1)[0]["spacetime"])
@@ -416,6 +416,49 @@ def test_precompute_of_a_recaption_keeps_the_latents_and_runs_only_the_text_enco
     fresh = {r["clip_id"]: r for r in DeltaTable(fresh).to_pyarrow_table().to_pylist()}
     without_version = lambda row: {k: v for k, v in row.items() if k != "clips_version"}
     assert {c: without_version(r) for c, r in new.items()} == {c: without_version(r) for c, r in fresh.items()}
+
+
+def test_precompute_with_another_text_encoder_keeps_the_vaes_latents(app, latents, dataset, vae_dir, tmp_path,
+                                                                     monkeypatch):
+    """A second text encoder (a T5 after CLIP, or new CLIP weights) over the same VAE decoded and VAE-encoded
+    every clip again for latents the table already held under the first encoder. Its rows reuse them: no
+    clip reaches the VAE, each new row's latent is the first encoder's row's, its text embedding the new one's."""
+    import shutil
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    import generator.precompute as pre
+    from generator.precompute import TextEncoder
+    for name in ("clips", "latents", "latents_errors.jsonl"):
+        (shutil.copytree if (dataset / name).is_dir() else shutil.copy)(dataset / name, tmp_path / name)
+    torch.manual_seed(1)  # other weights for the same tower: another text encoder sha
+    weights = str(tmp_path / "clip_seed1.safetensors")
+    save_file({k: v.contiguous() for k, v in open_clip.create_model("ViT-S-32-alt").state_dict().items()}, weights)
+    seen = tmp_path / "vae_clips"
+
+    class Counting(pre.VAEEncoder):  # a local class: Ray ships it to the actor by value
+        def __call__(self, batch):
+            with open(seen, "a") as f:
+                f.writelines(f"{c}\n" for c in batch["clip_id"])
+            return super().__call__(batch)
+
+    monkeypatch.setattr(pre, "VAEEncoder", Counting)
+    r = CliRunner().invoke(app, ["precompute", "--dataset", str(tmp_path), "--version", "0", "--vae", str(vae_dir),
+                                 *ENCODERS, "--text-weights", weights])
+    monkeypatch.undo()
+    # only the unreadable clip (its error is logged per encoder pair) reaches the VAE stage, which passes
+    # its decode error through: no readable clip is decoded or encoded again
+    assert seen.read_text().split() == ["clip-broken"]
+    assert r.exit_code == 3 and "wrote 4, skipped 0" in r.output and "4 with a stored latent" in r.output, r.output
+    rows = DeltaTable(str(tmp_path / "latents")).to_pyarrow_table().to_pylist()
+    sha = TextEncoder("open_clip:ViT-S-32-alt", weights).sha
+    old = {r["clip_id"]: r for r in rows if r["text_encoder_sha"] != sha}
+    new = {r["clip_id"]: r for r in rows if r["text_encoder_sha"] == sha}
+    assert sorted(new) == sorted(old) and len(rows) == 8
+    for c, row in new.items():
+        assert all(row[k] == old[c][k] for k in ("latent", "bucket", "pixels", "frame_offset", "vae_sha", "settings"))
+        assert row["text_embedding"] != old[c]["text_embedding"]
 
 
 def test_precompute_encodes_on_the_clusters_gpus_from_a_cpu_driver(dataset, vae_dir, tmp_path, ray_with_fake_gpu):
