@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/spacetime demo --out demo_out
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
