@@ -6,6 +6,7 @@ columns. Everything runs through the real CLI commands, real Ray Data and real D
 """
 import json
 import subprocess
+from pathlib import Path
 
 import av
 import cv2
@@ -333,13 +334,37 @@ def test_precompute_out_of_memory_is_not_logged_as_unreadable(app, dataset, vae_
     assert r.exit_code == 3 and "wrote 1, skipped 3" in r.output and "1 skipped as unreadable" in r.output, r.output
 
 
+def copy_with_latents(dataset: Path, to: Path) -> None:
+    """A copy of the dataset's clips and latents tables and its precompute error log, in `to`."""
+    import shutil
+    for name in ("clips", "latents", "latents_errors.jsonl"):
+        (shutil.copytree if (dataset / name).is_dir() else shutil.copy)(dataset / name, to / name)
+
+
+def precompute_seen_by_vae(app, monkeypatch, args: list[str]):
+    """The precompute CLI's result with `args`, and the clip_ids its VAE actors were given."""
+    import tempfile
+
+    import generator.precompute as pre
+    seen = Path(tempfile.mkdtemp()) / "vae_clips"  # the actors run in other processes: they tell us in a file
+
+    class Counting(pre.VAEEncoder):  # a local class: Ray ships it to the actor by value
+        def __call__(self, batch):
+            with open(seen, "a") as f:
+                f.writelines(f"{c}\n" for c in batch["clip_id"])
+            return super().__call__(batch)
+
+    with monkeypatch.context() as m:
+        m.setattr(pre, "VAEEncoder", Counting)
+        r = CliRunner().invoke(app, ["precompute", *args])
+    return r, (seen.read_text().split() if seen.exists() else [])
+
+
 def test_precompute_of_a_recaptioned_version_embeds_its_captions(app, latents, dataset, vae_dir, tmp_path):
     """The captioner writes new captions as a new clips version; precompute of that version skipped every
     clip already encoded (the key is clip + encoders), so the DiT silently trained on the old captions. A
     clip whose caption changed is encoded again and its row replaced, in the run's one commit."""
-    import shutil
-    for name in ("clips", "latents", "latents_errors.jsonl"):  # a copy of the dataset, latents included
-        (shutil.copytree if (dataset / name).is_dir() else shutil.copy)(dataset / name, tmp_path / name)
+    copy_with_latents(dataset, tmp_path)
     clips = DeltaTable(str(tmp_path / "clips")).to_pyarrow_table()
     dense = ["a blue bar" if c == "clip-a" else d for c, d in zip(clips["clip_id"].to_pylist(),
                                                                    clips["caption_dense"].to_pylist())]
@@ -365,12 +390,8 @@ def test_precompute_of_a_recaption_keeps_the_latents_and_runs_only_the_text_enco
     latent bytes and only its caption is embedded; a recaptioned clip whose row has other settings (under
     --replace) and a clip new to the version still go through the VAE. One merge commit, and the table is
     what a precompute of the new version from scratch writes."""
-    import shutil
-
-    import generator.precompute as pre
     from generator.precompute import TextEncoder, precompute
-    for name in ("clips", "latents", "latents_errors.jsonl"):  # a copy of the dataset, latents included
-        (shutil.copytree if (dataset / name).is_dir() else shutil.copy)(dataset / name, tmp_path / name)
+    copy_with_latents(dataset, tmp_path)
     clips = DeltaTable(str(tmp_path / "clips")).to_pyarrow_table()
     ids = clips["clip_id"].to_pylist()
     dense = {"clip-a": "a blue bar", "clip-ref": "a sideways clip, recaptioned", "clip-filtered": "a bar, kept now"}
@@ -385,19 +406,9 @@ def test_precompute_of_a_recaption_keeps_the_latents_and_runs_only_the_text_enco
         predicate="clip_id = 'clip-ref'")
     old = {r["clip_id"]: r for r in DeltaTable(str(tmp_path / "latents")).to_pyarrow_table().to_pylist()}
 
-    seen = tmp_path / "vae_clips"  # the actor runs in another process: it tells the test through a file
-
-    class Counting(pre.VAEEncoder):  # a local class: Ray ships it to the actor by value
-        def __call__(self, batch):
-            with open(seen, "a") as f:
-                f.writelines(f"{c}\n" for c in batch["clip_id"])
-            return super().__call__(batch)
-
-    monkeypatch.setattr(pre, "VAEEncoder", Counting)
-    r = CliRunner().invoke(app, ["precompute", "--dataset", str(tmp_path), "--version", "1", "--vae", str(vae_dir),
-                                 *ENCODERS, "--replace"])
-    monkeypatch.undo()
-    assert sorted(seen.read_text().split()) == ["clip-filtered", "clip-ref"], r.output  # not clip-a: latent kept
+    r, seen = precompute_seen_by_vae(app, monkeypatch, ["--dataset", str(tmp_path), "--version", "1", "--vae",
+                                                         str(vae_dir), *ENCODERS, "--replace"])
+    assert sorted(seen) == ["clip-filtered", "clip-ref"], r.output  # not clip-a: latent kept
     assert r.exit_code == 3 and "wrote 3, skipped 2" in r.output and "1 with a stored latent for this VAE" in r.output, r.output
     dt = DeltaTable(str(tmp_path / "latents"))
     assert dt.version() == 2 and dt.history(1)[0]["operation"] == "MERGE"   # one commit, as before
@@ -423,33 +434,19 @@ def test_precompute_with_another_text_encoder_keeps_the_vaes_latents(app, latent
     """A second text encoder (a T5 after CLIP, or new CLIP weights) over the same VAE decoded and VAE-encoded
     every clip again for latents the table already held under the first encoder. Its rows reuse them: no
     clip reaches the VAE, each new row's latent is the first encoder's row's, its text embedding the new one's."""
-    import shutil
-
     import open_clip
     from safetensors.torch import save_file
 
-    import generator.precompute as pre
     from generator.precompute import TextEncoder
-    for name in ("clips", "latents", "latents_errors.jsonl"):
-        (shutil.copytree if (dataset / name).is_dir() else shutil.copy)(dataset / name, tmp_path / name)
+    copy_with_latents(dataset, tmp_path)
     torch.manual_seed(1)  # other weights for the same tower: another text encoder sha
     weights = str(tmp_path / "clip_seed1.safetensors")
     save_file({k: v.contiguous() for k, v in open_clip.create_model("ViT-S-32-alt").state_dict().items()}, weights)
-    seen = tmp_path / "vae_clips"
-
-    class Counting(pre.VAEEncoder):  # a local class: Ray ships it to the actor by value
-        def __call__(self, batch):
-            with open(seen, "a") as f:
-                f.writelines(f"{c}\n" for c in batch["clip_id"])
-            return super().__call__(batch)
-
-    monkeypatch.setattr(pre, "VAEEncoder", Counting)
-    r = CliRunner().invoke(app, ["precompute", "--dataset", str(tmp_path), "--version", "0", "--vae", str(vae_dir),
-                                 *ENCODERS, "--text-weights", weights])
-    monkeypatch.undo()
+    r, seen = precompute_seen_by_vae(app, monkeypatch, ["--dataset", str(tmp_path), "--version", "0", "--vae",
+                                                         str(vae_dir), *ENCODERS, "--text-weights", weights])
     # only the unreadable clip (its error is logged per encoder pair) reaches the VAE stage, which passes
     # its decode error through: no readable clip is decoded or encoded again
-    assert seen.read_text().split() == ["clip-broken"]
+    assert seen == ["clip-broken"]
     assert r.exit_code == 3 and "wrote 4, skipped 0" in r.output and "4 with a stored latent" in r.output, r.output
     rows = DeltaTable(str(tmp_path / "latents")).to_pyarrow_table().to_pylist()
     sha = TextEncoder("open_clip:ViT-S-32-alt", weights).sha
