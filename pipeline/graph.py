@@ -385,7 +385,7 @@ class RunInfo(NamedTuple):
 
 def curate(source_args: list[str], root: str, spec: DatasetSpec, captions: Optional[str] = None,
            progress: Optional[Callable[[int, int, str], None]] = None, ray_address: Optional[str] = None,
-           rehash: bool = False, retry_rejected: bool = False) -> CurateResult:
+           rehash: bool = False, retry_rejected: bool = False, exclude: tuple = ()) -> CurateResult:
     """Curate sources into the `clips` table under `root`; returns what this run wrote.
 
     A source already committed or staged under the same path, whose size and mtime are those it
@@ -393,7 +393,8 @@ def curate(source_args: list[str], root: str, spec: DatasetSpec, captions: Optio
     starts no Ray work at all. rehash=True sends every source to the workers to be hashed again.
     retry_rejected=True curates again the sources with transient rejections (`store.transient`):
     whole-source failures and single clips that failed to transcode; their new rows replace those
-    rejections in this run's commit."""
+    rejections in this run's commit. `exclude`: other dataset roots the sources must not reach into
+    (besides `root` itself), such as the root a rebuild re-curates."""
     started = time.time()
     if captions:
         read_captions(captions)  # a bad file fails now, not after the whole run at its commit
@@ -404,16 +405,16 @@ def curate(source_args: list[str], root: str, spec: DatasetSpec, captions: Optio
     lease = store.acquire_lease(root)
     try:
         return _curate(source_args, root, spec, captions, progress, ray_address, RunInfo(started, lease.stem), rehash,
-                       retry_rejected)
+                       retry_rejected, exclude)
     finally:
         store.release_lease(lease)
 
 
 def _curate(source_args, root, spec, captions, progress, ray_address, run: RunInfo, rehash=False,
-            retry_rejected=False) -> CurateResult:
+            retry_rejected=False, exclude: tuple = ()) -> CurateResult:
     import ray
 
-    sources: list[Source] = expand_sources(source_args, exclude=root)
+    sources: list[Source] = expand_sources(source_args, exclude=[root, *exclude])
     version = store.latest_version(root)  # _finish decides against this same version
     committed = store.read_clips(root, version, columns=Done.COLUMNS)
     staged = store.load_staged(root)
@@ -550,16 +551,36 @@ def rebuild(root: str, version: int, out_root: str, progress=None) -> dict:
         raise ValueError(f"{out_root} already holds a clips table: rebuild into a fresh root")
     # read first: a version that does not exist (or was vacuumed) failed only after curating every source
     want = set(store.read_clips(root, version, columns=["clip_id"])["clip_id"].drop_null().to_pylist())
-    curates = [h for h in store.history(root) if h.get("operation") == "curate" and h["version"] <= version]
+    curates = _curates_behind(store.history(root), version)
     if not curates:
         raise ValueError(f"{root}: no curate commits up to version {version}")
     for h in curates:
         if "spec" not in h or "source_args" not in h:
             raise ValueError(f"{root} version {h['version']} does not record its spec and sources (older code)")
-        curate(h["source_args"], out_root, DatasetSpec.model_validate(h["spec"]), h.get("captions_imported"), progress)
+        # the original run skipped `root` inside its source directories; so must this one, or the rebuild
+        # curates root's own media/ clips as new sources and reports them as extra
+        curate(h["source_args"], out_root, DatasetSpec.model_validate(h["spec"]), h.get("captions_imported"), progress,
+               exclude=(root,))
     got = set(store.read_clips(out_root, columns=["clip_id"])["clip_id"].drop_null().to_pylist())
     return {"same": want == got, "clips": len(want), "missing": sorted(want - got), "extra": sorted(got - want),
             "rebuilt_version": store.latest_version(out_root)}
+
+
+def _curates_behind(history: list[dict], version: int) -> list[dict]:
+    """The curate commits whose clips `version` holds, oldest first: a restore of version r holds r's
+    state, so the curates between r and the restore are not behind it (rebuilding them too reported
+    their clips as "extra" in a version that had dropped them)."""
+    by_version = {h["version"]: h for h in history}
+    out, v = [], version
+    while v in by_version:
+        h = by_version[v]
+        if h.get("operation") == "restore" and isinstance(h.get("restored_version"), int) and h["restored_version"] < v:
+            v = h["restored_version"]
+            continue
+        if h.get("operation") == "curate":
+            out.append(h)
+        v -= 1
+    return out[::-1]
 
 
 def score_aesthetic(embeddings: list, weights: str) -> list:
@@ -618,7 +639,9 @@ def refilter(root: str, spec: DatasetSpec) -> tuple[Optional[int], dict]:
     # the version first, then its rows: read the other way round, a commit landing in between became
     # the expected parent of an overwrite computed without its rows, which silently dropped them
     parent = store.latest_version(root)
-    table = store.read_clips(root, parent)
+    # conformed: a version written before a contract column existed (or by another tool) lacks it,
+    # and setting the decision columns on it failed with "Invalid column index to set field"
+    table = store.conform(store.read_clips(root, parent))
     if table.num_rows == 0:
         raise ValueError(f"no clips table under {root}")
     is_clip = pc.invert(pc.is_null(table["clip_id"]))

@@ -8,6 +8,7 @@ as rejected entries with a reason, so they still appear as rows in the table.
 
 A directory or glob that holds the dataset root being curated into (`exclude`) does not reach into
 it: its media/ clips are the dataset's output, and a rerun would have curated them as new sources.
+`exclude` may name several roots (a rebuild skips both the root it rebuilds and the one it writes).
 """
 import glob
 import os
@@ -53,17 +54,25 @@ def _read_manifest(manifest: Path) -> list[Source]:
         if not _within(path, root):
             out.append(Source(entry, f"manifest path escapes its root {root}: {entry}"))
             continue
-        out.append(Source(str(path.absolute())))
+        out.append(Source(_normal(path)))
     return out
 
 
-def _walk(directory: Path, exclude: Optional[Path] = None) -> list[Source]:
+def _normal(path: Path) -> str:
+    """An absolute path without "." / ".." steps, as a directory walk names the file: "sub/../a.mp4"
+    was a second source uri for a.mp4, rejected as identical content to itself. Kept as written
+    where dropping ".." would name another file (the step before it is a symlink)."""
+    norm = os.path.abspath(path)
+    return norm if Path(norm).resolve() == path.resolve() else str(path.absolute())
+
+
+def _walk(directory: Path, exclude: tuple[Path, ...] = ()) -> list[Source]:
     out = []
     # followlinks=False: a symlink loop in a directory tree can't trap the walk; a symlinked file
     # that points outside the directory is not followed either.
     for dirpath, dirs, files in os.walk(directory, followlinks=False):
-        if exclude is not None:
-            dirs[:] = [d for d in dirs if Path(dirpath, d).resolve() != exclude]
+        if exclude:
+            dirs[:] = [d for d in dirs if Path(dirpath, d).resolve() not in exclude]
         for name in files:
             if Path(name).suffix.lower() in VIDEO_EXTS:
                 path = Path(os.path.abspath(dirpath)) / name
@@ -72,10 +81,11 @@ def _walk(directory: Path, exclude: Optional[Path] = None) -> list[Source]:
     return out
 
 
-def expand_sources(args: list[str], exclude: Optional[str | Path] = None) -> list[Source]:
+def expand_sources(args: list[str], exclude: Optional[str | Path | list] = None) -> list[Source]:
     """Each argument -> Sources; sorted and de-duplicated by uri so runs are deterministic.
-    `exclude`: the dataset root curated into, which directories and globs do not reach into."""
-    exclude = Path(exclude).resolve() if exclude is not None else None
+    `exclude`: the dataset root(s) curated into, which directories and globs do not reach into."""
+    exclude = tuple(Path(e).resolve() for e in ([] if exclude is None else
+                                                 exclude if isinstance(exclude, (list, tuple)) else [exclude]))
     found: list[Source] = []
     for arg in args:
         p = Path(arg)
@@ -85,7 +95,7 @@ def expand_sources(args: list[str], exclude: Optional[str | Path] = None) -> lis
             found += _read_manifest(p)
         elif any(ch in arg for ch in "*?[") and not os.path.lexists(arg):  # "Title [id].mp4" is a file
             matches = [m for m in sorted(glob.glob(arg, recursive=True))
-                       if exclude is None or not _within(Path(m), exclude)]
+                       if not any(_within(Path(m), e) for e in exclude)]
             if not matches:
                 found.append(Source(arg, "glob matched no files"))
             for m in matches:

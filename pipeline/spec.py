@@ -39,7 +39,9 @@ class ClipSpec(_Strict):
     max_seconds: float = Field(8.0, gt=0)
     trim_frames: int = Field(0, ge=0, description="frames dropped at each shot edge (transition residue)")
     crf: int = Field(20, ge=0, le=51)
-    preset: str = "veryfast"
+    # libx264's presets: a typo failed every clip's transcode, after the whole decode and analysis
+    preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower",
+                    "veryslow", "placebo"] = "veryfast"
 
     @model_validator(mode="after")
     def _order(self):
@@ -57,6 +59,12 @@ class FilterSpec(_Strict):
     max_text_ratio: Optional[float] = None
     min_aesthetic: Optional[float] = None
     drop_static: bool = True
+
+    @model_validator(mode="after")
+    def _order(self):  # min above max filtered every clip, each with a reason that looked plausible
+        if None not in (self.min_brightness, self.max_brightness) and self.min_brightness > self.max_brightness:
+            raise ValueError(f"min_brightness ({self.min_brightness}) exceeds max_brightness ({self.max_brightness})")
+        return self
 
 
 class DedupSpec(_Strict):
@@ -142,7 +150,9 @@ def load_spec(path: Optional[str | Path] = None) -> DatasetSpec:
     if not path.is_file():
         raise SpecError(f"spec file not found: {path}")
     try:
-        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+    except UnicodeDecodeError as e:  # a spec saved as Latin-1, say: a traceback before
+        raise SpecError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except yaml.YAMLError as e:  # its text spans lines (context, then the problem): one line
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

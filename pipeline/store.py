@@ -10,10 +10,12 @@ operation, spec hash, code version, parent version, row counts by status, and an
 caller adds (model hashes). Concurrent writers: a commit that loses the race is retried on the new
 table state a few times, then fails cleanly; Delta never leaves the table half-written.
 """
+import fcntl
 import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import time
 import uuid
@@ -34,7 +36,14 @@ LINEAGE_KEY = "spacetime"
 
 
 def clips_path(root: str | Path) -> str:
-    return str(Path(root) / "clips")
+    """<root>/clips. A ValueError for a path deltalake cannot open: it percent-decodes local paths
+    (file URIs too), so under ".../My%20Videos/ds" the first commit wrote a table that every later
+    read looked for under ".../My Videos/ds" ("File not found"), after a whole curate run."""
+    path = Path(root) / "clips"
+    if re.search("%[0-9A-Fa-f]{2}", os.path.abspath(path)):
+        raise ValueError(f"dataset root {root}: Delta Lake cannot use a path containing a %XX sequence "
+                         f"(it reads it as an escaped character); rename that directory")
+    return str(path)
 
 
 def code_version() -> str:
@@ -520,13 +529,18 @@ def tag(root: str | Path, name: str, version: Optional[int] = None) -> int:
     if latest is None or v is None or not 0 <= v <= latest:
         raise ValueError(f"version {version} does not exist (latest is {latest})")
     read_clips(root, v, columns=["clip_id"])  # a vacuumed version: ValueError, not a tag nothing can read
-    tags = read_tags(root)
-    if name in tags and tags[name] != v:
-        raise ValueError(f"tag {name!r} already names version {tags[name]}")
-    tags[name] = v
-    tmp = _tags_path(root).with_suffix(".tmp")
-    tmp.write_text(json.dumps(tags, indent=2, sort_keys=True))
-    os.replace(tmp, _tags_path(root))
+    # read-check-write under a lock: two concurrent `datasets tag` runs each wrote the tags they had
+    # read plus their own, so one tag was lost, or one name silently re-pointed (tags are immutable);
+    # and they shared one temp file, so one of them crashed or the file came out torn
+    with open(_tags_path(root).with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        tags = read_tags(root)
+        if name in tags and tags[name] != v:
+            raise ValueError(f"tag {name!r} already names version {tags[name]}")
+        tags[name] = v
+        tmp = _tags_path(root).with_suffix(f".{uuid.uuid4().hex}.tmp")
+        tmp.write_text(json.dumps(tags, indent=2, sort_keys=True))
+        os.replace(tmp, _tags_path(root))
     return v
 
 

@@ -558,7 +558,11 @@ def scale_study_cmd(out: Path = typer.Option(Path("runs/scale_study"), "--out"),
 def _need_table(root: Path):
     from pipeline import store
 
-    if not store.table_exists(root):
+    try:
+        exists = store.table_exists(root)
+    except ValueError as e:  # a path Delta Lake cannot open
+        fail(str(e))
+    if not exists:
         fail(f"no clips table under {root} (expected {root / 'clips'})")
 
 
@@ -570,10 +574,13 @@ def datasets_list(directory: Path = typer.Argument(Path("."), help="directory to
     found = 0
     for log_dir in sorted(directory.rglob("clips/_delta_log")):
         root = log_dir.parent.parent
-        # counted, not read from the latest commit's lineage: a vacuum's commits record none
-        counts = store.status_counts(store.read_clips(root, columns=["status"]))
-        typer.echo(f"{root}  version {store.latest_version(root)}  " + " ".join(f"{k}={v}" for k, v in counts.items()))
         found += 1
+        try:  # counted, not read from the latest commit's lineage: a vacuum's commits record none
+            counts = store.status_counts(store.read_clips(root, columns=["status"]))
+        except ValueError as e:  # one root Delta Lake cannot open does not hide the others
+            typer.echo(f"{root}  unreadable: {e}")
+            continue
+        typer.echo(f"{root}  version {store.latest_version(root)}  " + " ".join(f"{k}={v}" for k, v in counts.items()))
     if not found:
         typer.echo(f"no datasets under {directory}")
 
@@ -702,6 +709,8 @@ def datasets_rebuild(root: Path = typer.Argument(...), version: int = typer.Opti
     from pipeline.graph import rebuild
 
     _need_table(root)
+    if out.exists() and not out.is_dir():  # curate's mkdir of it failed with a traceback after the checks
+        fail(f"--out {out} is not a directory")
     _quiet_ray()
     try:
         r = rebuild(str(root), version, str(out))

@@ -371,10 +371,67 @@ def test_rebuild_checks_the_version_and_the_out_root_before_any_work(tmp_path, m
     store.commit(root, pa.Table.from_pylist([{"clip_id": "c0", "source_uri": "/v.mp4", "status": "kept"}]), "append",
                  {"operation": "curate", "spec": DatasetSpec().model_dump(mode="json"), "source_args": ["/v.mp4"]})
     monkeypatch.setattr(graph, "curate", _no_work)
-    for version, out, says in ((5, tmp_path / "new", "version 5 not found"), (0, root, "rebuild into a fresh root")):
+    (tmp_path / "a-file").write_text("x")  # --out a file: a FileExistsError traceback
+    for version, out, says in ((5, tmp_path / "new", "version 5 not found"), (0, root, "rebuild into a fresh root"),
+                               (0, tmp_path / "a-file", "is not a directory")):
         r = CliRunner().invoke(app, ["datasets", "rebuild", str(root), "--version", str(version), "--out", str(out)])
         assert r.exit_code == 2 and says in r.output and r.exception.__class__ is SystemExit, r.output
     assert not (tmp_path / "new").exists()
+
+
+def test_a_rebuild_does_not_curate_the_rebuilt_roots_own_clips(tmp_path, monkeypatch):
+    """`curate footage --dataset footage/ds` skips footage/ds; its rebuild into another root walked
+    footage/ds/media and curated the dataset's own clips as new sources ("N extra", exit 1)."""
+    import pyarrow as pa
+
+    import pipeline.graph as graph
+
+    footage = tmp_path / "footage"
+    footage.mkdir()
+    (footage / "v.mp4").write_bytes(b"x")
+    root = footage / "ds"
+    (root / "media" / "c0").mkdir(parents=True)
+    (root / "media" / "c0" / "c0.mp4").write_bytes(b"a clip of v.mp4")
+    store.commit(root, pa.Table.from_pylist([{"clip_id": "c0", "source_uri": str(footage / "v.mp4"), "status": "kept"}]),
+                 "append", {"operation": "curate", "spec": DatasetSpec().model_dump(mode="json"),
+                            "source_args": [str(footage)]})
+    seen = []
+
+    def sources_then_stop(*a, **k):
+        seen.extend(s.uri for s in graph_expand(*a, **k))
+        raise KeyboardInterrupt  # (not an Exception: nothing on the way may swallow it)
+
+    graph_expand = graph.expand_sources
+    monkeypatch.setattr(graph, "expand_sources", sources_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        graph.rebuild(str(root), 0, str(tmp_path / "rebuilt"))
+    assert seen == [str(footage / "v.mp4")]
+
+
+def test_a_restored_version_rebuilds_from_the_curates_it_holds(tmp_path, monkeypatch):
+    """Version 2 restores version 0, dropping version 1's clips: its rebuild re-curated version 1's
+    sources too and reported their clips as "extra" (exit 1) for a version that rebuilds exactly."""
+    import pyarrow as pa
+
+    import pipeline.graph as graph
+
+    root = tmp_path / "ds"
+    spec = DatasetSpec().model_dump(mode="json")
+    for cid in ("a", "b"):
+        store.commit(root, pa.Table.from_pylist([{"clip_id": cid, "source_uri": f"/{cid}.mp4", "status": "kept"}]),
+                     "append", {"operation": "curate", "spec": spec, "source_args": [f"/{cid}.mp4"]})
+    store.restore(root, 0)
+    curated = []
+
+    def fake_curate(args, out, *a, **k):  # each source gives the clip named after it
+        curated.extend(args)
+        store.commit(out, pa.Table.from_pylist([{"clip_id": p.strip("/.mp4"), "source_uri": p, "status": "kept"}
+                                                for p in args]), "append", {"operation": "curate"})
+
+    monkeypatch.setattr(graph, "curate", fake_curate)
+    r = graph.rebuild(str(root), 2, str(tmp_path / "rebuilt"))
+    assert r["same"] and curated == ["/a.mp4"], (r, curated)
+    assert graph.rebuild(str(root), 1, str(tmp_path / "rebuilt1"))["same"] and curated[1:] == ["/a.mp4", "/b.mp4"]
 
 
 def test_a_resume_after_its_commit_says_nothing_was_written(tmp_path):
@@ -635,6 +692,22 @@ def test_rows_record_the_spec_and_code_that_decided_them(tmp_path):
     strict = DatasetSpec.model_validate({"filters": {"max_blur": 0.1}})
     version, _ = refilter(str(root), strict)
     assert set(store.read_clips(root, version)["spec_hash"].to_pylist()) == {strict.spec_hash()}
+
+
+def test_a_filter_of_a_table_that_lacks_later_contract_columns(tmp_path):
+    """A version written before some contract columns existed (or by another tool) has no spec_hash,
+    code_version or static column: `filter` crashed with "Invalid column index to set field"."""
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    root = tmp_path / "ds"
+    older = pa.schema([f for f in store.CLIPS_SCHEMA if f.name not in ("spec_hash", "code_version", "static")])
+    rows = [{"clip_id": f"c{i}", "source_uri": "/a.mp4", "start_frame": 48 * i, "end_frame": 48 * i + 48, "fps": 24.0,
+             "status": "kept", "motion": 0.5, "blur": 0.2, "brightness": 0.5} for i in range(2)]
+    write_deltalake(store.clips_path(root), pa.Table.from_pylist(rows, schema=older))
+    version, counts = refilter(str(root), DatasetSpec.model_validate({"filters": {"min_motion": 0.6}}))
+    assert version == 1 and counts["filtered"] == 2
+    assert set(store.read_clips(root, 1)["status"].to_pylist()) == {"filtered"}
 
 
 def test_a_filter_that_changes_no_decision_commits_nothing(tmp_path):

@@ -23,6 +23,9 @@ def test_demo_spec_is_the_default():
     # NaN passed every clip through the threshold (each comparison is false); .inf failed every source's clip plan
     ("filters:\n  max_blur: .nan\n", "filters.max_blur"),
     ("clips:\n  max_seconds: .inf\n", "clips.max_seconds"),
+    # a preset typo failed every clip's transcode after the whole analysis; an inverted range filtered every clip
+    ("clips:\n  preset: veryfst\n", "clips.preset"),
+    ("filters:\n  min_brightness: 0.9\n  max_brightness: 0.1\n", "filters"),
 ])
 def test_spec_errors_name_the_field(tmp_path, text, field):
     p = tmp_path / "bad.yaml"
@@ -39,6 +42,9 @@ def test_spec_missing_and_not_yaml(tmp_path):
     with pytest.raises(SpecError, match="not valid YAML: line 1, column 7: expected") as e:
         load_spec(tmp_path / "x.yaml")
     assert "\n" not in str(e.value)  # pyyaml's own text spans five lines
+    (tmp_path / "latin1.yaml").write_bytes("name: café\n".encode("latin-1"))  # a traceback before
+    with pytest.raises(SpecError, match="not UTF-8"):
+        load_spec(tmp_path / "latin1.yaml")
 
 
 @pytest.mark.parametrize("text, key", [
@@ -70,6 +76,22 @@ def test_manifest_paths_cannot_escape_root(tmp_path):
     assert "escapes its root" in got["/etc/passwd"]
     assert "escapes its root" in got["link.mp4"]
     assert "unsupported URI scheme" in got["s3://bucket/x.mp4"]
+
+
+def test_a_manifest_path_with_dot_dot_names_the_file_once(tmp_path):
+    """"sub/../a.mp4" in a manifest was a second uri for a.mp4 beside the directory walk's: the file
+    was curated twice and its second row rejected as identical content to itself (exit status 3).
+    A ".." after a symlinked directory still names the file the OS opens."""
+    root = tmp_path / "data"
+    (root / "sub").mkdir(parents=True)
+    (root / "deep" / "er").mkdir(parents=True)
+    (root / "a.mp4").write_bytes(b"x")
+    (root / "deep" / "a.mp4").write_bytes(b"y")
+    (root / "link").symlink_to(root / "deep" / "er")
+    (root / "list.txt").write_text("a.mp4\nsub/../a.mp4\n./sub/../a.mp4\nlink/../a.mp4\n")
+    got = [s.uri for s in expand_sources([str(root / "list.txt"), str(root)])]
+    assert got == sorted({str(root / "a.mp4"), str(root / "deep" / "a.mp4"), str(root / "link" / ".." / "a.mp4")})
+    assert all(open(u, "rb").read() == b"y" for u in got if "link" in u)  # the file the OS opens
 
 
 def test_directory_and_glob_sources_are_sorted_and_unique(tmp_path):
@@ -407,6 +429,59 @@ def test_a_tag_that_is_a_number_is_refused(tmp_path):
     assert r.exit_code == 2 and "a number names a version" in r.output
     assert store.read_tags(tmp_path) == {}
     assert store.tag(tmp_path, "v5", 0) == 0 and store.resolve_ref(tmp_path, "v5") == 0
+
+
+def test_concurrent_tags_are_all_kept_and_stay_immutable(tmp_path, monkeypatch):
+    """Two `datasets tag` runs at once each wrote back the tags they had read plus their own: one tag
+    was lost although both printed "tagged", or a name was re-pointed to another version."""
+    import threading
+    import time
+
+    root = tmp_path / "ds"
+    store.commit(root, _rows(1), "append", {"operation": "curate"})
+    store.commit(root, _rows(1, start=1), "append", {"operation": "curate"})
+    real = store.read_tags
+    monkeypatch.setattr(store, "read_tags", lambda r: (real(r), time.sleep(0.3))[0])  # both read before either writes
+    errors = []
+
+    def tag(name, version):
+        try:
+            store.tag(root, name, version)
+        except ValueError as e:
+            errors.append(str(e))
+
+    for jobs in ([("a", 0), ("b", 1)], [("same", 0), ("same", 1)]):
+        threads = [threading.Thread(target=tag, args=job) for job in jobs]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+    tags = real(root)
+    assert {k: tags[k] for k in ("a", "b")} == {"a": 0, "b": 1}
+    assert len(errors) == 1 and "already names version" in errors[0] and errors[0].endswith(str(tags["same"]))
+    assert [p.name for p in root.iterdir() if p.suffix == ".tmp"] == []
+
+
+def test_a_root_whose_path_deltalake_would_misread_is_refused_up_front(tmp_path, monkeypatch):
+    """deltalake percent-decodes local paths: curating into ".../My%20Videos/ds" wrote version 0, then
+    every read (the next curate, `datasets log`) failed with "File not found: .../My Videos/ds/...".
+    Now curate refuses that root before any work, in one line; other commands and `list` say why."""
+    import ray.data
+    from typer.testing import CliRunner
+
+    from spacetime.cli import app
+
+    (tmp_path / "v.mp4").write_bytes(b"x")
+    bad = tmp_path / "My%20Videos" / "ds"
+    monkeypatch.setattr(ray.data, "from_items", lambda *a, **k: pytest.fail("curation work started"))
+    r = CliRunner().invoke(app, ["curate", str(tmp_path / "v.mp4"), "--dataset", str(bad)])
+    assert r.exit_code == 2 and "%XX" in r.output and r.exception.__class__ is SystemExit, r.output
+    assert not (bad / "clips").exists()
+    (bad / "clips" / "_delta_log").mkdir(parents=True)  # (made by an older version of this code)
+    r = CliRunner().invoke(app, ["datasets", "log", str(bad)])
+    assert r.exit_code == 2 and "%XX" in r.output and r.exception.__class__ is SystemExit, r.output
+    good = tmp_path / "good"
+    store.commit(good, _rows(2), "append", {"operation": "curate"})
+    r = CliRunner().invoke(app, ["datasets", "list", str(tmp_path)])
+    assert r.exit_code == 0 and "unreadable" in r.output and "kept=2" in r.output, r.output
 
 
 def test_a_glob_matching_directories_walks_them(tmp_path):
