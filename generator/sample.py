@@ -88,10 +88,20 @@ def load_model(path, device="cpu"):
     return model.to(device).eval(), base_tokens
 
 
+def resolve_vae(path) -> Path:
+    """A VAE checkpoint: the file, or vae.safetensors inside a train-vae output dir (as precompute --vae
+    takes it); ValueError when missing."""
+    p = Path(path)
+    p = p / "vae.safetensors" if p.is_dir() else p
+    if not p.is_file():
+        raise ValueError(f"VAE checkpoint {p} not found")
+    return p
+
+
 def load_codec(path, device="cpu") -> VAE:
-    """The VAE saved by generator.vae.save_vae, in eval mode; ValueError when missing."""
-    if not Path(path).is_file():
-        raise ValueError(f"VAE checkpoint {path} not found")
+    """The VAE saved by generator.vae.save_vae (the file or a train-vae dir), in eval mode; ValueError
+    when missing."""
+    path = resolve_vae(path)
     try:
         return load_vae(str(path), device=device).eval()
     except ValueError:

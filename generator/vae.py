@@ -334,8 +334,7 @@ class VAE(nn.Module):
         B, _, T, H, W = x.shape
         self._check(T, H, W)
         f, s = self.cfg.time_factor, self.cfg.space_factor
-        if chunk_frames is not None and chunk_frames % f:
-            raise ValueError(f"chunk_frames must be a multiple of {f}, got {chunk_frames}")
+        self._check_chunk(chunk_frames)
         self._check_tiling(tile, overlap)
         t_lat = 1 + (T - 1) // f
         out = x.new_zeros(B, 2 * self.cfg.latent_channels, t_lat, H // s, W // s)
@@ -348,14 +347,19 @@ class VAE(nn.Module):
         chunk_frames / tile / overlap are in *output pixel* units, as for `encode`."""
         B, _, t, h, w = z.shape
         f, s = self.cfg.time_factor, self.cfg.space_factor
-        if chunk_frames is not None and chunk_frames % f:
-            raise ValueError(f"chunk_frames must be a multiple of {f}, got {chunk_frames}")
+        self._check_chunk(chunk_frames)
         self._check_tiling(tile, overlap)
         out = z.new_zeros(B, self.cfg.in_channels, 1 + (t - 1) * f, h * s, w * s)
         lat_chunk = None if chunk_frames is None else chunk_frames // f
         lat_tile = None if tile is None else tile // s
         self._tiled(z, out, self.decoder, 1, lat_chunk, lat_tile, overlap // s, 1, s)
         return out
+
+    def _check_chunk(self, chunk_frames):
+        # a negative chunk passed `% f` (-4 % 4 == 0) and the chunk loop stepped backwards forever
+        f = self.cfg.time_factor
+        if chunk_frames is not None and (chunk_frames < 1 or chunk_frames % f):
+            raise ValueError(f"chunk_frames must be a positive multiple of {f}, got {chunk_frames}")
 
     def _check_tiling(self, tile, overlap):
         s = self.cfg.space_factor

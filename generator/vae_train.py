@@ -80,6 +80,12 @@ class PatchDiscriminator3D(nn.Module):
     def forward(self, x):  # (B, 3, T, H, W) -> (B, 1, T, h, w) logits
         return self.net(x)
 
+    @staticmethod
+    def min_size(layers: int) -> int:
+        """Smallest frame side it scores: `layers` 4x4 stride-2 convs halve it, the two stride-1 ones
+        take 1 pixel each and need 1 left."""
+        return 3 * 2 ** layers
+
 
 def hinge_d_loss(real, fake):
     return 0.5 * (F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean())
@@ -173,6 +179,10 @@ def train_vae(vae: VAE, videos, cfg: VAETrainConfig, rank: int = 0, world_size: 
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
     disc = dopt = None
     if cfg.adversarial_weight > 0:
+        need = PatchDiscriminator3D.min_size(cfg.disc_layers)
+        if min(videos.shape[-2:]) < need:  # else a torch error at step disc_start + 1, after the recon-only phase
+            raise ValueError(f"the discriminator ({cfg.disc_layers} layers) needs frames at least {need} pixels on a "
+                             f"side, got {videos.shape[-2]}x{videos.shape[-1]}: raise --size or drop --adversarial-weight")
         disc = PatchDiscriminator3D(vae.cfg.in_channels, cfg.disc_channels, cfg.disc_layers).to(device)
         dopt = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr or cfg.lr, betas=(0.5, 0.9))
     perceptual = None
@@ -185,7 +195,8 @@ def train_vae(vae: VAE, videos, cfg: VAETrainConfig, rank: int = 0, world_size: 
         check_resume_config(meta.get("config", {}), cfg, VAE_EXACT_RESUME)
         if meta.get("data") not in (None, sig):
             raise ValueError(f"resuming {cfg.ckpt_dir} on other training videos would not continue it exactly "
-                             f"({meta['data']} -> {sig}: another clips version, --max-clips, --frames or --size?)")
+                             f"({meta['data']} -> {sig}: another --dataset or clips version, --max-clips, --frames "
+                             f"or --size?)")
         step, skipped = meta["step"], meta["skipped"]
         # load_state_dict restored the checkpoint's learning rates; this run's (--lr may change on resume) hold
         for o, lr in ((opt, cfg.lr), (dopt, cfg.disc_lr or cfg.lr)):
@@ -218,22 +229,22 @@ def train_vae(vae: VAE, videos, cfg: VAETrainConfig, rank: int = 0, world_size: 
             loss = loss + cfg.adversarial_weight * w * g_loss
             record.update(g_loss=g_loss.item(), gan_weight=w.item())
         if guarded_update(loss, opt, vae.parameters(), cfg.grad_clip, world_size, "VAE step", step) is None:
-            skipped += 1
-            continue
-        if gan:
-            disc.requires_grad_(True)
-            with autocast():  # one forward over real + fake: DDP wants one forward per backward
-                real, fake = dnet(torch.cat([x, rec.detach()])).float().chunk(2)
-            d_loss = hinge_d_loss(real, fake)
-            guarded_update(d_loss, dopt, disc.parameters(), cfg.grad_clip, world_size, "discriminator step", step)
-            record.update(d_loss=d_loss.item(), d_real=real.mean().item(), d_fake=fake.mean().item())
-        record.update(loss=loss.item(), psnr=psnr(rec.detach(), x), skipped=skipped)
-        history.append(record)
-        if cfg.log_every and step % cfg.log_every == 0:
-            log.info("vae step %d loss %.4f psnr %.2f dB%s", step, record["loss"], record["psnr"],
-                     f" d_loss {record['d_loss']:.3f}" if "d_loss" in record else "")
-            if report is not None:
-                report(record)
+            skipped += 1  # no discriminator step and no record, but still its checkpoint (below)
+        else:
+            if gan:
+                disc.requires_grad_(True)
+                with autocast():  # one forward over real + fake: DDP wants one forward per backward
+                    real, fake = dnet(torch.cat([x, rec.detach()])).float().chunk(2)
+                d_loss = hinge_d_loss(real, fake)
+                guarded_update(d_loss, dopt, disc.parameters(), cfg.grad_clip, world_size, "discriminator step", step)
+                record.update(d_loss=d_loss.item(), d_real=real.mean().item(), d_fake=fake.mean().item())
+            record.update(loss=loss.item(), psnr=psnr(rec.detach(), x), skipped=skipped)
+            history.append(record)
+            if cfg.log_every and step % cfg.log_every == 0:
+                log.info("vae step %d loss %.4f psnr %.2f dB%s", step, record["loss"], record["psnr"],
+                         f" d_loss {record['d_loss']:.3f}" if "d_loss" in record else "")
+                if report is not None:
+                    report(record)
         if cfg.ckpt_dir and cfg.ckpt_every and step % cfg.ckpt_every == 0:
             save_vae_checkpoint(cfg, vae, opt, disc, dopt, gens, step, skipped, rank, world_size, sig)
     if cfg.ckpt_dir:

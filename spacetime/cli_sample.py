@@ -76,13 +76,27 @@ def _training_run(checkpoint: Path) -> dict:
 def _load(checkpoint: Path, vae_path: Path):
     import torch
 
-    from generator.sample import load_codec, load_model, resolve_checkpoint, sha256_file
+    from generator.sample import load_codec, load_model, resolve_checkpoint, resolve_vae, sha256_file
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, base_tokens = load_model(checkpoint, device)
     vae = load_codec(vae_path, device)
     info = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256_file(resolve_checkpoint(checkpoint)),
-            "vae": str(vae_path), "vae_sha256": sha256_file(vae_path), "device": device}
+            "vae": str(vae_path), "vae_sha256": sha256_file(resolve_vae(vae_path)), "device": device}
+    _check_vae(checkpoint, model, vae, info["vae_sha256"])
     return model, vae, base_tokens, info
+
+
+def _check_vae(checkpoint: Path, model, vae, vae_sha: str) -> None:
+    """A DiT only decodes through the VAE whose latents it trained on: another one's latent width died in
+    a conv (a traceback), another one of the same width made noise silently. Its run.json (when `spacetime
+    train` wrote one) names that VAE's sha256 (precompute's vae_sha)."""
+    if vae.cfg.latent_channels != model.cfg.in_channels:
+        raise ValueError(f"--vae has {vae.cfg.latent_channels} latent channels, the DiT {checkpoint} takes "
+                         f"{model.cfg.in_channels}: pass the VAE whose latents it trained on")
+    trained = _training_run(checkpoint).get("vae_sha")
+    if trained and trained != vae_sha:
+        raise ValueError(f"{checkpoint} was trained on latents of VAE sha {trained[:12]}, but --vae is sha "
+                         f"{vae_sha[:12]}: pass the --vae that `spacetime precompute` used")
 
 
 def _sidecar(out: Path, record: dict) -> Path:
@@ -148,7 +162,7 @@ def sample_cmd(prompt: Optional[str] = typer.Option(None, "--prompt", help="what
                height: int = typer.Option(256, "--height", min=1, help="pixels (rounded to the patch grid)"),
                width: int = typer.Option(256, "--width", min=1, help="pixels (rounded to the patch grid)"),
                checkpoint: Path = typer.Option(..., "--checkpoint", help="DiT: training checkpoint dir/file or save_dit file"),
-               vae: Path = typer.Option(..., "--vae", help="VAE safetensors (save_vae)"),
+               vae: Path = typer.Option(..., "--vae", help="VAE checkpoint (file, or a train-vae output dir)"),
                out: Optional[Path] = typer.Option(None, "--out", help="output .mp4 (or .png for one frame), with --prompt"),
                out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="output directory, with --prompts"),
                batch_size: Optional[int] = typer.Option(
@@ -188,8 +202,8 @@ def sample_cmd(prompt: Optional[str] = typer.Option(None, "--prompt", help="what
         from generator.sample import fit_size
         fitted = fit_size(codec, model.cfg.patch, frames, height, width, warn=False)[0]
         if prompt is not None and out.suffix.lower() == ".png" and fitted != 1:
-            raise ValueError(f"--out {out.name} is an image but this model's patch grid makes {frames} frame(s) "
-                             f"{fitted}: write .mp4")
+            raise ValueError(f"--out {out.name} is an image but this model's patch grid turns --frames {frames} "
+                             f"into {fitted} frames: write .mp4")
         # the file type follows the frames the patch grid gives (p_t = 2 turns --frames 1 into a video)
         paths = [out] if prompt is not None else [
             out_dir / f"prompt_{i}{'.png' if fitted == 1 else '.mp4'}" for i in range(len(asked))]
@@ -221,7 +235,7 @@ def generate_cmd(task: str = typer.Option(..., "--task", help="|".join(TASKS)),
                  prompt: str = typer.Option(..., "--prompt", help="what the result should show"),
                  inputs: Optional[List[Path]] = typer.Option(None, "--input", help="image/video input (twice for transition)"),
                  checkpoint: Path = typer.Option(..., "--checkpoint"),
-                 vae: Path = typer.Option(..., "--vae"),
+                 vae: Path = typer.Option(..., "--vae", help="VAE checkpoint (file, or a train-vae output dir)"),
                  out: Path = typer.Option(..., "--out", help="output .mp4 (or .png for one frame)"),
                  frames: int = typer.Option(17, "--frames", min=1, help="output frames (edit: the input's)"),
                  height: int = typer.Option(256, "--height", min=1, help="sets the output area (size for image/loop)"),

@@ -101,6 +101,20 @@ def test_vae_chunked_equals_full_and_tiled_close():
         vae.encode(x, chunk_frames=3)
 
 
+def test_vae_refuses_a_chunk_that_is_not_positive():
+    """A negative chunk_frames passed the multiple-of-4 check (-4 % 4 == 0) and the chunk loop stepped
+    backwards forever, its bounds list growing until memory ran out."""
+    vae = VAE(TINY_VAE).eval()
+    x = smooth_video(1, 9, 16, 16)
+    with torch.no_grad():
+        z = vae.encode(x).mean
+        for chunk in (-4, -8):
+            with pytest.raises(ValueError, match="positive multiple of 4"):
+                vae.encode(x, chunk_frames=chunk)
+            with pytest.raises(ValueError, match="positive multiple of 4"):
+                vae.decode(z, chunk_frames=chunk)
+
+
 def test_first_frame_conv_is_the_3d_conv_with_summed_taps():
     """A video's first frame alone runs as a 2D conv (weights summed over time): the same output and
     gradients as the 3D conv over the frame repeated into the past, and the same cache for the next chunk."""

@@ -513,6 +513,52 @@ def test_cli_sample_and_generate_write_sidecars(checkpoints, tmp_path):
     assert not bad.exists() and not (tmp_path / "never.mp4.json").exists()
 
 
+def test_cli_sample_takes_the_train_vae_output_dir_as_vae(checkpoints, tmp_path):
+    """--vae runs/vae (the dir train-vae writes, as precompute --vae takes it) said 'VAE checkpoint runs/vae
+    not found'; it is the vae.safetensors inside, and the sidecar hashes that file."""
+    from spacetime.cli_sample import register
+    app = typer.Typer()
+    register(app)
+    run, vae_path = checkpoints
+    out = tmp_path / "t2i.png"
+    r = CliRunner().invoke(app, ["sample", "--prompt", "a red circle", "--no-upsample", "--frames", "1", "--height",
+                                 "16", "--width", "16", "--out", str(out), "--checkpoint", str(run), "--vae",
+                                 str(vae_path.parent), "--steps", "1"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "t2i.png.json").read_text())["vae_sha256"] == sha256_file(vae_path)
+    r = CliRunner().invoke(app, ["sample", "--prompt", "a red circle", "--no-upsample", "--out", str(out),
+                                 "--checkpoint", str(run), "--vae", str(tmp_path)])
+    assert r.exit_code == 2 and "vae.safetensors" in r.output and "not found" in r.output, r.output
+
+
+def test_cli_refuses_a_vae_the_dit_did_not_train_on(checkpoints, tmp_path):
+    """A --vae other than the one whose latents the DiT trained on decoded them to noise without a word (same
+    latent channels) or died in a conv with a traceback (other channels): refused in one line, as another
+    text encoder is. run.json's vae_sha is the latents table's (sha256 of the VAE file precompute used)."""
+    import shutil
+    from spacetime.cli_sample import register
+    app = typer.Typer()
+    register(app)
+    run, vae_path = checkpoints
+    mine = tmp_path / "run"
+    shutil.copytree(run, mine)
+    (mine / "run.json").write_text(json.dumps({"vae_sha": "0" * 64}))
+    torch.manual_seed(0)
+    wide = VAE(VAEConfig(channels=(8, 8, 8), time_downsample=2, latent_channels=8))
+    save_vae(wide, str(tmp_path / "wide.safetensors"))
+    args = ["--prompt", "a red circle", "--no-upsample", "--frames", "1", "--height", "16", "--width", "16",
+            "--steps", "1", "--out", str(tmp_path / "x.png")]
+    for cmd in (["sample"], ["generate", "--task", "image"]):
+        r = CliRunner().invoke(app, [*cmd, *args, "--checkpoint", str(mine), "--vae", str(vae_path)])
+        assert r.exit_code == 2 and "trained on latents of VAE sha 000000000000" in r.output, r.output
+        r = CliRunner().invoke(app, [*cmd, *args, "--checkpoint", str(run), "--vae", str(tmp_path / "wide.safetensors")])
+        assert r.exit_code == 2 and "8 latent channels" in r.output and "4" in r.output, r.output
+    assert not (tmp_path / "x.png").exists()
+    (mine / "run.json").write_text(json.dumps({"vae_sha": sha256_file(vae_path)}))  # its own VAE: accepted
+    r = CliRunner().invoke(app, ["sample", *args, "--checkpoint", str(mine), "--vae", str(vae_path)])
+    assert r.exit_code == 0, r.output
+
+
 def test_prompts_file_with_a_bom_crlf_and_unicode(tmp_path):
     """A prompts file saved with a byte-order mark (Windows editors) made its first line, a '# comment'
     behind the mark, a prompt that was sampled; CRLF line ends and unicode prompts read as written."""
@@ -578,6 +624,7 @@ def test_cli_sample_file_type_follows_the_patch_grids_frames(checkpoints, tmp_pa
     assert tasks.read_frames(tmp_path / "set" / "prompt_0.mp4").shape[0] == 5  # 2 latent frames, 4x in time
     r = CliRunner().invoke(app, ["sample", "--prompt", "a red circle", "--out", str(tmp_path / "x.png"), *common])
     assert r.exit_code == 2 and "write .mp4" in r.output and not (tmp_path / "x.png").exists(), r.output
+    assert "turns --frames 1 into 5 frames" in " ".join(r.output.split()), r.output  # was 'makes 1 frame(s) 5'
 
 
 def test_cli_refuses_fps_that_is_not_positive(checkpoints, tmp_path):

@@ -167,6 +167,36 @@ def test_non_finite_batches_are_skipped_and_counted(videos):
     assert all(torch.isfinite(v).all() for v in vae.state_dict().values())
 
 
+def test_a_skipped_step_on_a_ckpt_every_step_still_writes_its_checkpoint(videos, tmp_path):
+    """A NaN-skipped step went `continue` past the checkpoint: with ckpt_every landing on it none was
+    written, so a kill after it lost every step since the previous one (as the DiT loop did)."""
+    from generator.train import checkpoint_meta
+    bad = videos[:2].clone()
+    bad[1, :, 0, 0, 0] = float("nan")  # batch_size 1: a step that draws clip 1 is skipped
+    torch.manual_seed(0)
+    cfg = VAETrainConfig(steps=6, batch_size=1, log_every=0, ckpt_dir=str(tmp_path / "a"), ckpt_every=1, keep_ckpts=0)
+    hist = train_vae(VAE(TINY), bad, cfg)
+    done = {h["step"] for h in hist}
+    assert len(done) < 6, "no step drew the NaN clip: pick another seed"
+    written = sorted(f for f in os.listdir(tmp_path / "a") if f.startswith("step_"))
+    assert written == [f"step_{s:08d}.safetensors" for s in range(1, 7)]  # skipped steps included
+    assert checkpoint_meta(str(tmp_path / "a"))["skipped"] == 6 - len(done)
+
+
+def test_a_discriminator_too_deep_for_the_frames_is_refused_before_training(videos):
+    """--size 16 with --adversarial-weight: the PatchGAN's 4x4 convolutions ran out of pixels, a torch
+    RuntimeError (a traceback) at step disc_start + 1, after the whole reconstruction-only phase."""
+    assert PatchDiscriminator3D.min_size(3) == 24
+    PatchDiscriminator3D(3, 8, 3)(torch.zeros(1, 3, 1, 24, 24))  # the smallest that runs
+    small = torch.nn.functional.interpolate(videos[:2], size=(5, 16, 16))
+    vae = VAE(TINY)
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    with pytest.raises(ValueError, match="at least 24 pixels"):
+        train_vae(vae, small, VAETrainConfig(steps=3, batch_size=1, log_every=0, adversarial_weight=0.1,
+                                             disc_start=2, disc_channels=8))
+    assert all(torch.equal(v, before[k]) for k, v in vae.state_dict().items())  # refused before any step
+
+
 def _ddp_ranks(rank, world, init_file, videos, out_dir):
     import torch.distributed as dist
     torch.set_num_threads(1)
