@@ -453,7 +453,14 @@ def load_with_config(path: str, build, cfg, device="cpu", what: str = "model"):
     if callable(cfg):
         from safetensors import safe_open
         with safe_open(path, "pt") as f:
-            cfg = cfg(json.loads(f.metadata()["config"]))
+            meta = f.metadata() or {}
+        if "config" not in meta:  # e.g. a DiT training checkpoint passed as --vae: was KeyError: 'config'
+            raise ValueError(f"{path} is not a {what} file: it stores no model config"
+                             + (" (a DiT training checkpoint? it goes to --checkpoint)" if "train" in meta else ""))
+        try:
+            cfg = cfg(json.loads(meta["config"]))
+        except (TypeError, KeyError) as e:  # another model's config (a save_dit file as the VAE, say)
+            raise ValueError(f"{path} is not a {what} file: its config is another model's ({e})") from None
     module = build(cfg)
     load_state_strict(module, load_file(path, device=str(device)), what)
     return module.to(device)

@@ -872,6 +872,7 @@ def generate_footage(out_dir, seed: int = 0, videos: int = 8,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plans = plan_footage(seed, videos, subjects)
+    _remove_stale_videos(out, {p.file for p in plans})
     for v, plan in enumerate(plans):
         encode_mp4(render_video(plan, seed), out / plan.file, plan.fps, plan.width, plan.height)
         if progress is not None:
@@ -879,6 +880,21 @@ def generate_footage(out_dir, seed: int = 0, videos: int = 8,
     gt_path = out / "ground_truth.json"
     gt_path.write_text(json.dumps(ground_truth(plans, seed), indent=1) + "\n")
     return gt_path
+
+
+def _remove_stale_videos(out: Path, keep: set) -> None:
+    """Delete the videos an earlier run's ground_truth.json in `out` listed that this run will not
+    write: left beside the new truth, curating the dir took them in with no captions or truth.
+    Files it did not list (the user's own) are never touched."""
+    try:
+        old = json.loads((out / "ground_truth.json").read_text())
+        ours = str(old.get("generator", "")).startswith("spacetime.synthetic")  # any version of this generator
+        listed = {v["file"] for v in old["videos"]} if ours else set()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return
+    for name in listed - keep:
+        if Path(name).name == name:  # a bare file name, as plan_footage writes: nothing outside `out`
+            (out / name).unlink(missing_ok=True)
 
 
 def ground_truth_captions(gt_path) -> list:

@@ -217,6 +217,8 @@ def train_aesthetic_cmd(dataset: Path = typer.Option(..., "--dataset", help="dat
     from pipeline.graph import aesthetic_labels_from_ground_truth
 
     _need_table(dataset)
+    if out.is_dir():  # checked before training: saving into it failed after
+        fail(f"--out {out} is a directory: give the head's file, e.g. {out / 'aesthetic.safetensors'}")
     if not labels.is_file():
         fail(f"labels file not found: {labels}")
     t = store.read_clips(dataset)
@@ -239,6 +241,10 @@ def train_aesthetic_cmd(dataset: Path = typer.Option(..., "--dataset", help="dat
     if len(pairs) < 4 or len({y for _, y in pairs}) < 2:
         fail(f"need labelled clips of at least two classes with embeddings; found {len(pairs)}")
     x, y = np.asarray([p[0] for p in pairs], np.float32), np.asarray([p[1] for p in pairs], np.float32)
+    try:  # its directory made as other commands make their --out's
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot write {out}: {e}")
     hist = train_aesthetic(x, y, out, epochs=epochs, seed=seed)
     typer.echo(f"trained aesthetic head on {len(pairs)} clips ({int((y < 0.5).sum())} low quality): "
                f"loss {hist['loss'][0]:.4f} -> {hist['loss'][-1]:.4f}; saved {out}")
@@ -281,7 +287,9 @@ def train_captioner_cmd(dataset: Path = typer.Option(..., "--dataset"),
                         seed: int = typer.Option(0)):
     """Train the video captioner on kept clips' teacher captions (validation split by source video)."""
     from captioner.train import TrainConfig, train_captioner
+    from spacetime.cli_generator import need_out_dir
 
+    need_out_dir(out)
     _need_table(dataset)
     pairs = []
     if reverse_phrases:
@@ -353,6 +361,8 @@ def eval_captioner_cmd(dataset: Path = typer.Option(..., "--dataset", help="a ve
     from captioner.train import held_out_sources, split_by_source
     from pipeline import store
 
+    if out.is_dir():  # checked first: writing into it failed after scoring
+        fail(f"--out {out} is a directory: give the JSON file, e.g. {out / 'eval_captioner.json'}")
     _need_table(dataset)
     if ground_truth is not None and not ground_truth.is_file():
         fail(f"ground truth not found: {ground_truth}")
@@ -432,11 +442,16 @@ def upsample_cmd(prompt: str = typer.Argument(..., help="a short prompt, e.g. 'a
 
     from captioner.upsample import few_shot_examples, load_upsampler, upsample
 
+    # asked for by name, as `sample` does: a missing --upsampler printed the prompt back, exit 0
+    if upsampler is not None and not upsampler.is_dir():
+        fail(f"--upsampler {upsampler} not found (leave it out to get the prompt as written)")
+    if dataset is not None and upsampler is None:
+        fail("--dataset gives an LLM upsampler its examples: give --upsampler too")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            examples = few_shot_examples(str(dataset)) if dataset and upsampler else ()
-            model = load_upsampler(str(upsampler) if upsampler else None, examples)
+            examples = few_shot_examples(str(dataset)) if dataset else ()
+            model = load_upsampler(str(upsampler), examples) if upsampler else None  # None: one warning, not two
             text = upsample(prompt, model, seed)
         except ValueError as e:
             fail(str(e))
@@ -457,7 +472,7 @@ def retrain(sources: List[str] = typer.Option(..., "--sources", help="new raw fo
             captions: Optional[Path] = typer.Option(None, "--captions", help="teacher captions to import while curating"),
             previous_run: Optional[Path] = typer.Option(None, "--previous-run", help="run dir to compare samples with"),
             scaling_png: Optional[Path] = typer.Option(None, "--scaling-png", help="scale-study plot to embed in the report"),
-            vae: Optional[Path] = typer.Option(None, "--vae", help="current VAE (default: the --from-checkpoint run's, else trained)"),
+            vae: Optional[Path] = typer.Option(None, "--vae", help="current VAE, file or train-vae output dir (default: the --from-checkpoint run's, else trained)"),
             vae_perceptual: Optional[Path] = typer.Option(
                 None, "--vae-perceptual", help="local VGG16 weights: the VAE also trains with a perceptual loss"),
             vae_adversarial_weight: float = typer.Option(
@@ -480,9 +495,12 @@ def retrain(sources: List[str] = typer.Option(..., "--sources", help="new raw fo
     """
     from dataclasses import replace
 
+    from spacetime.cli_generator import need_out_dir
     from spacetime.retrain import RetrainConfig, retrain as run_retrain
 
     _quiet_ray()
+    need_out_dir(run, "--run")
+    need_out_dir(dataset, "--dataset")
     if spec is not None:
         _load_spec(spec)
     if vae_perceptual is not None and not vae_perceptual.is_file():
@@ -496,6 +514,8 @@ def retrain(sources: List[str] = typer.Option(..., "--sources", help="new raw fo
         fail(f"--captioner {captioner} is not a captioner checkpoint (no model.safetensors)")
     if from_checkpoint is not None and not (from_checkpoint / "latest.json").is_file():
         fail(f"--from-checkpoint {from_checkpoint} is not a DiT run dir (no latest.json)")
+    if vae is not None and vae.is_dir():  # a train-vae --out dir, as `precompute --vae` takes
+        vae = vae / "vae.safetensors"
     if vae is not None and not vae.is_file():
         fail(f"VAE not found: {vae}")
     sizes = replace(RetrainConfig.tiny() if tiny else RetrainConfig(), vae_adversarial_weight=vae_adversarial_weight,
@@ -528,8 +548,10 @@ def scale_study_cmd(out: Path = typer.Option(Path("runs/scale_study"), "--out"),
                                                    "a --dataset's largest latent must fit in one"),
                     seed: int = typer.Option(0)):
     """Train three DiT sizes on the same data and token budget; plot validation loss vs training FLOPs."""
+    from spacetime.cli_generator import need_out_dir
     from spacetime.scale_study import SIZES, final_losses, scale_study
 
+    need_out_dir(out)
     train_pairs = val_pairs = None
     if dataset is not None:
         from generator.data import load_pairs
@@ -571,6 +593,8 @@ def datasets_list(directory: Path = typer.Argument(Path("."), help="directory to
     """List dataset roots under a directory with their latest version and counts."""
     from pipeline import store
 
+    if not directory.is_dir():  # a typo: not "no datasets", which reads as searched and empty
+        fail(f"{directory} is not a directory")
     found = 0
     for log_dir in sorted(directory.rglob("clips/_delta_log")):
         root = log_dir.parent.parent

@@ -37,6 +37,13 @@ def _ints(text: str, what: str) -> tuple:
     return vals
 
 
+def need_out_dir(path: Path, flag: str = "--out") -> None:
+    """Refuse, before any work, an output directory that names an existing file (mkdir failed on it
+    with a traceback, after the decoding or training before it)."""
+    if path.exists() and not path.is_dir():
+        _fail(f"{flag} {path} is not a directory")
+
+
 def _latest_clips_version(root: Path) -> int:
     from deltalake import DeltaTable
 
@@ -133,6 +140,7 @@ def train_vae_cmd(
     from generator.vae import VAE, VAEConfig, load_state_strict, psnr, save_vae
     from generator.vae_train import VAETrainConfig, load_training_videos, train_vae
 
+    need_out_dir(out)
     root = dataset.resolve()
     version = _latest_clips_version(root) if version is None else version
     ch = _ints(channels, "--channels")
@@ -323,6 +331,7 @@ def train_cmd(
     from generator.data import LatentBatches
     from generator.train import STRATEGIES, CheckpointError, TrainConfig, train
 
+    need_out_dir(out)
     root = dataset.resolve()
     if strategy not in STRATEGIES:
         _fail(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")

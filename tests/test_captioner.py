@@ -512,6 +512,19 @@ def test_train_captioner_with_no_readable_training_clip_is_an_error_line(dataset
     assert r.exit_code == 2 and "no training clip" in r.output and "gone.mp4" in r.output, (r.output, r.exception)
 
 
+def test_train_captioner_refuses_an_out_that_is_a_file(tmp_path):
+    """--out naming a file (a path typed one level too deep) ended in a FileExistsError traceback."""
+    from typer.testing import CliRunner
+    from spacetime.cli import app
+    (tmp_path / "notes.txt").write_text("mine")
+    r = CliRunner().invoke(app, ["train-captioner", "--dataset", str(tmp_path / "ds"), "--out", str(tmp_path / "notes.txt")])
+    assert r.exit_code == 2 and "is not a directory" in r.output and r.exception.__class__ is SystemExit, r.output
+    # eval-captioner's --out is a file: a directory failed with IsADirectoryError after scoring
+    r = CliRunner().invoke(app, ["eval-captioner", "--dataset", str(tmp_path / "ds"), "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "is a directory" in r.output and r.exception.__class__ is SystemExit, r.output
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_cli_refuses_bad_versions_methods_ground_truths_and_checkpoint_dirs_in_one_line(dataset, tmp_path):
     from typer.testing import CliRunner
     from spacetime.cli import app

@@ -674,6 +674,29 @@ def test_train_aesthetic_with_bad_labels_is_one_error_line(tmp_path, text, says)
     assert r.exit_code == 2 and says in r.output and r.exception.__class__ is SystemExit, r.output
 
 
+def test_train_aesthetic_out_that_is_a_dir_or_in_a_new_dir(tmp_path):
+    """--out naming a directory ended in a SafetensorError traceback after training; a file in a
+    directory that does not exist yet did too (other commands create their --out's parents)."""
+    from typer.testing import CliRunner
+
+    from spacetime.cli import app
+
+    root, row = _committed_source(tmp_path)
+    (tmp_path / "labels.json").write_text('{"c0": 1}')
+    args = ["train-aesthetic", "--dataset", str(root), "--labels", str(tmp_path / "labels.json"), "--out"]
+    r = CliRunner().invoke(app, [*args, str(tmp_path)])
+    assert r.exit_code == 2 and "is a directory" in r.output and r.exception.__class__ is SystemExit, r.output
+    import pyarrow as pa
+    rows = [{**row, "clip_id": f"c{i}", "embedding": [float(i % 2), 1.0, 0.5]} for i in range(4)]
+    root2 = tmp_path / "ds2"
+    store.commit(root2, pa.Table.from_pylist(rows), "append", {"operation": "curate"})
+    (tmp_path / "labels.json").write_text(json.dumps({f"c{i}": i % 2 for i in range(4)}))
+    out = tmp_path / "new" / "dir" / "head.safetensors"
+    r = CliRunner().invoke(app, ["train-aesthetic", "--dataset", str(root2), "--labels", str(tmp_path / "labels.json"),
+                                 "--out", str(out), "--epochs", "2"])
+    assert r.exit_code == 0 and out.is_file(), (r.output, r.exception)
+
+
 def test_rows_record_the_spec_and_code_that_decided_them(tmp_path):
     """DESIGN.md's clips contract has spec_hash and code_version columns: a curate commit and a
     refilter fill them for the rows they decide (they were always null)."""

@@ -161,6 +161,19 @@ def test_train_vae_cli_with_perceptual_and_adversarial_losses_resumes(app, datas
     assert r.exit_code == 2 and "perceptual weights not found" in r.output
 
 
+def test_train_vae_and_train_refuse_an_out_that_is_a_file(app, tmp_path):
+    """--out naming a file ended in a traceback: train-vae's after decoding every training clip, train's
+    after loading the latents."""
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    for args in (["train-vae", "--dataset", str(tmp_path / "ds"), "--out", str(f)],
+                 ["train", "--dataset", str(tmp_path / "ds"), "--latents-version", "0", "--out", str(f)]):
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 2 and "is not a directory" in r.output and r.exception.__class__ is SystemExit, \
+            (args, r.output)
+    assert f.read_text() == "mine"
+
+
 @pytest.mark.slow
 def test_train_vae_over_ray_train_workers(app, dataset, tmp_path):
     """--workers 2: the clips decoded once, shared through the object store; DDP over gloo; rank 0's checkpoint."""

@@ -383,10 +383,28 @@ def test_retrain_cli_checks_its_input_files_before_any_stage(tmp_path):
     for extra, said in [(["--captions", str(tmp_path / "no_captions.json")], "captions file not found"),
                         (["--captioner", str(tmp_path / "cap_run")], "not a captioner checkpoint"),
                         (["--from-checkpoint", str(tmp_path / "no_dit")], "not a DiT run dir"),
-                        (["--vae", str(tmp_path / "no_vae.safetensors")], "VAE not found")]:
+                        (["--vae", str(tmp_path / "no_vae.safetensors")], "VAE not found"),
+                        (["--vae", str(tmp_path / "cap_run")], f"VAE not found: {tmp_path / 'cap_run' / 'vae.safetensors'}")]:
         r = CliRunner().invoke(app, [*base, *extra])
         assert r.exit_code == 2 and said in r.output, (extra, r.output, r.exception)
     assert not (tmp_path / "run").exists() and not (tmp_path / "ds").exists()
+
+
+def test_retrain_and_scale_study_refuse_an_out_that_is_a_file(tmp_path):
+    """--run / --out / --dataset naming a file ended in a FileExistsError traceback (retrain: after
+    nothing, scale-study: before training)."""
+    from typer.testing import CliRunner
+
+    from spacetime.cli import app
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    for args in (["retrain", "--sources", str(tmp_path), "--dataset", str(tmp_path / "ds"), "--run", str(f)],
+                 ["retrain", "--sources", str(tmp_path), "--dataset", str(f), "--run", str(tmp_path / "run")],
+                 ["scale-study", "--out", str(f)]):
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 2 and "is not a directory" in r.output and r.exception.__class__ is SystemExit, \
+            (args, r.output)
+    assert f.read_text() == "mine" and not (tmp_path / "run").exists() and not (tmp_path / "ds").exists()
 
 
 def test_scale_study_cli_on_a_dataset_without_latents_is_an_error_line(tmp_path):

@@ -288,6 +288,19 @@ def test_list_log_and_show_after_a_vacuum(tmp_path):
     assert r.exit_code == 0 and "version 3: 1 rows; operation VACUUM END" in r.output, r.output
 
 
+def test_list_of_a_directory_that_is_not_there_is_an_error(tmp_path):
+    """A mistyped directory printed "no datasets under ..." with exit 0, as if it had been searched."""
+    from typer.testing import CliRunner
+
+    from spacetime.cli import app
+    (tmp_path / "notes.txt").write_text("mine")
+    for where in (tmp_path / "missing", tmp_path / "notes.txt"):
+        r = CliRunner().invoke(app, ["datasets", "list", str(where)])
+        assert r.exit_code == 2 and "is not a directory" in r.output and r.exception.__class__ is SystemExit, r.output
+    r = CliRunner().invoke(app, ["datasets", "list", str(tmp_path)])
+    assert r.exit_code == 0 and "no datasets under" in r.output, r.output
+
+
 def test_vacuum_refuses_to_break_a_tagged_version(tmp_path):
     """A tag pins a release: vacuum that would delete its files is refused (one error line in the CLI)
     unless --drop-tagged; untagged old versions go as before."""

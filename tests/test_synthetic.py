@@ -247,6 +247,17 @@ def test_captions_file(corpus, tmp_path):
     assert json.loads(out.read_text()) == rows
 
 
+def test_fewer_videos_into_the_same_dir_leave_no_stale_videos(tmp_path):
+    """`spacetime demo --videos 2` after `make demo` (8) kept video_002..007.mp4 beside a ground truth
+    of 2: curating the dir took all 8, six with no teacher captions or truth. Only files the previous
+    ground_truth.json listed go; the user's own stay."""
+    S.generate_footage(tmp_path, seed=0, videos=2)
+    (tmp_path / "mine.mp4").write_bytes(b"my own")
+    gt = S.generate_footage(tmp_path, seed=0, videos=1)
+    assert sorted(p.name for p in tmp_path.glob("*.mp4")) == ["mine.mp4", "video_000.mp4"]
+    assert [v["file"] for v in json.loads(gt.read_text())["videos"]] == ["video_000.mp4"]
+
+
 @pytest.mark.parametrize("command", ["footage", "demo"])
 def test_footage_out_a_file_is_one_error_line(tmp_path, command):
     """`spacetime footage --out FILE` (and `demo --out FILE`) ended in a FileExistsError traceback from mkdir."""

@@ -463,6 +463,22 @@ def test_load_model_from_training_dir(checkpoints):
         load_model(checkpoints[1])
 
 
+def test_a_dit_given_as_the_vae_is_named_as_such(checkpoints, model, tmp_path):
+    """A DiT checkpoint passed as --vae failed with KeyError: 'config' (sample: "cannot be loaded: 'config'";
+    precompute: "precompute failed: KeyError", exit 1); a save_dit file with a TypeError."""
+    from generator.dit import save_dit
+    from generator.sample import load_codec
+    from generator.vae import load_vae
+    run, _ = checkpoints
+    step = run / json.loads((run / "latest.json").read_text())["file"]
+    save_dit(model, str(tmp_path / "dit.safetensors"))
+    for p, said in [(step, "a DiT training checkpoint"), (tmp_path / "dit.safetensors", "another model's")]:
+        with pytest.raises(ValueError, match=f"is not a VAE.*{said}"):
+            load_vae(str(p))
+        with pytest.raises(ValueError, match=f"is not a VAE.*{said}"):
+            load_codec(p)
+
+
 def test_cli_sample_and_generate_write_sidecars(checkpoints, tmp_path):
     from spacetime.cli_sample import register
     app = typer.Typer()

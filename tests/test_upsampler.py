@@ -148,6 +148,22 @@ def test_a_dir_that_is_no_upsampler_is_a_clear_error(tmp_path):
     assert r.exit_code == 2 and "unfinished" in r.output and "Traceback" not in r.output, r.output
 
 
+def test_upsample_cli_refuses_an_upsampler_or_dataset_it_cannot_use(tmp_path):
+    """`spacetime upsample --upsampler <missing dir>` printed the prompt unchanged with exit 0 (a typo
+    looked like an upsampler that changed nothing); --dataset without --upsampler was ignored.
+    `spacetime sample` refuses both; without --upsampler the prompt comes back with one warning."""
+    from typer.testing import CliRunner
+
+    from spacetime.cli import app
+    for args, said in [(["--upsampler", str(tmp_path / "missing")], "not found"),
+                       (["--dataset", str(tmp_path)], "give --upsampler too")]:
+        r = CliRunner().invoke(app, ["upsample", "a red cube", *args])
+        assert r.exit_code == 2 and said in r.output and r.exception.__class__ is SystemExit, (args, r.output)
+    r = CliRunner().invoke(app, ["upsample", "a red cube"])
+    assert r.exit_code == 0 and r.output.count("warning") == 1 and "None" not in r.output, r.output
+    assert r.stdout.strip().endswith("a red cube")
+
+
 def test_llm_pad_token_id_zero_is_used_as_pad():
     class Enc(dict):
         def to(self, device):
