@@ -58,6 +58,22 @@ def _progress_bar(total: int, desc: str):
     return update
 
 
+def _check_ray_address(address: Optional[str]) -> None:
+    """Fail in one line when nothing listens at a "host:port" or "ray://host:port" address: ray.init
+    retried a dead one for minutes before its error. "auto"/"local" are Ray's own to resolve."""
+    import socket
+
+    hostport = (address or "").removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as e:
+        fail(f"no Ray cluster answers at --address {address} ({e.strerror or e}): start one "
+             f"(`ray up ray_cluster.yaml`, or `ray start --head` here), or leave --address out for a local Ray")
+
+
 def _quiet_ray() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
@@ -120,6 +136,7 @@ def curate(sources: List[str] = typer.Argument(..., help="video files, directori
 
     if dataset.exists() and not dataset.is_dir():
         fail(f"--dataset {dataset} is not a directory")
+    _check_ray_address(address)
     n = len(expand_sources(list(sources), exclude=dataset))
     if n == 0:
         fail("no video sources found in: " + " ".join(sources))

@@ -358,6 +358,28 @@ def test_a_dataset_root_inside_the_sources_is_not_curated_again(tmp_path, monkey
     assert store.latest_version(root) == 0
 
 
+def test_curate_at_an_address_where_no_ray_listens_fails_at_once(tmp_path):
+    """`curate --address 127.0.0.1:1` (a typo, a cluster not up yet) sat for minutes in ray.init's
+    retries before its error. Nothing listening there is one line, exit 2, before any work."""
+    import socket
+    import time
+
+    from typer.testing import CliRunner
+
+    from spacetime.cli import app
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there now
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "v.mp4").write_bytes(b"not read")
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        t0 = time.monotonic()
+        r = CliRunner().invoke(app, ["curate", str(tmp_path / "v.mp4"), "--dataset", str(tmp_path / "ds"),
+                                     "--address", address])
+        assert r.exit_code == 2 and f"no Ray cluster answers at --address {address}" in r.output, r.output
+        assert time.monotonic() - t0 < 10 and not (tmp_path / "ds").exists()
+
+
 def test_rebuild_checks_the_version_and_the_out_root_before_any_work(tmp_path, monkeypatch):
     """`datasets rebuild --version 5` of a table at version 0 curated every source into --out, then
     failed; `--out` the table's own root "rebuilt" nothing and compared the table with itself."""
