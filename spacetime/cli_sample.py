@@ -59,6 +59,9 @@ def _text_encoder(name: Optional[str], text_dim: int, weights: Optional[Path] = 
                          f"--text-encoder and --text-weights that `spacetime precompute` used")
     if enc is None:
         return (lambda prompts: [embed_caption(p, text_dim) for p in prompts]), name, weights
+    if enc.dim != text_dim:  # (a run without run.json has no sha to check) else a shape error mid-sampling
+        raise ValueError(f"--text-encoder {name} gives {enc.dim}-wide embeddings, the DiT {checkpoint} takes "
+                         f"{text_dim}: pass the --text-encoder that `spacetime precompute` used for its latents")
     return (lambda prompts: [e.float() for e in enc(prompts)]), name, weights
 
 

@@ -547,6 +547,22 @@ def test_cli_sample_takes_the_train_vae_output_dir_as_vae(checkpoints, tmp_path)
     assert r.exit_code == 2 and "vae.safetensors" in r.output and "not found" in r.output, r.output
 
 
+def test_cli_refuses_a_text_encoder_of_another_width_without_a_run_json(checkpoints, tmp_path):
+    """A DiT trained from Python (no run.json, so no encoder sha to check) sampled with an open_clip
+    encoder died mid-sampling on "text embedding must be (L >= 1, 8), got (5, 384)". The widths are
+    compared when the encoder is built: one line naming both."""
+    from spacetime.cli_sample import register
+    app = typer.Typer()
+    register(app)
+    run, vae_path = checkpoints
+    out = tmp_path / "x.png"
+    r = CliRunner().invoke(app, ["sample", "--prompt", "a red circle", "--no-upsample", "--frames", "1", "--height",
+                                 "16", "--width", "16", "--steps", "1", "--out", str(out), "--checkpoint", str(run),
+                                 "--vae", str(vae_path), "--text-encoder", "open_clip:ViT-S-32-alt"])
+    assert r.exit_code == 2 and f"-wide embeddings, the DiT {run} takes {TEXT_DIM}" in r.output, r.output
+    assert not out.exists()
+
+
 def test_cli_refuses_a_vae_the_dit_did_not_train_on(checkpoints, tmp_path):
     """A --vae other than the one whose latents the DiT trained on decoded them to noise without a word (same
     latent channels) or died in a conv with a traceback (other channels): refused in one line, as another
