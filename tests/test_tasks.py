@@ -549,7 +549,7 @@ def test_cli_sample_takes_the_train_vae_output_dir_as_vae(checkpoints, tmp_path)
 
 def test_cli_refuses_a_text_encoder_of_another_width_without_a_run_json(checkpoints, tmp_path):
     """A DiT trained from Python (no run.json, so no encoder sha to check) sampled with an open_clip
-    encoder died mid-sampling on "text embedding must be (L >= 1, 8), got (5, 384)". The widths are
+    encoder died mid-sampling on "text embedding must be (L >= 1, 8), got (5, 256)". The widths are
     compared when the encoder is built: one line naming both."""
     from spacetime.cli_sample import register
     app = typer.Typer()
