@@ -14,6 +14,7 @@ from typing import List, Optional
 import typer
 
 TASKS = ("animate", "extend", "loop", "edit", "transition", "image")
+SAMPLERS = ("euler", "heun")  # generator.flow's methods (named here: the CLI starts without torch)
 TEXT_ENCODER_HELP = ("words (the shapes demo's) | open_clip:<model> | t5:<local dir>: the one precompute used "
                      "(default: the one the checkpoint's training run recorded, else words)")
 TEXT_WEIGHTS_HELP = "open_clip text tower weights file: the --text-weights precompute used"
@@ -130,15 +131,18 @@ def _upsample(prompts: list[str], upsampler: Optional[Path], seed: int, examples
     return texts
 
 
-def _check_settings(prompt: Optional[str], cfg: float, fps: float) -> None:
+def _check_settings(prompt: Optional[str], cfg: float, fps: float, method: str) -> None:
     """Refuse, before anything loads, a blank --prompt (the words encoder failed on it with a traceback),
-    a --cfg that is not a number (NaN made a blank video and a sidecar that is not JSON) and a bad --fps."""
+    a --cfg that is not a number (NaN made a blank video and a sidecar that is not JSON), a bad --fps
+    and an unknown --method (refused by the sampler only after the model, VAE and encoder had loaded)."""
     from generator.sample import check_fps
     if prompt is not None and not prompt.strip():
         raise ValueError("--prompt is empty: describe the video you want")
     if not math.isfinite(cfg):
         raise ValueError(f"--cfg must be a finite number, got {cfg}")
     check_fps(fps, "--fps")  # refused before sampling, not by the writer after it
+    if method not in SAMPLERS:
+        raise ValueError(f"--method must be one of {' | '.join(SAMPLERS)}, got {method!r}")
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -178,7 +182,7 @@ def sample_cmd(prompt: Optional[str] = typer.Option(None, "--prompt", help="what
                seed: int = typer.Option(0, "--seed"),
                steps: int = typer.Option(50, "--steps", min=1),
                cfg: float = typer.Option(4.0, "--cfg", help="classifier-free guidance scale"),
-               method: str = typer.Option("euler", "--method", help="euler | heun"),
+               method: str = typer.Option("euler", "--method", help=" | ".join(SAMPLERS)),
                fps: float = typer.Option(24.0, "--fps"),
                text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help=TEXT_ENCODER_HELP),
                text_weights: Optional[Path] = typer.Option(None, "--text-weights", help=TEXT_WEIGHTS_HELP)):
@@ -188,7 +192,7 @@ def sample_cmd(prompt: Optional[str] = typer.Option(None, "--prompt", help="what
     try:
         if (prompt is None) == (prompts is None):
             raise ValueError("give one of --prompt (with --out) or --prompts (with --out-dir)")
-        _check_settings(prompt, cfg, fps)
+        _check_settings(prompt, cfg, fps, method)
         if prompt is not None:
             if out is None or out_dir is not None:
                 raise ValueError("--prompt writes one file: give --out (not --out-dir)")
@@ -252,7 +256,7 @@ def generate_cmd(task: str = typer.Option(..., "--task", help="|".join(TASKS)),
                  seed: int = typer.Option(0, "--seed"),
                  steps: int = typer.Option(50, "--steps", min=1),
                  cfg: float = typer.Option(4.0, "--cfg"),
-                 method: str = typer.Option("euler", "--method"),
+                 method: str = typer.Option("euler", "--method", help=" | ".join(SAMPLERS)),
                  fps: Optional[float] = typer.Option(None, "--fps", help="output frame rate [default: the first "
                                                      "input video's, else 24]"),
                  max_frames: int = typer.Option(129, "--max-frames", help="longest video the model supports"),
@@ -275,7 +279,7 @@ def generate_cmd(task: str = typer.Option(..., "--task", help="|".join(TASKS)),
         if fps is None:  # a 30 fps video extended at 24 fps would play its own frames slowed down
             from generator.tasks import input_fps
             fps = (input_fps(inputs[0]) if inputs else None) or 24.0
-        _check_settings(prompt, cfg, fps)
+        _check_settings(prompt, cfg, fps, method)
         text = prompt if no_upsample else _upsample([prompt], upsampler, seed, upsample_dataset)[0]
         model, codec, base_tokens, info = _load(checkpoint, vae)
         from generator.sample import trained_cond_ratios

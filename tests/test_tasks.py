@@ -688,7 +688,9 @@ def test_cli_refuses_a_blank_prompt_and_cfg_or_fps_that_are_not_finite(checkpoin
         for args, msg in ((["--prompt", "  "], "--prompt is empty"),
                           (["--prompt", "", "--no-upsample"], "--prompt is empty"),
                           (["--prompt", "x", "--no-upsample", "--cfg", "nan"], "--cfg must be a finite number"),
-                          (["--prompt", "x", "--no-upsample", "--fps", "inf"], "--fps must be > 0 and finite")):
+                          (["--prompt", "x", "--no-upsample", "--fps", "inf"], "--fps must be > 0 and finite"),
+                          (["--prompt", "x", "--no-upsample", "--method", "rk4"],  # refused once all had loaded
+                           "--method must be one of euler | heun, got 'rk4'")):
             r = CliRunner().invoke(app, [*cmd, *args, *common])
             assert r.exit_code == 2 and msg in r.output, r.output
     assert os.listdir(tmp_path) == []
