@@ -212,6 +212,10 @@ def train_vae_cmd(
     out.mkdir(parents=True, exist_ok=True)
     save_vae(vae, str(out / "vae.safetensors"))
     done = json.loads((ckpt / "latest.json").read_text())["step"]
+    if not final and (out / "vae.json").is_file():  # a resume with no step left: that run's figures stand
+        prev = json.loads((out / "vae.json").read_text())
+        if prev.get("steps") == done:
+            final = {"loss": prev.get("final_loss"), "psnr": prev.get("final_psnr")}
     info = {"dataset": str(root), "clips_version": version, "clips": len(x), "frames": frames, "size": size,
             "config": asdict(vae.cfg), "train": asdict(tcfg), "workers": workers, "steps": done,
             "final_loss": final.get("loss"), "final_psnr": final.get("psnr"), "recon_psnr": recon_psnr,

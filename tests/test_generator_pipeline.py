@@ -153,7 +153,12 @@ def test_train_vae_cli_with_perceptual_and_adversarial_losses_resumes(app, datas
     assert r.exit_code == 2 and "--resume" in r.output
     r = CliRunner().invoke(app, [*args, "--steps", "6", "--resume"])
     assert r.exit_code == 0, r.output
-    assert json.loads((out / "vae.json").read_text())["steps"] == 6
+    info = json.loads((out / "vae.json").read_text())
+    assert info["steps"] == 6 and info["final_loss"] > 0
+    r = CliRunner().invoke(app, [*args, "--steps", "6", "--resume"])  # nothing left to train: its figures stand
+    assert r.exit_code == 0, r.output
+    again = json.loads((out / "vae.json").read_text())
+    assert (again["steps"], again["final_loss"], again["final_psnr"]) == (6, info["final_loss"], info["final_psnr"])
     r = CliRunner().invoke(app, [*args[:-6], "--steps", "8", "--resume"])  # the checkpoint has a discriminator
     assert r.exit_code == 2 and "discriminator" in r.output
     r = CliRunner().invoke(app, ["train-vae", "--dataset", str(dataset), "--out", str(tmp_path / "x"),
