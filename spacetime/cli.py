@@ -627,7 +627,9 @@ def datasets_list(directory: Path = typer.Argument(Path("."), help="directory to
 
 
 @datasets_app.command("log")
-def datasets_log(root: Path = typer.Argument(..., help="dataset root")):
+def datasets_log(root: Path = typer.Argument(..., help="dataset root"),
+                 version: Optional[str] = typer.Option(None, "--version",
+                                                       help="only this version (number or tag), with its whole lineage")):
     """Every version with its lineage: operation, spec hash, code version, parent, counts."""
     from datetime import datetime, timezone
 
@@ -638,7 +640,16 @@ def datasets_log(root: Path = typer.Argument(..., help="dataset root")):
     by_version = {}
     for name, v in tags.items():
         by_version.setdefault(v, []).append(name)
-    for h in reversed(store.history(root)):
+    history = store.history(root)
+    if version is not None:
+        try:
+            v = store.resolve_ref(root, version)
+        except ValueError as e:
+            fail(str(e))
+        history = [h for h in history if h["version"] == v]
+        if not history:
+            fail(f"version {v} of {root} has no commit on record")
+    for h in reversed(history):
         ts = datetime.fromtimestamp(h["timestamp"] / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if h.get("timestamp") else "?"
         tag = f"  [{', '.join(by_version[h['version']])}]" if h["version"] in by_version else ""
         typer.echo(f"version {h['version']}  {ts}  {h.get('operation', h.get('mode'))}{tag}")
@@ -646,6 +657,8 @@ def datasets_log(root: Path = typer.Argument(..., help="dataset root")):
                    f"  rows +{h.get('rows_added')}")
         if h.get("counts"):
             typer.echo("    counts " + " ".join(f"{k}={v}" for k, v in h["counts"].items()))
+        if version is not None:  # one version: everything its commit recorded (model hashes, spec, sources...)
+            typer.echo(json.dumps(h, indent=2, sort_keys=True, default=str))
 
 
 @datasets_app.command("show")

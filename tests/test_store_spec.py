@@ -341,7 +341,7 @@ def test_identical_copies_all_name_the_path_that_keeps_the_clips(tmp_path):
     assert all(reason.startswith("identical content to /v/a.mp4 ") for reason in dups.values()), dups
 
 
-def test_show_and_diff_take_tags(tmp_path):
+def test_show_log_and_diff_take_tags(tmp_path):
     from typer.testing import CliRunner
 
     from spacetime.cli import app
@@ -355,6 +355,12 @@ def test_show_and_diff_take_tags(tmp_path):
     assert r.exit_code == 0 and "version 0: 1 rows" in r.output, r.output
     r = CliRunner().invoke(app, ["datasets", "show", str(tmp_path), "--version", "nope"])
     assert r.exit_code == 2 and "unknown tag 'nope'" in r.output, r.output
+    r = CliRunner().invoke(app, ["datasets", "log", str(tmp_path), "--version", "first"])  # as DESIGN.md names it
+    assert r.exit_code == 0 and "version 0 " in r.output and "version 1 " not in r.output, r.output
+    assert '"operation": "curate"' in r.output and '"parent_version"' in r.output, r.output  # the whole lineage
+    for ref, msg in (("nope", "unknown tag 'nope'"), ("7", "version 7 of")):
+        r = CliRunner().invoke(app, ["datasets", "log", str(tmp_path), "--version", ref])
+        assert r.exit_code == 2 and msg in r.output, r.output
     r = CliRunner().invoke(app, ["datasets", "show", str(tmp_path), "--status", "keep"])  # printed no rows
     assert r.exit_code == 2 and "--status keep: expected one of kept, filtered" in r.output, r.output
     r = CliRunner().invoke(app, ["datasets", "show", str(tmp_path), "--limit", "-1"])  # printed no rows either
