@@ -225,8 +225,8 @@ def main():
     mcfg = preset(cfg.preset, **cfg.model, vocab_size=tok.get_vocab_size())
     everything = train_rows + test_rows
     frames, errors = load_frames([r["clip_id"] for r in everything], [r["clip_uri"] for r in everything],
-                                 mcfg.num_frames * cfg.frame_pool, mcfg.image_size, cache_file=out / "frames.npz",
-                                 fit=mcfg.frame_fit)
+                                 mcfg.num_frames, mcfg.image_size, cache_file=out / "frames.npz",
+                                 fit=mcfg.frame_fit, pool=cfg.frame_pool)
     train = make_data(train_rows, frames, tok, mcfg.max_text_len, cfg.reverse_swap if cfg.reverse else None)
     test = make_data(test_rows, frames, tok, mcfg.max_text_len)
     test = evenly_spaced(test, cfg.frame_pool)
@@ -257,8 +257,9 @@ def main():
     def retrieved(nn_index):
         return ({c: by_id[train.clip_ids[j]]["caption_teacher_short"] for c, j in zip(ids, nn_index)},
                 {c: by_id[train.clip_ids[j]]["caption_teacher_dense"] for c, j in zip(ids, nn_index)})
+    pool = cfg.frame_pool  # the training clips' frames as captioning reads them (evenly_spaced)
     systems = {"ours": (ours_short, ours_dense),
-               "retrieval_pixels": retrieved(nearest(pixel_features(train.frames[:, ::cfg.frame_pool]),
+               "retrieval_pixels": retrieved(nearest(pixel_features(train.frames[:, pool // 2::pool]),
                                                          pixel_features(test.frames)))}
     if all(by_id[c].get("embedding") is not None for c in train.clip_ids + ids):
         emb = lambda cs: np.stack([np.asarray(by_id[c]["embedding"], np.float32) for c in cs])  # noqa: E731

@@ -59,10 +59,15 @@ def parse_clip_uri(uri: str) -> tuple[str, int, int | None]:
     return uri, 0, None
 
 
-def sample_indices(start: int, end: int, num_frames: int) -> np.ndarray:
-    """num_frames indices spread uniformly over [start, end): the centre of each of T equal bins."""
-    n = end - start
-    return start + np.minimum(((np.arange(num_frames) + 0.5) * n / num_frames).astype(int), n - 1)
+def sample_indices(start: int, end: int, num_frames: int, pool: int = 1) -> np.ndarray:
+    """num_frames indices spread uniformly over [start, end): the centre of each of T equal bins.
+    pool > 1: num_frames * pool indices (frames for temporal jitter) laid out so that every pool-th
+    from pool // 2 on is exactly the pool = 1 set (evenly_spaced picks the frames captioning sees)."""
+    n, m = end - start, num_frames * pool
+    # bin j of m starts at j*n/m; an odd pool takes each bin's centre, an even one its start: either way
+    # index k*pool + pool//2 lands on (2k+1)n / 2T, the centre of bin k of T (integers: no float drift)
+    j = np.arange(m)
+    return start + np.minimum((2 * j + pool % 2) * n // (2 * m), n - 1)
 
 
 FRAME_FITS = ("crop", "resize", "pad")
@@ -93,9 +98,9 @@ def _rotate(img: np.ndarray, ccw_degrees: float) -> np.ndarray:
     return np.rot90(img, k=int(round(ccw_degrees / 90)) % 4)
 
 
-def read_clip_frames(uri: str, num_frames: int, size: int, fit: str = "crop") -> np.ndarray:
-    """Decode a clip -> (num_frames, size, size, 3) uint8 RGB, upright, uniformly sampled, each
-    frame made square by `fit` (to_square).
+def read_clip_frames(uri: str, num_frames: int, size: int, fit: str = "crop", pool: int = 1) -> np.ndarray:
+    """Decode a clip -> (num_frames * pool, size, size, 3) uint8 RGB, upright, uniformly sampled
+    (sample_indices), each frame made square by `fit` (to_square).
 
     Raises ValueError (with the uri) if the file is unreadable or has fewer frames than the range.
     """
@@ -108,7 +113,7 @@ def read_clip_frames(uri: str, num_frames: int, size: int, fit: str = "crop") ->
             if end is None:
                 end = stream.frames or _count_frames(container, stream)
                 container.seek(0)
-            wanted = sample_indices(start, end, num_frames)
+            wanted = sample_indices(start, end, num_frames, pool)
             wanted_set = set(wanted.tolist())
             picks = {}
             for idx, frame in _frames_from(container, stream, start):
@@ -144,8 +149,8 @@ def _frames_from(container, stream, start: int):
 
 
 def load_frames(clip_ids, uris, num_frames: int, size: int, cache_file=None, workers: int | None = None,
-                fit: str = "crop"):
-    """Decode each clip once -> (frames {clip_id: (T, S, S, 3) uint8}, errors {clip_id: reason}).
+                fit: str = "crop", pool: int = 1):
+    """Decode each clip once -> (frames {clip_id: (T * pool, S, S, 3) uint8}, errors {clip_id: reason}).
 
     With `cache_file` (an .npz) clips already there are loaded instead of decoded, and the
     union is written back atomically, so a resumed training run does not decode again.
@@ -154,20 +159,21 @@ def load_frames(clip_ids, uris, num_frames: int, size: int, cache_file=None, wor
     if cache_file and Path(cache_file).is_file():
         with np.load(cache_file) as npz:
             # frames made square another way (or by code that did not record how) are not reused
-            if "__fit__" in npz.files and str(npz["__fit__"]) == fit:
-                frames = {k: npz[k] for k in npz.files if npz[k].shape == (num_frames, size, size, 3)}
+            # (and pooled frames from before sample_indices centred them: "__layout__")
+            if "__fit__" in npz.files and str(npz["__fit__"]) == fit and (pool == 1 or "__layout__" in npz.files):
+                frames = {k: npz[k] for k in npz.files if npz[k].shape == (num_frames * pool, size, size, 3)}
     todo = [(c, u) for c, u in zip(clip_ids, uris) if c not in frames]
 
     def one(item):
         cid, uri = item
         try:
-            return cid, read_clip_frames(uri, num_frames, size, fit), None
+            return cid, read_clip_frames(uri, num_frames, size, fit, pool), None
         except ValueError as e:
             return cid, None, str(e)
 
     errors = {}
-    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:  # PyAV decodes without the GIL
-        for cid, arr, err in pool.map(one, todo):
+    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as ex:  # PyAV decodes without the GIL
+        for cid, arr, err in ex.map(one, todo):
             if err is None:
                 frames[cid] = arr
             else:
@@ -177,7 +183,7 @@ def load_frames(clip_ids, uris, num_frames: int, size: int, cache_file=None, wor
         # temp file would be truncated by one while another renames it into place
         tmp = Path(f"{cache_file}.{uuid.uuid4().hex}.tmp.npz")
         try:
-            np.savez(tmp, __fit__=np.array(fit), **frames)
+            np.savez(tmp, __fit__=np.array(fit), __layout__=np.array("centred"), **frames)
             os.replace(tmp, cache_file)
         finally:
             tmp.unlink(missing_ok=True)

@@ -168,8 +168,8 @@ def prepare(dataset_root, version, out_dir, cfg: TrainConfig):
         tok = build_tokenizer(caption_texts(train_rows, cfg), cfg.min_word_count)
     mcfg = preset(cfg.preset, **cfg.model, vocab_size=tok.get_vocab_size())
     frames, errors = load_frames([r["clip_id"] for r in rows], [r["clip_uri"] for r in rows],
-                                 mcfg.num_frames * cfg.frame_pool, mcfg.image_size, cache_file=out / "frames.npz",
-                                 fit=mcfg.frame_fit)
+                                 mcfg.num_frames, mcfg.image_size, cache_file=out / "frames.npz",
+                                 fit=mcfg.frame_fit, pool=cfg.frame_pool)
     train = make_data(train_rows, frames, tok, mcfg.max_text_len, cfg.reverse_swap if cfg.reverse else None)
     val = evenly_spaced(make_data(val_rows, frames, tok, mcfg.max_text_len), cfg.frame_pool)
     if not len(train):  # nothing to draw batches from: say why here, not as a sampling error in the loop
@@ -182,9 +182,11 @@ def prepare(dataset_root, version, out_dir, cfg: TrainConfig):
 
 
 def evenly_spaced(data: CaptionData, pool: int) -> CaptionData:
-    """The every-`pool`-th frame of each clip (frames decoded for temporal jitter -> num_frames)."""
+    """The frames captioning reads (sample_indices with pool 1) out of those decoded for temporal
+    jitter (pool > 1): every pool-th from pool // 2 on. (Every pool-th from 0 sat up to half a bin
+    early: validation saw other frames than captioning.)"""
     if pool > 1 and len(data):
-        data.frames = data.frames[:, ::pool].contiguous()
+        data.frames = data.frames[:, pool // 2::pool].contiguous()
     return data
 
 

@@ -144,6 +144,18 @@ def test_clip_uri_and_sampling():
     assert sample_indices(0, 2, 4).tolist() == [0, 0, 1, 1]  # fewer frames than T: repeats
 
 
+def test_pooled_frames_hold_the_captioning_frames_at_every_pool_th():
+    """frame_pool decodes T*pool frames for temporal jitter; validation takes T of them as the frames
+    captioning reads. Every pool-th from 0 sat up to half a bin early (pool 2 on 16 frames, T 4: 1, 5, 9,
+    13 against captioning's 2, 6, 10, 14). The layout now puts the captioning set at pool//2::pool."""
+    for pool in (1, 2, 3, 4, 5):
+        for start, end, t in ((0, 16, 4), (10, 26, 4), (3, 40, 8), (0, 7, 8), (5, 1000, 6), (0, 1, 3)):
+            pooled = sample_indices(start, end, t, pool)
+            assert len(pooled) == t * pool and (np.diff(pooled) >= 0).all() and start <= pooled.min()
+            assert pooled.max() < end
+            assert pooled[pool // 2::pool].tolist() == sample_indices(start, end, t).tolist(), (pool, start, end, t)
+
+
 def test_read_frames_ranges_and_rotation(tmp_path):
     frames = np.concatenate([square_frames("red", "left"), square_frames("blue", "right")])
     src = tmp_path / "src.mp4"
@@ -208,6 +220,28 @@ def test_frame_fits_and_the_frame_cache(tmp_path):
     a, _ = load_frames(["c"], [str(src)], 2, 16, cache_file=cache, fit="crop")
     b, _ = load_frames(["c"], [str(src)], 2, 16, cache_file=cache, fit="resize")
     assert a["c"][..., 0].max() < 40 and b["c"][:, :, 0, 0].min() > 200
+
+
+def test_validation_frames_with_a_frame_pool_are_the_captioning_frames(tmp_path):
+    """Training decodes T*pool frames per clip (jitter); validation's evenly spaced T of them must be the
+    very frames captioning decodes for the clip, or val loss scores the model on frames it never captions."""
+    from captioner.train import evenly_spaced
+
+    class Frames:  # what evenly_spaced reads of a CaptionData
+        def __init__(self, frames):
+            self.frames = frames
+
+        def __len__(self):
+            return len(self.frames)
+
+    src = tmp_path / "clip.mp4"
+    write_mp4(src, square_frames("red", "left"))  # a moving square: every frame differs
+    captioned = read_clip_frames(str(src), 4, 16)
+    for pool in (2, 3):
+        pooled, errors = load_frames(["c"], [str(src)], 4, 16, pool=pool)
+        assert not errors and pooled["c"].shape == (4 * pool, 16, 16, 3)
+        val = evenly_spaced(Frames(torch.from_numpy(pooled["c"])[None]), pool).frames[0].numpy()
+        assert np.array_equal(val, captioned), pool
 
 
 def test_workers_writing_the_frame_cache_at_once_do_not_collide(tmp_path, monkeypatch):
@@ -314,7 +348,7 @@ def test_temporal_jitter_shows_ordered_random_frames():
         assert f.shape[1] == 4 and (t[:, 1:] > t[:, :-1]).all()   # in order, no repeats
         seen.update(map(tuple, t.tolist()))
     assert len(seen) > 10                             # a different subset from draw to draw
-    assert evenly_spaced(data, 2).frames[0, :, 0, 0, 0].tolist() == [0, 2, 4, 6]
+    assert evenly_spaced(data, 2).frames[0, :, 0, 0, 0].tolist() == [1, 3, 5, 7]  # the captioning frames
 
 
 def test_reversed_caption_is_the_caption_of_the_reversed_move():
