@@ -192,7 +192,9 @@ def commit(root: str | Path, table: pa.Table, mode: str, lineage: dict, retries:
 # a newer result for the same path supersedes them (`commit`), and `curate --retry-rejected` tries
 # them again. Every other rejection is about the file itself (not a video, too small, escapes its
 # root, identical to another source) and is final.
-TRANSIENT_REASONS = ("probe timed out", "analysis failed", "transcode failed")
+# reasons that may pass on a rerun; a "missing file" may be there next time (a mount not up yet, a copy
+# still running): when it is, its clips replace the rejection instead of sitting beside it
+TRANSIENT_REASONS = ("probe timed out", "analysis failed", "transcode failed", "missing file")
 
 
 def transient(status: Optional[str], reason: Optional[str]) -> bool:

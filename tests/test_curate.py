@@ -605,6 +605,23 @@ def test_a_newer_result_for_a_path_supersedes_its_transient_rejections(tmp_path)
     assert d["rejected_sources_removed"] == ["/a.mp4", "/b.mp4"] and d["rejected_sources_added"] == []
 
 
+def test_a_source_missing_at_first_is_curated_in_place_of_its_rejection(ray_session, footage, tmp_path):
+    """A path that did not exist yet (a mount not up, a copy still running) got a permanent "missing file"
+    row; once the file was there a rerun curated it, and the old rejection stayed beside its new clips.
+    The clips now replace it, in the commit that adds them."""
+    src, gt, _ = footage
+    video = tmp_path / "late.mp4"
+    root = tmp_path / "ds"
+    first = curate([str(video)], str(root), DatasetSpec())
+    (row,) = store.read_clips(root).to_pylist()
+    assert first.version == 0 and row["reason"] == "missing file" and row["clip_id"] is None
+    shutil.copy(src / gt["videos"][0]["file"], video)
+    again = curate([str(video)], str(root), DatasetSpec())
+    rows = store.read_clips(root).to_pylist()
+    assert again.version == 1 and rows and all(r["clip_id"] for r in rows), [r["reason"] for r in rows]
+    assert store.history(root)[-1]["superseded_sources"] == 1
+
+
 def test_a_retry_replaces_exactly_what_it_redid(tmp_path):
     """A retry that fails again on some clips keeps those failures (it replaced only the clips it cut);
     a clip re-cut under another path replaces its failure there too (no clip_id twice); a permanent
