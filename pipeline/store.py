@@ -583,5 +583,12 @@ def vacuum(root: str | Path, retain_hours: int, dry_run: bool = True, drop_tagge
             raise ValueError(f"vacuum would delete files that tagged versions need: {', '.join(hit)}; raise "
                              f"--retain-hours past them, or pass --drop-tagged to let those tags go unreadable")
     if not dry_run:
+        # a live curate writes its data files before its commit names them; vacuum deletes unnamed files
+        # older than the window, so one that has run longer than --retain-hours would lose them
+        started = oldest_live_start(root, default=float("inf"))
+        if started < time.time() - retain_hours * 3600:
+            raise ValueError(f"a curate run into {root} is live (started {(time.time() - started) / 3600:.2f} h ago): "
+                             f"vacuum with --retain-hours {retain_hours} could delete the files it is about to "
+                             f"commit; vacuum after it finishes, or with --retain-hours above its age")
         dt.vacuum(retention_hours=retain_hours, dry_run=False, enforce_retention_duration=False)
     return sorted(doomed)  # (delta-rs's own list counts files an earlier vacuum deleted)

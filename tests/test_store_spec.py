@@ -323,6 +323,24 @@ def test_vacuum_refuses_to_break_a_tagged_version(tmp_path):
     assert len(store.vacuum(tmp_path, 0, dry_run=False)) == 1  # version 1 is untagged
 
 
+def test_vacuum_spares_the_files_of_a_live_curate(tmp_path):
+    """A curate writes its data files, then commits them: `vacuum --apply --retain-hours 0` in between
+    deleted them, and the commit named files that were gone. While a run's lease is live, a vacuum whose
+    window is shorter than the run's age is refused (a dry run still lists)."""
+    store.commit(tmp_path, _rows(1), "append", {"operation": "curate"})
+    store.commit(tmp_path, _rows(1, start=1), "overwrite", {"operation": "refilter"}, expect_version=0)
+    lease = store.acquire_lease(tmp_path)  # this process: a live run
+    try:
+        assert len(store.vacuum(tmp_path, 0, dry_run=True)) == 1
+        with pytest.raises(ValueError, match="curate run into .* is live"):
+            store.vacuum(tmp_path, 0, dry_run=False)
+        assert store.read_clips(tmp_path, 0).num_rows == 1  # nothing deleted
+        assert len(store.vacuum(tmp_path, 1, dry_run=False)) == 0  # a window past the run's age is safe
+    finally:
+        store.release_lease(lease)
+    assert len(store.vacuum(tmp_path, 0, dry_run=False)) == 1
+
+
 def test_identical_copies_all_name_the_path_that_keeps_the_clips(tmp_path):
     """Byte-identical files in one run: the smallest path keeps the clips, the others point at it,
     whatever order they finish in (b, c, a used to leave c naming b, which had become a duplicate)."""
