@@ -757,9 +757,11 @@ def datasets_checkout(root: Path = typer.Argument(...), ref: str = typer.Argumen
 
 
 @datasets_app.command("rebuild")
-def datasets_rebuild(root: Path = typer.Argument(...), version: int = typer.Option(..., "--version"),
+def datasets_rebuild(root: Path = typer.Argument(...),
+                     version: str = typer.Option(..., "--version", help="version number or tag"),
                      out: Path = typer.Option(..., "--out", help="fresh dataset root to rebuild into")):
     """Rebuild a version from its recorded specs + sources into a new root and compare the clip sets."""
+    from pipeline import store
     from pipeline.graph import rebuild
 
     _need_table(root)
@@ -767,6 +769,7 @@ def datasets_rebuild(root: Path = typer.Argument(...), version: int = typer.Opti
         fail(f"--out {out} is not a directory")
     _quiet_ray()
     try:
+        version = store.resolve_ref(root, version)  # a tag names a release: the version most worth rebuilding
         r = rebuild(str(root), version, str(out))
     except ValueError as e:
         fail(str(e))

@@ -394,8 +394,10 @@ def test_rebuild_checks_the_version_and_the_out_root_before_any_work(tmp_path, m
                  {"operation": "curate", "spec": DatasetSpec().model_dump(mode="json"), "source_args": ["/v.mp4"]})
     monkeypatch.setattr(graph, "curate", _no_work)
     (tmp_path / "a-file").write_text("x")  # --out a file: a FileExistsError traceback
+    store.tag(root, "v1.0", 0)  # a tag works where a number does (as in show, diff, checkout, report)
     for version, out, says in ((5, tmp_path / "new", "version 5 not found"), (0, root, "rebuild into a fresh root"),
-                               (0, tmp_path / "a-file", "is not a directory")):
+                               (0, tmp_path / "a-file", "is not a directory"), ("v1.0", root, "into a fresh root"),
+                               ("v2.0", tmp_path / "new", "unknown tag 'v2.0'")):
         r = CliRunner().invoke(app, ["datasets", "rebuild", str(root), "--version", str(version), "--out", str(out)])
         assert r.exit_code == 2 and says in r.output and r.exception.__class__ is SystemExit, r.output
     assert not (tmp_path / "new").exists()
