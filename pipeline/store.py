@@ -283,7 +283,8 @@ def history(root: str | Path) -> list[dict]:
 
 
 def diff(root: str | Path, a: int, b: int) -> dict:
-    """What changed from version a to b: clips added/removed, status changes, caption changes, and the
+    """What changed from version a to b: clips added/removed, status changes, reason changes under the
+    same status, caption changes, and the
     sources with rejected rows that b has and a had not (`rejected_sources_added`) or a had and b has
     not (`rejected_sources_removed`: a retry that replaced a failure, a restore)."""
     cols = ["clip_id", "status", "reason", "caption_short", "caption_dense", "source_uri"]
@@ -296,9 +297,12 @@ def diff(root: str | Path, a: int, b: int) -> dict:
                       if rows_a[k]["status"] != rows_b[k]["status"]}
     caption_changed = sorted(k for k in common if any(rows_a[k].get(c) != rows_b[k].get(c)
                                                       for c in ("caption_short", "caption_dense")))
+    # the same status for another reason (a refilter that filters a clip on other thresholds now)
+    reason_changed = {k: (rows_a[k].get("reason"), rows_b[k].get("reason")) for k in common
+                      if k not in status_changed and rows_a[k].get("reason") != rows_b[k].get("reason")}
     return {"from": a, "to": b,
             "added": sorted(rows_b.keys() - rows_a.keys()), "removed": sorted(rows_a.keys() - rows_b.keys()),
-            "status_changed": status_changed, "caption_changed": caption_changed,
+            "status_changed": status_changed, "reason_changed": reason_changed, "caption_changed": caption_changed,
             "rejected_sources_added": sorted(set(rej(tb)) - set(rej(ta))),
             "rejected_sources_removed": sorted(set(rej(ta)) - set(rej(tb)))}
 

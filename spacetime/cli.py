@@ -697,7 +697,7 @@ def datasets_show(root: Path = typer.Argument(...),
 def datasets_diff(root: Path = typer.Argument(...), a: str = typer.Argument(..., help="from version (number or tag)"),
                   b: str = typer.Argument(..., help="to version (number or tag)"),
                   as_json: bool = typer.Option(False, "--json", help="print the full diff as JSON")):
-    """Clips added/removed, status and caption changes between two versions."""
+    """Clips added/removed, status, reason and caption changes between two versions."""
     from pipeline import store
 
     _need_table(root)
@@ -710,10 +710,13 @@ def datasets_diff(root: Path = typer.Argument(...), a: str = typer.Argument(...,
         typer.echo(json.dumps(d, indent=2))
         return
     typer.echo(f"version {a} -> {b}: +{len(d['added'])} clips, -{len(d['removed'])} clips, "
-               f"{len(d['status_changed'])} status changes, {len(d['caption_changed'])} caption changes, "
+               f"{len(d['status_changed'])} status changes, {len(d['reason_changed'])} reason changes, "
+               f"{len(d['caption_changed'])} caption changes, "
                f"+{len(d['rejected_sources_added'])} -{len(d['rejected_sources_removed'])} rejected sources")
     for cid, (sa, sb) in list(d["status_changed"].items())[:20]:
         typer.echo(f"  {cid[:8]} {sa} -> {sb}")
+    for cid, (ra, rb) in list(d["reason_changed"].items())[:20]:
+        typer.echo(f"  {cid[:8]} reason {ra!r} -> {rb!r}")
 
 
 @datasets_app.command("tag")

@@ -148,14 +148,20 @@ def test_store_versions_lineage_time_travel_diff_and_tags(tmp_path):
     flipped = t.set_column(t.schema.get_field_index("status"), "status", pa.array(["filtered"] * 5))
     store.commit(root, flipped, "overwrite", {"operation": "refilter"})
     assert len(store.diff(root, 1, 2)["status_changed"]) == 3
+    reasons = flipped.set_column(flipped.schema.get_field_index("reason"), "reason",
+                                 pa.array(["blur 0.9 > max_blur 0.85"] * 5))
+    store.commit(root, reasons, "overwrite", {"operation": "refilter"})  # filtered still, now for a reason
+    d = store.diff(root, 2, 3)
+    assert d["status_changed"] == {} and d["reason_changed"] == {f"id{i}": (None, "blur 0.9 > max_blur 0.85")
+                                                                 for i in range(5)}
     assert store.tag(root, "v1-release", 1) == 1
     assert store.resolve_ref(root, "v1-release") == 1
     with pytest.raises(ValueError, match="already names"):
         store.tag(root, "v1-release", 0)
     with pytest.raises(ValueError, match="unknown tag"):
         store.resolve_ref(root, "nope")
-    v3 = store.restore(root, 1)
-    assert store.status_counts(store.read_clips(root, v3)) == store.status_counts(store.read_clips(root, 1))
+    v4 = store.restore(root, 1)
+    assert store.status_counts(store.read_clips(root, v4)) == store.status_counts(store.read_clips(root, 1))
     with pytest.raises(ValueError, match="not found"):
         store.read_clips(root, 99)
 
