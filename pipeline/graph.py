@@ -32,7 +32,7 @@ from pipeline.clips import clip_id, media_path, plan_clips, reference_uri, trans
 from pipeline.decode import decode_for_analysis, pick_frames
 from pipeline.shots import ShotDetector, shots_from_boundaries
 from pipeline.sources import Source, expand_sources
-from pipeline.spec import DatasetSpec
+from pipeline.spec import DatasetSpec, spec_from_dict
 
 log = logging.getLogger("spacetime.curate")
 
@@ -554,13 +554,17 @@ def rebuild(root: str, version: int, out_root: str, progress=None) -> dict:
     curates = _curates_behind(store.history(root), version)
     if not curates:
         raise ValueError(f"{root}: no curate commits up to version {version}")
+    # every commit's spec and sources checked before the first is re-curated (a spec recorded by older
+    # code may not validate now: one line naming the version, not pydantic's, and no half-built root)
+    specs = []
     for h in curates:
         if "spec" not in h or "source_args" not in h:
             raise ValueError(f"{root} version {h['version']} does not record its spec and sources (older code)")
+        specs.append(spec_from_dict(h["spec"], f"{root} version {h['version']}'s recorded spec"))
+    for h, spec in zip(curates, specs):
         # the original run skipped `root` inside its source directories; so must this one, or the rebuild
         # curates root's own media/ clips as new sources and reports them as extra
-        curate(h["source_args"], out_root, DatasetSpec.model_validate(h["spec"]), h.get("captions_imported"), progress,
-               exclude=(root,))
+        curate(h["source_args"], out_root, spec, h.get("captions_imported"), progress, exclude=(root,))
     got = set(store.read_clips(out_root, columns=["clip_id"])["clip_id"].drop_null().to_pylist())
     return {"same": want == got, "clips": len(want), "missing": sorted(want - got), "extra": sorted(got - want),
             "rebuilt_version": store.latest_version(out_root)}

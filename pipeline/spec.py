@@ -159,8 +159,14 @@ def load_spec(path: Optional[str | Path] = None) -> DatasetSpec:
         raise SpecError(f"{path}: not valid YAML: {where}{getattr(e, 'problem', None) or e}") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    return spec_from_dict(raw, str(path))
+
+
+def spec_from_dict(raw: dict, where: str) -> DatasetSpec:
+    """A spec from its mapping (a YAML file's, or one a commit recorded); SpecError in one line naming
+    `where` and each bad field (pydantic's own message spans several lines per field)."""
     try:
         return DatasetSpec.model_validate(raw)
     except ValidationError as e:
         lines = [f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors()]
-        raise SpecError(f"{path}: invalid spec: " + "; ".join(lines)) from None
+        raise SpecError(f"{where}: invalid spec: " + "; ".join(lines)) from None

@@ -394,6 +394,11 @@ def test_rebuild_checks_the_version_and_the_out_root_before_any_work(tmp_path, m
                  {"operation": "curate", "spec": DatasetSpec().model_dump(mode="json"), "source_args": ["/v.mp4"]})
     monkeypatch.setattr(graph, "curate", _no_work)
     (tmp_path / "a-file").write_text("x")  # --out a file: a FileExistsError traceback
+    store.commit(root, pa.Table.from_pylist([{"clip_id": "c1", "source_uri": "/w.mp4", "status": "kept"}]), "append",
+                 {"operation": "curate", "spec": {"filters": {"max_blurr": 1}}, "source_args": ["/w.mp4"]})
+    r = CliRunner().invoke(app, ["datasets", "rebuild", str(root), "--version", "1", "--out", str(tmp_path / "new")])
+    assert r.exit_code == 2 and "version 1's recorded spec: invalid spec: filters.max_blurr" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1  # one line, and version 0 was not re-curated before it
     store.tag(root, "v1.0", 0)  # a tag works where a number does (as in show, diff, checkout, report)
     for version, out, says in ((5, tmp_path / "new", "version 5 not found"), (0, root, "rebuild into a fresh root"),
                                (0, tmp_path / "a-file", "is not a directory"), ("v1.0", root, "into a fresh root"),
