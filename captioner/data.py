@@ -135,17 +135,42 @@ def _count_frames(container, stream) -> int:
 
 
 def _frames_from(container, stream, start: int):
-    """Yield (0-based frame index, frame) from about `start` on."""
-    if start < SEEK_AFTER or not stream.average_rate:
-        for i, frame in enumerate(container.decode(stream)):
-            yield i, frame
+    """Yield (0-based frame index, frame) from about `start` on, numbered as a decode from frame 0
+    numbers them (the pipeline cut the ranges so)."""
+    if start < SEEK_AFTER:
+        yield from enumerate(container.decode(stream))
         return
-    # seek to the keyframe before `start`, then recover indices from timestamps (constant fps)
-    fps, tb = float(stream.average_rate), float(stream.time_base)
-    t0 = stream.start_time or 0
-    container.seek(int(start / fps / tb) + t0, stream=stream, backward=True)
-    for frame in container.decode(stream):
-        yield int(round((frame.pts - t0) * tb * fps)), frame
+    index = _pts_index(container, stream)
+    if index is not None and start < len(index):
+        # seek to the keyframe before `start`, then number frames by their rank among the packets'
+        # times: pts * fps skipped or repeated numbers on variable-frame-rate sources (phones)
+        rank, landed = {t: i for i, t in enumerate(index)}, False
+        container.seek(index[start], stream=stream, backward=True)
+        for frame in container.decode(stream):
+            i = rank.get(frame.pts)
+            if i is None or (not landed and i > start):
+                break  # a time the demux did not list, or a seek that landed late: decode from the start
+            landed = True
+            yield i, frame
+        else:
+            return
+    container.seek(0)
+    yield from enumerate(container.decode(stream))
+
+
+def _pts_index(container, stream) -> list | None:
+    """The shown frames' times (stream ticks), ascending, from a demux (no decode): frame i is shown
+    at the i-th. None when a packet has no time or two share one (then frames are counted instead)."""
+    pts = []
+    for p in container.demux(stream):
+        if p.pts is None:
+            if p.size == 0:  # the demuxer's end-of-stream flush
+                continue
+            return None
+        if not p.is_discard:  # discarded packets (edit lists) are decoded, never shown
+            pts.append(p.pts)
+    pts.sort()
+    return pts if pts and len(set(pts)) == len(pts) else None
 
 
 def load_frames(clip_ids, uris, num_frames: int, size: int, cache_file=None, workers: int | None = None,

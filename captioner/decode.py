@@ -88,7 +88,8 @@ def _sample_loop(model, cond, style_ids, max_len, pick):
 def beam_search(model, cond, style_ids, max_len: int = 40, num_beams: int = 4,
                 length_penalty: float = 1.0) -> list[list[int]]:
     """Keep the num_beams best partial captions per clip by summed log-probability; return the
-    best finished one, scored by logp / length**length_penalty. Deterministic."""
+    best finished one, scored by logp / length**length_penalty (or the best unfinished one, so
+    scored, when that beats every finished one or none finished). Deterministic."""
     _check_len(model, max_len)
     B, K = cond.shape[0], num_beams
     cond = cond.repeat_interleave(K, 0)                                  # (B*K, N, D)
@@ -98,6 +99,10 @@ def beam_search(model, cond, style_ids, max_len: int = 40, num_beams: int = 4,
     done = torch.zeros(B * K, dtype=torch.bool, device=cond.device)
     lengths = torch.zeros(B * K, device=cond.device)
     seqs = torch.empty(B * K, 0, dtype=torch.long, device=cond.device)
+    # the best caption that ended so far, per clip: K unfinished beams can outscore an ended one on
+    # the summed logp and push it out of the beam, though it wins on the length-normalised score
+    best_done = torch.full((B,), float("-inf"), device=cond.device)
+    best_seq = [[] for _ in range(B)]
     cache = None
     for _ in range(max_len - 1):
         logits, cache = _next_logits(model, ids, cond, cache)
@@ -107,7 +112,15 @@ def beam_search(model, cond, style_ids, max_len: int = 40, num_beams: int = 4,
         logp[done, EOS_ID] = 0.0
         V = logp.shape[-1]
         cand = (scores.view(B * K, 1) + logp).view(B, K * V)
-        scores, flat = cand.topk(K, -1)                                  # (B, K)
+        wide, wflat = cand.topk(2 * K, -1)                               # (B, 2K), best first
+        # as in HF's beam search, a live beam's <eos> among the best 2K candidates ends a caption,
+        # whether or not it makes the top K
+        src = wflat // V + torch.arange(B, device=cond.device).view(B, 1) * K
+        ended = (wflat % V == EOS_ID) & ~done[src]
+        top, arg = (wide / (lengths[src] + 1) ** length_penalty).masked_fill(~ended, float("-inf")).max(-1)
+        for b in torch.nonzero(top > best_done).flatten().tolist():
+            best_done[b], best_seq[b] = top[b], seqs[src[b, arg[b]]].tolist()
+        scores, flat = wide[:, :K].contiguous(), wflat[:, :K].contiguous()  # (B, K)
         beam = (flat // V + torch.arange(B, device=cond.device).view(B, 1) * K).view(-1)
         tok = (flat % V).view(-1)
         seqs = torch.cat([seqs[beam], tok.view(-1, 1)], 1)
@@ -118,8 +131,9 @@ def beam_search(model, cond, style_ids, max_len: int = 40, num_beams: int = 4,
             break
         ids = tok.view(-1, 1)
     normed = scores / lengths.view(B, K).clamp(min=1) ** length_penalty
-    best = normed.argmax(-1) + torch.arange(B, device=cond.device) * K
-    return [_strip(s) for s in seqs[best].tolist()]
+    top, arg = normed.max(-1)
+    best = arg + torch.arange(B, device=cond.device) * K
+    return [_strip(best_seq[b] if best_done[b] >= top[b] else s) for b, s in enumerate(seqs[best].tolist())]
 
 
 def generate(model, cond, style_ids, method: str = "greedy", max_len: int = 40, num_beams: int = 4,

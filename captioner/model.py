@@ -146,7 +146,11 @@ def decode_caption(tok: Tokenizer, ids) -> str:
             break
         if i >= len(SPECIAL_TOKENS):
             words.append(tok.id_to_token(i))
-    return re.sub(r" ([.,;:!?])", r"\1", " ".join(words))
+    text = re.sub(r" ([.,;:!?%)\]])", r"\1", " ".join(words))
+    text = re.sub(r"([(\[]) ", r"\1", text)
+    # the pre-tokenizer splits "man's", "close-up", "km/h" and "3.5" into three tokens: join them back
+    # (an apostrophe only before a clitic: "said 'open' to" keeps its quotes apart)
+    return re.sub(r"(?<=\w) ([-/]|['’](?= (?:s|t|d|m|re|ve|ll)\b)) (?=\w)|(?<=\d)(\.) (?=\d)", r"\1\2", text)
 
 
 # ---------------------------------------------------------------- model

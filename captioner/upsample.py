@@ -12,6 +12,7 @@ with a warning. Both backends are deterministic for a given seed.
 import json
 import os
 import random
+import re
 import shutil
 import warnings
 from dataclasses import asdict, dataclass
@@ -99,11 +100,13 @@ class LLMUpsampler:
 
     def __call__(self, prompt: str, seed: int = 0) -> str:
         msgs = self.messages(check_prompt(prompt))
-        if getattr(self.tok, "chat_template", None):
+        templated = bool(getattr(self.tok, "chat_template", None))
+        if templated:
             text = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         else:  # a base model: the same conversation as plain text
             text = "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in msgs) + "\n\nAssistant:"
-        enc = self.tok(text, return_tensors="pt").to(self.device)
+        # a chat template writes the BOS itself: tokenizing its text with special tokens gave two
+        enc = self.tok(text, return_tensors="pt", add_special_tokens=not templated).to(self.device)
         torch.manual_seed(seed)  # sampling (if enabled) is then reproducible
         with torch.no_grad():
             out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=self.sample,
@@ -111,7 +114,20 @@ class LLMUpsampler:
                                       pad_token_id=self.tok.eos_token_id if self.tok.pad_token_id is None
                                       else self.tok.pad_token_id)  # id 0 is a valid pad
         reply = self.tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        return reply.strip().split("\n\n")[0].strip() or prompt
+        return caption_of_reply(reply) or prompt
+
+
+def caption_of_reply(reply: str) -> str:
+    """The caption in an LLM's reply: its first paragraph, past a reasoning block ("<think>...</think>")
+    and a lead-in paragraph ("Here is the caption:"), without a "Caption:" label or enclosing quotes.
+    Small models add these despite the system prompt, and the lead-in became the prompt."""
+    reply = re.sub(r"(?s)^.*</think>", "", reply)
+    paragraphs = [t.strip() for t in reply.split("\n\n") if t.strip()]
+    while len(paragraphs) > 1 and paragraphs[0].endswith(":"):
+        paragraphs.pop(0)
+    text = re.sub(r"(?i)^(?:\*\*)?(?:[a-z]+ )?(?:caption|prompt)(?:\*\*)?:(?:\*\*)?\s*", "",
+                  paragraphs[0] if paragraphs else "")
+    return (text[1:-1] if len(text) > 1 and text[0] + text[-1] in ('""', "''", "“”") else text).strip()
 
 
 # ---------------------------------------------------------------- the trained T5 backend

@@ -184,6 +184,31 @@ def test_read_frames_ranges_and_rotation(tmp_path):
         read_clip_frames(str(tmp_path / "junk.mp4"), 4, 32)
 
 
+def test_a_range_late_in_a_variable_frame_rate_source_gets_its_own_frames(tmp_path):
+    """Past SEEK_AFTER frames the reader seeks and numbered frames by pts * fps: on a variable-frame-rate
+    source (a phone's, dropping a frame now and then) that skipped numbers the pipeline's frame count
+    gives, so the clip failed with "frames ... not in the file" (or got its neighbours' frames)."""
+    from fractions import Fraction
+    from captioner.data import SEEK_AFTER
+    src, n = tmp_path / "vfr.mp4", SEEK_AFTER + 40
+    with av.open(str(src), "w") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width = s.height = 32
+        s.pix_fmt, s.time_base, s.options = "yuv420p", Fraction(1, 1000), {"g": "25"}
+        t = 0
+        for i in range(n):  # frame i is grey level 20 + i; every 10th frame lasts twice as long
+            f = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 20 + i, np.uint8), format="rgb24")
+            f.pts, f.time_base = t, Fraction(1, 1000)
+            t += 80 if i % 10 == 0 else 40
+            for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    a = SEEK_AFTER + 5
+    got = read_clip_frames(f"{src}#frames={a}-{a + 20}", 20, 32).mean((1, 2, 3))
+    assert np.abs(got - (20 + np.arange(a, a + 20))).max() < 1.5, got
+
+
 def test_a_clip_file_without_video_is_a_decode_error(tmp_path):
     """An audio-only file under a clip_uri raised IndexError, which decode_frames and load_frames do not
     catch: one such clip failed the whole caption run or training instead of becoming its error."""
@@ -401,6 +426,18 @@ def test_tokenizer_roundtrip():
     assert decode_caption(tok, encode_caption(tok, "a purple square", "short", 16)) == "a square"
 
 
+def test_decoded_captions_keep_possessives_hyphens_and_brackets_whole():
+    """The pre-tokenizer splits "man's" and "close-up" into three tokens each, and decoding put spaces
+    around every one: "a man ' s close - up ( slow motion )" went into the table, the DiT's prompts
+    and the upsampler's output."""
+    text = "A man's close-up (slow motion) of a black-and-white dog at 3.5 km/h; it’s 50% grey."
+    tok = build_tokenizer([text])
+    assert decode_caption(tok, encode_caption(tok, text, "dense", 64)[1:]) == text.lower()
+    quoted = build_tokenizer(["a sign reads 'open' and they're in"])  # quotes are not glued to their words
+    assert decode_caption(quoted, encode_caption(quoted, "a sign reads 'open' and they're in", "short", 32)[1:]) \
+        == "a sign reads ' open ' and they're in"
+
+
 def test_tokenizer_knows_every_word_of_captions_in_odd_unicode():
     """The vocabulary was counted with Python's lower() and \\w, the encoding with the tokenizer's own
     normaliser and pre-tokenizer: a final sigma, a dotted capital I or an accent typed as a combining
@@ -448,6 +485,45 @@ def test_decoding_cache_matches_full_forward_and_is_seeded():
     assert a == decode.top_p(model, cond, style, 12, p=0.9, seed=1)
     assert a != decode.top_p(model, cond, style, 12, p=0.9, seed=2)
     assert all(t >= 5 for s in a + beams + g for t in s)  # never pad / unk / style tokens
+
+
+class _ScriptedDecoder:
+    """A stand-in decoder whose next-word probabilities ({token: p}) depend only on the words so far."""
+    cfg = type("cfg", (), {"max_text_len": 8})
+
+    def __init__(self, script, vocab=105):
+        self.script, self.vocab = script, vocab
+
+    class _Cache:
+        def __init__(self, rows):
+            self.rows = rows
+
+        def reorder_cache(self, beam):
+            self.rows = [list(self.rows[i]) for i in beam.tolist()]
+
+    def step(self, ids, cond, cache=None):
+        cache = cache or self._Cache([[] for _ in range(ids.shape[0])])
+        out = torch.full((ids.shape[0], 1, self.vocab), -1e9)
+        for i, (row, t) in enumerate(zip(cache.rows, ids[:, -1].tolist())):
+            row.append(t)
+            for tok, p in self.script(tuple(row[1:])).items():
+                out[i, 0, tok] = float(np.log(p))
+        return out, cache
+
+
+def test_beam_search_keeps_a_finished_caption_that_unfinished_beams_pushed_out():
+    """A caption that ended was kept only while it stayed among the K best partial captions by summed
+    logp: two likelier continuations pushed "<A> <eos>" (logp -1.7, -0.86 per token) out of the beam,
+    and the captioner returned a truncated "<A> <C> <word>" (-1.9 per token) that never ended."""
+    eos, A, B, C = decode.EOS_ID, 5, 6, 7
+    uniform = {t: 1 / 101 for t in [eos, *range(5, 105)]}
+    script = {(): {A: .9, B: .05, C: .05}, (A,): {eos: .2, B: .4, C: .4}}
+    model = _ScriptedDecoder(lambda words: script.get(words, uniform))
+    cond, style = torch.zeros(2, 1, 4), torch.full((2,), 3)
+    assert decode.beam_search(model, cond, style, max_len=4, num_beams=2) == [[A], [A]]
+    # <eos> first: an empty caption, not a crash or a truncated one
+    first = _ScriptedDecoder(lambda words: {eos: .6, A: .4} if not words else uniform)
+    assert decode.beam_search(first, cond[:1], style[:1], max_len=4, num_beams=2) == [[]]
 
 
 def test_validation_loss_is_per_token_as_the_training_loss():

@@ -172,7 +172,7 @@ def test_llm_pad_token_id_zero_is_used_as_pad():
     class Tok:
         pad_token_id, eos_token_id, chat_template = 0, 2, None
 
-        def __call__(self, text, return_tensors):
+        def __call__(self, text, return_tensors, **kw):
             return Enc(input_ids=torch.tensor([[5, 6]]))
 
         def decode(self, ids, skip_special_tokens):
@@ -201,3 +201,55 @@ def test_blank_captions_never_make_the_upsampler_answer_nothing(tmp_path):
                           lr=3e-3, warmup_steps=5, seed=0)
     blank = train_upsampler([(s, " ") for s, _ in ALL[:8]], tmp_path / "t5", cfg, log=lambda *_: None)
     assert upsample("  a red square moving left ", load_upsampler(blank)) == "a red square moving left"
+
+
+def test_llm_reply_lead_ins_labels_quotes_and_reasoning_are_not_the_caption():
+    """The caption was the reply's first paragraph as it came: "Here is the caption:" (what small chat
+    models write first, despite the system prompt) became the upsampled prompt, and a reasoning
+    model's <think> block, a "Caption:" label or enclosing quotes went into it."""
+    class Tok:
+        pad_token_id, eos_token_id, chat_template = 0, 2, None
+
+        def __call__(self, text, return_tensors, **kw):
+            return type("Enc", (dict,), {"to": lambda self, device: self})(input_ids=torch.tensor([[5]]))
+
+        def decode(self, ids, skip_special_tokens):
+            return self.reply
+
+    class Model:
+        def generate(self, **kw):
+            return torch.tensor([[5, 6]])
+
+    llm = LLMUpsampler.__new__(LLMUpsampler)
+    llm.tok, llm.model, llm.device, llm.examples, llm.max_new_tokens, llm.sample = Tok(), Model(), "cpu", [], 4, False
+    dense = "A red cube spins slowly on a white table. The camera is static."
+    for reply in [f"Here is the rewritten caption:\n\n\"{dense}\"\n\nLet me know if you want changes.",
+                  f"<think>\nThe user wants a cube.\n\nAdd a table.\n</think>\n\n{dense}",
+                  f"Caption: {dense}", f"**Dense caption:** “{dense}”", f"  {dense}\n\nNote: 80 words."]:
+        llm.tok.reply = reply
+        assert llm("a red cube") == dense, reply
+    llm.tok.reply = "\n\n"
+    assert llm("a red cube") == "a red cube"
+
+
+def test_a_chat_templated_prompt_starts_with_one_bos():
+    """apply_chat_template writes the BOS into its text; tokenizing that text added the tokenizer's
+    own BOS again, so a chat LLM read every conversation as <bos><bos>..., out of its training."""
+    from tokenizers.processors import TemplateProcessing
+    wl = build_tokenizer(["a red cube you are part of a team"] + [t for p in ALL[:2] for t in p])
+    wl.add_special_tokens(["<bos>"])
+    bos = wl.token_to_id("<bos>")
+    wl.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=wl, bos_token="<bos>", pad_token="<pad>", eos_token="<eos>",
+                                  unk_token="<unk>")
+    tok.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }} {% endfor %}"
+
+    class Model:
+        def generate(self, input_ids, **kw):
+            self.ids = input_ids[0].tolist()
+            return torch.cat([input_ids, torch.tensor([[2]])], 1)
+
+    llm = LLMUpsampler.__new__(LLMUpsampler)
+    llm.tok, llm.model, llm.device, llm.examples, llm.max_new_tokens, llm.sample = tok, Model(), "cpu", [], 4, False
+    llm("a red cube")
+    assert llm.model.ids[0] == bos and llm.model.ids.count(bos) == 1, tok.convert_ids_to_tokens(llm.model.ids)
