@@ -423,6 +423,10 @@ def eval_captioner_cmd(dataset: Path = typer.Option(..., "--dataset", help="a ve
         rows, scope = [r for r, b in zip(pool, both) if b], "clips (no held-out source has both captions: " \
                                                               "these include training clips)"
         typer.secho(f"warning: {scope}", err=True)
+    if len(rows) == 1:  # CIDEr's n-gram weights are document frequencies over the scored clips
+        typer.secho("warning: one clip scored: CIDEr is 0 by its definition (every n-gram occurs in every "
+                    "reference); score more held-out clips (--val-fraction) for a CIDEr that means anything",
+                    err=True)
     hyps = {r["clip_id"]: r["caption_dense"] for r in rows}
     refs = {r["clip_id"]: [r["caption_teacher_dense"]] for r in rows}
     truths = demo_truths(rows, gt) if gt is not None else None

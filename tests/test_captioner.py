@@ -635,6 +635,23 @@ def test_train_captioner_refuses_an_out_that_is_a_file(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+def test_eval_of_one_clip_warns_that_cider_is_zero(dataset, tmp_path):
+    """CIDEr weighs n-grams by document frequency over the scored clips: with one clip every n-gram is
+    in every reference and CIDEr is 0 even for a perfect caption. eval-captioner says so."""
+    from typer.testing import CliRunner
+    from spacetime.cli import app
+    root = _captioned_copy(dataset[0], tmp_path / "ds")
+    t = DeltaTable(str(root / "clips")).to_pyarrow_table()
+    one = t.filter(pa.array([s == "kept" and bool(c) for s, c in zip(t["status"].to_pylist(),
+                                                                    t["caption_teacher_dense"].to_pylist())]))[:1]
+    one = one.set_column(one.column_names.index("caption_dense"), "caption_dense", one["caption_teacher_dense"])
+    write_deltalake(str(root / "clips"), one, mode="overwrite")
+    r = CliRunner().invoke(app, ["eval-captioner", "--dataset", str(root), "--out", str(tmp_path / "e.json")])
+    assert r.exit_code == 0 and "one clip scored: CIDEr is 0 by its definition" in r.output, r.output
+    scores = json.loads((tmp_path / "e.json").read_text())
+    assert scores["n"] == 1 and scores["BLEU-4"] > 0.99, scores  # a perfect caption: only CIDEr says 0
+
+
 def test_cli_refuses_bad_versions_methods_ground_truths_and_checkpoint_dirs_in_one_line(dataset, tmp_path):
     from typer.testing import CliRunner
     from spacetime.cli import app
