@@ -201,6 +201,7 @@ def _clip_ids(root):
     return ids
 
 
+@pytest.mark.slow  # ~90 s on 2 cores; the default suite kills and resumes in test_reliability.py
 def test_sigkill_midrun_then_resume_gives_identical_clip_set(curated, footage, tmp_path):
     root, res, table, gt = curated
     src, _, captions = footage

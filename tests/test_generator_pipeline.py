@@ -476,6 +476,7 @@ def test_precompute_with_another_text_encoder_keeps_the_vaes_latents(app, latent
         assert row["text_embedding"] != old[c]["text_embedding"]
 
 
+@pytest.mark.slow  # ~60 s: a second Ray; the captioner actors' twin of this check runs by default
 def test_precompute_encodes_on_the_clusters_gpus_from_a_cpu_driver(dataset, vae_dir, tmp_path, ray_with_fake_gpu):
     """use_gpu defaulted to the driver's own CUDA: from a CPU head node (`spacetime submit`) the encoders
     ran on CPU beside idle GPU workers. It follows the Ray cluster's GPUs: here one declared on this CPU
