@@ -148,7 +148,7 @@ def load_spec(path: Optional[str | Path] = None) -> DatasetSpec:
         return DatasetSpec()
     path = Path(path)
     if not path.is_file():
-        raise SpecError(f"spec file not found: {path}")
+        raise SpecError(f"spec {path} is a directory, not a YAML file" if path.is_dir() else f"spec file not found: {path}")
     try:
         raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
     except UnicodeDecodeError as e:  # a spec saved as Latin-1, say: a traceback before

@@ -148,7 +148,7 @@ def _check_settings(prompt: Optional[str], cfg: float, fps: float, method: str) 
 def read_prompts(path: Path) -> list[str]:
     """One prompt per line (UTF-8, a byte-order mark allowed); blank lines and lines starting with '#' are skipped."""
     if not path.is_file():
-        raise ValueError(f"prompts file {path} not found")
+        raise ValueError(f"prompts {path} is a directory, not a file" if path.is_dir() else f"prompts file {path} not found")
     try:  # utf-8-sig: an editor's BOM made the first line a prompt (a '# comment' sampled as one)
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:

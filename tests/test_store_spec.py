@@ -38,6 +38,8 @@ def test_spec_errors_name_the_field(tmp_path, text, field):
 def test_spec_missing_and_not_yaml(tmp_path):
     with pytest.raises(SpecError, match="not found"):
         load_spec(tmp_path / "nope.yaml")
+    with pytest.raises(SpecError, match="is a directory, not a YAML file"):  # it said "not found" of a dir
+        load_spec(tmp_path)
     (tmp_path / "x.yaml").write_text("a: [1,")
     with pytest.raises(SpecError, match="not valid YAML: line 1, column 7: expected") as e:
         load_spec(tmp_path / "x.yaml")

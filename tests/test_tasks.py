@@ -601,6 +601,8 @@ def test_prompts_file_with_a_bom_crlf_and_unicode(tmp_path):
     listed.write_bytes("caf\xe9\n".encode("latin-1"))
     with pytest.raises(ValueError, match="not UTF-8"):
         read_prompts(listed)
+    with pytest.raises(ValueError, match="is a directory, not a file"):  # it said "not found" of a dir
+        read_prompts(tmp_path)
 
 
 def test_cli_sample_prompts_file_packs_batches_that_match_single_prompts(checkpoints, tmp_path):
